@@ -1,0 +1,152 @@
+"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `<dir>/step-NNNNNN/`:
+    .metadata, __*_*.distcp   DCP shards: model (or only the adapter for LoRA) + optimizer
+    meta.json                 step, data position, LR schedule, QAT scheme record, world size,
+                              seed, the resolved config
+
+A save writes `<dir>/.tmp-step-NNNNNN/` and renames it once every rank has written its shards
+and rank 0 has written meta.json, so a folder named `step-*` with both files is always complete:
+a job killed mid-save leaves the previous checkpoint untouched. DCP stores DTensor shards with
+their global layout, so a checkpoint written at world size 2 loads at world size 1 and back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+from qat.errors import UserError
+
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+META = "meta.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def is_complete(path: Path) -> bool:
+    return STEP_RE.match(path.name) is not None and (path / META).is_file() and (path / ".metadata").is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a checkpoint, or a UserError saying why the folder is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        missing = [f for f in (META, ".metadata") if not (path / f).is_file()]
+        raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing) or 'a step-NNNNNN name'})")
+    try:
+        return json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt: {META} does not parse ({e})") from None
+
+
+def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
+    """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    read_meta(Path(resume))
+    return Path(resume)
+
+
+def _options(adapter_only: bool) -> StateDictOptions:
+    # For LoRA the frozen base weights come from model.path again; only adapters are saved.
+    return StateDictOptions(ignore_frozen_params=adapter_only, strict=not adapter_only)
+
+
+def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, adapter_only: bool) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    rank = dist.get_rank()
+    final, tmp = step_dir(root, step), Path(root) / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter_only))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        _write_json_atomic(tmp / META, meta)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            old = final.with_name(f".old-{final.name}")
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync_dir(Path(root))
+        prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, model, optimizer, adapter_only: bool) -> dict:
+    """Collective: load shards into the (already sharded) model and optimizer; return meta."""
+    meta = read_meta(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter_only))
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP wraps per-rank failures; report the first line only
+        raise UserError(f"checkpoint {path} is corrupt or does not match this model: "
+                        f"{str(e).strip().splitlines()[0][:300]}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(adapter_only))
+    return meta
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of a step: a function of (seed, step, rank), so resume needs no RNG blobs."""
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    s = rng_seed(seed, step, rank)
+    torch.manual_seed(s)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(s)

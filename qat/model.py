@@ -1,0 +1,161 @@
+"""Model build chain, applied in a fixed order by the training recipe:
+
+    load_model -> apply_lora -> apply_qat -> apply_activation_checkpointing -> apply_compile
+               -> apply_fsdp -> (optimizer over trainable params)
+
+Each function takes only the sub-config it needs. The order matters:
+- LoRA before QAT, so QAT wraps only the frozen `base_layer` Linears and the adapters stay in
+  high precision (DESIGN.md: peft-then-QAT is what convert expects, merge before convert).
+- Activation checkpointing and compile wrap a decoder block *before* fully_shard, so FSDP's
+  all-gather hooks sit outside the recomputed / compiled region (as torchtitan does).
+- fully_shard on each block first, then the root: the root group holds the embeddings, final
+  norm and lm_head, so tied input/output embeddings stay one parameter in one group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from qat.config import FSDPConfig, LoRAConfig, ModelConfig, QATConfig
+from qat.errors import UserError
+from qat.schemes import Scheme, check_group_size
+
+
+def load_model(cfg: ModelConfig, seq_len: Optional[int] = None) -> nn.Module:
+    """An HF causal LM in fp32 master weights, from a local folder or the HF cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision,
+                                               trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path={cfg.path!r} is not a loadable HF model: {str(e).splitlines()[0]}") from None
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if seq_len is not None and max_pos is not None and seq_len > max_pos:
+        raise UserError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    kw = dict(dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+              trust_remote_code=cfg.trust_remote_code)
+    if cfg.init == "random":
+        return AutoModelForCausalLM.from_config(hf_config, **kw)
+    return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks, found through HF's `_no_split_modules` (any architecture)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    for mod in base.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and type(mod[0]).__name__ in names:
+            return mod
+    raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap with peft LoRA; the base model is frozen, only adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in cfg.target_modules if t not in linear_names]
+    if missing:
+        raise UserError(f"lora.target_modules {missing} match no Linear layer of the model; "
+                        f"available: {sorted(linear_names)}")
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linears that get fake quantization: decoder-block Linears only (never lm_head).
+
+    With LoRA, the frozen `base_layer`s of adapted projections plus untouched block Linears;
+    the adapters themselves stay high precision.
+    """
+    blocks = decoder_blocks(model)
+    in_blocks = {id(m) for m in blocks.modules()}
+    out = {}
+    for fqn, mod in model.named_modules():
+        if type(mod) is not nn.Linear or id(mod) not in in_blocks:
+            continue
+        if re.search(r"\.lora_[AB]\.", fqn + "."):
+            continue
+        out[fqn] = mod
+    return out
+
+
+def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
+    """Swap targeted Linears (and optionally the input embedding) for fake-quantized ones."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig as AOQATConfig
+
+    targets = qat_targets(model)
+    check_group_size(model, targets, cfg.group_size if scheme.uses_group_size else None)
+    ids = {id(m) for m in targets.values()}
+    quantize_(model, AOQATConfig(scheme.base_config(cfg.group_size), step="prepare"),
+              filter_fn=lambda m, fqn: id(m) in ids)
+    if cfg.embedding:
+        emb = model.get_input_embeddings()
+        check_group_size(model, {"embed_tokens": emb}, cfg.group_size)
+        quantize_(model, AOQATConfig(scheme.embedding_config(cfg.group_size), step="prepare"),
+                  filter_fn=lambda m, fqn: m is emb)
+
+
+def fake_quantizers(model: nn.Module) -> list[nn.Module]:
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+    return [m for m in model.modules() if isinstance(m, FakeQuantizerBase)]
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Toggle fake quantization; the recipe derives `enabled` from the step, so it survives resume."""
+    for fq in fake_quantizers(model):
+        fq.enabled = enabled
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module, enabled: bool) -> None:
+    """Compile each block separately: repeated blocks share one compiled graph, cold start stays short."""
+    if not enabled:
+        return
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = torch.compile(block, fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, mesh, cfg: FSDPConfig, param_dtype: torch.dtype) -> None:
+    """FSDP2: shard each decoder block, then the root.
+
+    Master weights stay fp32 (the module's dtype); `param_dtype` is the compute dtype that
+    FSDP casts to at all-gather; gradients are reduced in fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again right away by backward: keep them gathered.
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts, in global (unsharded) numbers."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, train

@@ -1,0 +1,30 @@
+"""AdamW over trainable parameters and a warmup + cosine/linear/constant LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.config import OptimizerConfig, SchedulerConfig
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    # foreach (not fused): works for DTensor shards on both CUDA and CPU.
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=True)
+
+
+def lr_factor(step: int, total: int, cfg: SchedulerConfig) -> float:
+    """Multiplier of the base lr at `step` (0-based): linear warmup, then decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,268 @@
+"""Fine-tune an HF causal LM with FSDP2, optional LoRA (peft) and optional QAT (torchao).
+
+    torchrun --nproc_per_node 8 recipes/train.py --config configs/llama3_2_1b/qat_lora.yaml \\
+        optimizer.lr=2e-5 qat.scheme=8da4w qat.group_size=32 output_dir=/scratch/run1
+
+One recipe, four modes: full or LoRA (`lora.enabled`) x bf16 or QAT (`qat.enabled`). Any
+`key=value` after the config overrides the YAML; an unknown key or a wrong type fails with the
+key's name. Multi-node: add torchrun's `--nnodes N --rdzv_backend c10d --rdzv_endpoint host:port`.
+Plain `python recipes/train.py ...` runs as a world of one.
+
+Resume: `checkpoint.resume=auto` continues from the newest complete checkpoint under
+`checkpoint.dir` (default <output_dir>/checkpoints), at any world size. SIGUSR1 or SIGTERM makes
+every rank finish the current step, save a checkpoint and exit (Slurm preemption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `torchrun recipes/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from qat import checkpoint as ckpt
+from qat.config import TrainConfig, load_config, to_dict, to_yaml
+from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
+from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
+from qat.errors import UserError, exit_on_user_error
+from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
+from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
+                       apply_qat, count_parameters, load_model, set_fake_quant, trainable_parameters)
+from qat.optim import build_optimizer, build_scheduler
+from qat.schemes import get_scheme
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=1e-4")
+    return p.parse_args(argv)
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop checks it (agreed across ranks) after each step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def prepare(cfg: TrainConfig, device: torch.device):
+    """Everything that can fail on user input, done before the process group exists."""
+    scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
+    if scheme is not None:
+        scheme.check_hardware(device)
+    ckpt_root = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    if cfg.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
+        raise UserError(f"{ckpt_root} already holds checkpoints; set checkpoint.resume=auto to continue "
+                        f"that run, or choose another output_dir")
+    from transformers import AutoTokenizer
+
+    model = load_model(cfg.model, seq_len=cfg.data.seq_len)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    data = build_dataset(cfg.data, tokenizer)
+    torch.manual_seed(cfg.training.seed)  # identical LoRA init on every rank, at any world size
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    if scheme is not None:
+        apply_qat(model, cfg.qat, scheme)
+    return model, tokenizer, data, scheme, ckpt_root, resume_from
+
+
+def shard(model, cfg: TrainConfig, mesh):
+    apply_activation_checkpointing(model, cfg.fsdp.activation_checkpointing)
+    apply_compile(model, cfg.fsdp.compile)
+    apply_fsdp(model, mesh, cfg.fsdp, DTYPES[cfg.training.dtype])
+
+
+def setup_run_dir(cfg: TrainConfig, rank: int, resumed_step: int) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+        truncate_metrics(run_dir / "metrics.jsonl", resumed_step)
+    return run_dir
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint: they are about to be redone."""
+    if not path.exists():
+        return
+    import json
+
+    lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= keep_through_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in lines))
+    os.replace(tmp, path)
+
+
+def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int) -> tuple[float, float]:
+    """Forward/backward over one step's micro-batches; returns (sum of token losses, tokens) globally.
+
+    The loss of a step is the mean over every supervised token of the *global* batch. Each
+    micro-batch contributes sum(token losses) / global_tokens; FSDP's reduce-scatter averages
+    gradients over ranks, so we multiply by `world` to undo that. The result is independent of
+    world size and of how the batch is split into micro-batches.
+    """
+    local_tokens = sum(int((batch_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro_idx)
+    (global_tokens,) = all_reduce_sum([local_tokens], device)
+    global_tokens = max(global_tokens, 1.0)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    for m, idx in enumerate(micro_idx):
+        ids, labels = batch_ids[idx].to(device), batch_labels[idx].to(device)
+        # Reduce-scatter gradients only after the last micro-batch of the step.
+        model.set_requires_gradient_sync(m == len(micro_idx) - 1)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+        (loss * world / global_tokens).backward()
+        loss_sum += loss.detach().double()
+    (total,) = all_reduce_sum([loss_sum.item()], device)
+    return total, global_tokens
+
+
+def clip_gradients(params, max_norm) -> float:
+    if max_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(norm)
+
+
+def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss) -> dict:
+    return {"step": step, "data": sampler.state_dict(), "scheduler": scheduler.state_dict(),
+            "qat": scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None,
+            "lora": to_dict(cfg.lora) if cfg.lora.enabled else None, "model_path": cfg.model.path,
+            "world_size": world, "seed": cfg.training.seed, "loss": loss, "config": to_dict(cfg)}
+
+
+def check_resume_matches(meta: dict, cfg: TrainConfig, scheme) -> None:
+    want = scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None
+    if meta.get("qat") != want:
+        raise UserError(f"the checkpoint was trained with qat={meta.get('qat')}, this config asks for {want}")
+    if bool(meta.get("lora")) != cfg.lora.enabled:
+        raise UserError(f"the checkpoint has lora={bool(meta.get('lora'))}, this config lora.enabled={cfg.lora.enabled}")
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device = pick_device(cfg.fsdp.device)
+    model, tokenizer, (ids, labels), scheme, ckpt_root, resume_from = prepare(cfg, device)
+    try:
+        run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from)
+    finally:
+        cleanup()
+
+
+def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None:
+    mesh = init_distributed(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    stop = StopFlag()
+    shard(model, cfg, mesh)
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
+    t = cfg.training
+    sampler = StepSampler(len(ids), t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
+    start = 0
+    if resume_from is not None:
+        meta = ckpt.load(resume_from, model, optimizer, adapter_only=cfg.lora.enabled)
+        check_resume_matches(meta, cfg, scheme)
+        scheduler.load_state_dict(meta["scheduler"])
+        sampler.load_state_dict(meta["data"])
+        start = meta["step"]
+    run_dir = setup_run_dir(cfg, rank, start)
+    logger, bar = None, None
+    n_all, n_train = count_parameters(model)
+    if rank == 0:
+        wb = init_wandb(cfg.logging.wandb, run_dir, to_dict(cfg), job_type="train", name=run_dir.name)
+        logger = MetricLogger(run_dir, wb)
+        logger.summary({"params/total": n_all, "params/trainable": n_train,
+                        "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+    hf_cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    emb = hf_cfg.vocab_size * hf_cfg.hidden_size
+    fpt = flops_per_token(n_all - emb if not hf_cfg.tie_word_embeddings else n_all, hf_cfg.num_hidden_layers,
+                          hf_cfg.hidden_size, cfg.data.seq_len, cfg.lora.enabled)
+    peak = device_peak_flops(device)
+    end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
+    step, loss = start, float("nan")
+    try:
+        while step < end:
+            ckpt.seed_step(t.seed, step, rank)
+            fq_on = scheme is not None and step >= cfg.qat.fake_quant_after_n_steps
+            if scheme is not None:
+                set_fake_quant(model, fq_on)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            gidx = sampler.next_step()
+            micro = list(micro_batches(gidx, rank, world, t.gradient_accumulation_steps))
+            loss_sum, n_tok = train_step(model, ids, labels, micro, device, world)
+            grad_norm = clip_gradients(params, t.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = loss_sum / n_tok
+            dt = time.perf_counter() - t0
+            tps = len(gidx) * cfg.data.seq_len / dt
+            (stop_votes,) = all_reduce_sum([float(stop.requested)], device)
+            if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
+                m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                     "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
+                     "qat/fake_quant_enabled": int(fq_on), "data/epoch": sampler.pos.epoch}
+                if peak:
+                    m["perf/mfu"] = tps * fpt / (peak * world)
+                if device.type == "cuda":
+                    m["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.log(step, m)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            every = cfg.checkpoint.every_n_steps
+            if stop_votes > 0 or step == end or (every and step % every == 0):
+                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss)
+                path = ckpt.save(ckpt_root, step, model, optimizer, meta, cfg.checkpoint.keep_last,
+                                 adapter_only=cfg.lora.enabled)
+                if rank == 0 and bar is not None:
+                    bar.write(f"saved {path}")
+            if stop_votes > 0:
+                if rank == 0:
+                    print(f"stop requested by signal: checkpoint at step {step} saved, exiting", flush=True)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.summary({"train/final_loss": loss, "train/steps": step})
+            logger.close()
+
+
+if __name__ == "__main__":
+    main()
