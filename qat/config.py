@@ -57,6 +57,7 @@ class DataSource:
     column: Optional[str] = None  # default: "text" for text, "messages" for chat
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
+    max_rows: Optional[int] = None  # use only the first N rows (before tokenization)
     max_samples: Optional[int] = None  # cap on packed sequences taken from this source
 
 

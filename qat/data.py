@@ -114,6 +114,8 @@ def build_dataset(cfg: DataConfig, tokenizer) -> tuple[torch.Tensor, torch.Tenso
     all_ids, all_labels = [], []
     for i, src in enumerate(cfg.sources):
         ds, column = load_source(src, i)
+        if src.max_rows is not None:
+            ds = ds.select(range(min(src.max_rows, len(ds))))
         rows = list(ds[column])
         seqs = tokenize_text(rows, tokenizer) if src.kind == "text" else tokenize_chat(rows, tokenizer)
         ids, labels = pack(seqs, cfg.seq_len)

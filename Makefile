@@ -1,0 +1,30 @@
+# make        -> .venv with the pinned stack
+# make test   -> the full CPU test suite (what CI runs)
+# make demo   -> the tiny-world pipeline on 2 CPU processes
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+WORLD := assets/world
+
+.PHONY: venv test demo world clean
+venv: .venv/.installed
+
+# torch first (the local CPU wheel here, a CUDA build on clusters), then everything else under
+# constraints.txt so that no dependency can replace it.
+.venv/.installed: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+world: venv
+	$(PY) -m qat.world.build --out $(WORLD)
+
+test: venv
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+demo: venv
+	bash recipes/demo.sh
+
+clean:
+	rm -rf .venv runs assets

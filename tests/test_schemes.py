@@ -1,0 +1,108 @@
+"""Scheme registry, and QAT prepare/convert against torchao PTQ for the intx schemes."""
+
+import copy
+
+import pytest
+import torch
+
+from qat.config import LoRAConfig, ModelConfig, QATConfig
+from qat.errors import UserError
+from qat.model import apply_lora, apply_qat, load_model, qat_targets
+from qat.schemes import SCHEMES, get_scheme
+
+
+def test_registry_has_required_schemes():
+    for name in ["8da4w", "int4-weight-only", "float8", "nvfp4"] + [f"8da{b}w" for b in range(2, 9)] \
+            + [f"int{b}-weight-only" for b in range(2, 9)]:
+        assert name in SCHEMES
+
+
+def test_unknown_scheme_suggests_the_closest():
+    with pytest.raises(UserError, match="unknown QAT scheme '8da4'. Did you mean '8da4w'"):
+        get_scheme("8da4")
+
+
+@pytest.mark.parametrize("name, needle", [("float8", "float8 support"), ("nvfp4", "Blackwell")])
+def test_gpu_only_schemes_name_their_hardware(name, needle):
+    with pytest.raises(UserError, match=needle):
+        get_scheme(name).check_hardware(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def base(world):
+    return load_model(ModelConfig(path=str(world / "model")))
+
+
+def probe(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name, group", [("8da4w", 32), ("int4-weight-only", 32), ("8da2w", 32),
+                                         ("int3-weight-only", None), ("8da8w", 64)])
+def test_qat_convert_equals_torchao_ptq_exactly(base, name, group):
+    """prepare -> convert gives bit-identical weights and outputs to quantize_(base_config)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig as AOQATConfig
+
+    scheme = get_scheme(name)
+    x = probe(base.config.vocab_size)
+    qat_model = copy.deepcopy(base)
+    apply_qat(qat_model, QATConfig(enabled=True, scheme=name, group_size=group), scheme)
+    with torch.no_grad():
+        fake = qat_model(x).logits
+    quantize_(qat_model, AOQATConfig(scheme.base_config(group), step="convert"))
+    ptq = copy.deepcopy(base)
+    targets = set(qat_targets(ptq))
+    quantize_(ptq, scheme.base_config(group), filter_fn=lambda m, fqn: fqn in targets)
+    with torch.no_grad():
+        converted, ptq_out = qat_model(x).logits, ptq(x).logits
+    assert torch.equal(converted, ptq_out)
+    # the fake-quantized training forward is what the deployed model computes
+    assert torch.equal(fake, converted)
+
+
+def test_fake_quant_changes_the_output_and_can_be_disabled(base):
+    from qat.model import set_fake_quant
+
+    m = copy.deepcopy(base)
+    apply_qat(m, QATConfig(enabled=True, scheme="8da2w", group_size=32), get_scheme("8da2w"))
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        ref, on = base(x).logits, m(x).logits
+        set_fake_quant(m, False)
+        off = m(x).logits
+    assert torch.equal(off, ref)
+    assert (on - ref).abs().max() > 1e-2
+
+
+def test_qat_with_lora_wraps_only_frozen_base_layers(base):
+    torch.manual_seed(0)
+    m = apply_lora(copy.deepcopy(base), LoRAConfig(enabled=True, rank=4))
+    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32), get_scheme("8da4w"))
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    fq = [n for n, mod in m.named_modules() if isinstance(mod, FakeQuantizedLinear)]
+    assert fq and all(n.endswith("base_layer") for n in fq)
+    assert len(fq) == 7 * base.config.num_hidden_layers
+    assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+
+
+def test_group_size_that_does_not_divide_names_the_layer(base):
+    m = copy.deepcopy(base)
+    with pytest.raises(UserError, match=r"qat.group_size=48 does not divide in_features=128 of layer "
+                                        r"model.layers.0.self_attn.q_proj"):
+        apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=48), get_scheme("8da4w"))
+
+
+def test_embedding_fake_quant_is_optional(base):
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+
+    m = copy.deepcopy(base)
+    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32, embedding=True), get_scheme("8da4w"))
+    assert isinstance(m.get_input_embeddings(), FakeQuantizedEmbedding)
+    assert type(m.get_output_embeddings()) is torch.nn.Linear  # lm_head is never fake-quantized
+
+
+def test_lora_targets_that_match_nothing(base):
+    with pytest.raises(UserError, match=r"lora.target_modules \['qkv'\] match no Linear"):
+        apply_lora(copy.deepcopy(base), LoRAConfig(enabled=True, target_modules=["qkv"]))
