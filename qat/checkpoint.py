@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 
@@ -110,12 +111,19 @@ def load(path: Path, model, optimizer, adapter_only: bool) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps per-rank failures; report the first line only
-        raise UserError(f"checkpoint {path} is corrupt or does not match this model: "
-                        f"{str(e).strip().splitlines()[0][:300]}") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise UserError(f"checkpoint {path} is corrupt or does not match this model: {_first_failure(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(adapter_only))
     return meta
+
+
+def _first_failure(e: BaseException) -> str:
+    """DCP gathers every rank's exception; name the first one in one line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (exc, _) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
+        return f"rank {rank}: {type(exc).__name__} {str(exc).strip()[:200]}".strip()
+    return f"{type(e).__name__} {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}".strip()
 
 
 def prune(root: Path, keep_last: int) -> None:

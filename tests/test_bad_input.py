@@ -1,0 +1,95 @@
+"""Each mistake gets one clear line on stderr, exit status 2, and nothing written is damaged."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, base_overrides, env, run_train
+
+sys.path.insert(0, str(ROOT / "recipes"))
+import train as train_recipe  # noqa: E402
+
+
+def fails_with(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["qat.enabled=true", "qat.scheme=int4wo"], "unknown QAT scheme 'int4wo'"),
+    (["qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=96"],
+     "qat.group_size=96 does not divide in_features=128 of layer model.layers.0.self_attn.q_proj"),
+    (["lora.enabled=true", "lora.target_modules=[query,value]"], "lora.target_modules ['query', 'value'] match no Linear"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings=512"),
+    (["optimizer.betas1=0.9"], "unknown config key 'optimizer.betas1'"),
+    (["qat.enabled=true", "qat.scheme=float8"], "scheme 'float8' needs a CUDA GPU with float8 support"),
+])
+def test_config_mistakes(capsys, world, tmp_path, extra, needle):
+    fails_with(capsys, base_overrides(world, tmp_path) + extra, needle)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_file_and_column(capsys, world, tmp_path):
+    fails_with(capsys, base_overrides(world, tmp_path) + [f"data.sources=[{{path: {tmp_path}/none.jsonl}}]"],
+               "data.sources[0].path: no such file or folder")
+    fails_with(capsys, base_overrides(world, tmp_path) + [
+        f"data.sources=[{{path: {world}/data/finetune.jsonl, kind: text}}]"], "has no column 'text' (columns: messages)")
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    run_train(base_overrides(world, out) + ["training.steps=2"], 1)
+    return out
+
+
+def test_resume_from_incomplete_and_corrupt_checkpoints(capsys, world, trained, tmp_path):
+    good = trained / "checkpoints" / "step-000002"
+    before = sorted((p.name, p.stat().st_size) for p in good.iterdir())
+    incomplete = tmp_path / "step-000002"
+    shutil.copytree(good, incomplete)
+    (incomplete / "meta.json").unlink()
+    fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={incomplete}"],
+               "is not a complete checkpoint (missing meta.json)")
+    (incomplete / "meta.json").write_text("{not json")
+    fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={incomplete}"],
+               "is corrupt: meta.json does not parse")
+    fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={tmp_path}/step-000009"],
+               "does not exist")
+    # a starting run never overwrites an earlier run's checkpoints
+    fails_with(capsys, base_overrides(world, trained), "already holds checkpoints; set checkpoint.resume=auto")
+    assert sorted((p.name, p.stat().st_size) for p in good.iterdir()) == before
+
+
+def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path):
+    """Corruption DCP finds only while loading: one error line, exit 2, the source left intact."""
+    bad = tmp_path / "run" / "checkpoints" / "step-000002"
+    shutil.copytree(trained / "checkpoints" / "step-000002", bad)
+    shard = next(bad.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = run_train(base_overrides(world, tmp_path / "run") + ["checkpoint.resume=auto", "training.steps=3"],
+                     2, check=False)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "is corrupt or does not match this model" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints" / "step-000003").exists()
+
+
+def test_help_explains_the_recipe():
+    out = subprocess.run([sys.executable, str(ROOT / "recipes/train.py"), "--help"], env=env(),
+                         capture_output=True, text=True, check=True).stdout
+    assert "torchrun" in out and "key=value" in out and "checkpoint.resume=auto" in out
+
+
+def test_wrong_scheme_on_resume_is_refused(capsys, world, trained):
+    meta = json.loads((trained / "checkpoints/step-000002/meta.json").read_text())
+    assert meta["qat"] is None
+    fails_with(capsys, base_overrides(world, trained) + [
+        "checkpoint.resume=auto", "training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"],
+               "the checkpoint was trained with qat=None")
