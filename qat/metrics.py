@@ -71,9 +71,10 @@ def _run_id(run_dir: Path, job_type: str) -> str:
     path = run_dir / f".wandb_id_{job_type}"
     if path.exists():
         return path.read_text().strip()
-    import wandb
+    import secrets
+    import string
 
-    rid = wandb.util.generate_id()
+    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.write_text(rid)
     return rid
 

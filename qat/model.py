@@ -49,9 +49,18 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     for mod in base.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and type(mod[0]).__name__ in names:
+        if isinstance(mod, nn.ModuleList) and len(mod) and type(_unwrap(mod[0])).__name__ in names:
             return mod
     raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
+
+
+def _unwrap(block: nn.Module) -> nn.Module:
+    """The decoder block inside activation-checkpoint or torch.compile wrappers."""
+    while True:
+        inner = getattr(block, "_checkpoint_wrapped_module", None) or getattr(block, "_orig_mod", None)
+        if inner is None:
+            return block
+        block = inner
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

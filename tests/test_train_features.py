@@ -1,0 +1,106 @@
+"""Recipe features beyond the core loop: signals, W&B offline, tied embeddings, AC, compile."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, _free_port, base_overrides, env, load_checkpoint_tensors, losses, read_metrics, run_train
+
+
+def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    long = ["training.steps=40", "training.batch_size=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"),
+           *base_overrides(world, cut), *long]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    # signal the workers, as Slurm's --signal does (torchrun's agent does not forward USR1)
+    for pid in _worker_pids(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested by signal" in out
+    done = len(losses(cut))
+    assert 2 <= done < 40
+    assert (cut / "checkpoints" / f"step-{done:06d}").is_dir()
+    run_train(base_overrides(world, cut) + long + ["checkpoint.resume=auto"], 2)
+    run_train(base_overrides(world, straight) + long, 2)
+    assert losses(cut) == losses(straight)
+
+
+def _worker_pids(agent_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
+    e = env()
+    for k in ("WANDB_MODE", "WANDB_API_KEY"):
+        e.pop(k, None)
+    e["WANDB_RUN_GROUP"] = "unit-group"
+    e["NETRC"] = str(tmp_path / "no-netrc")
+    cmd = [sys.executable, str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"),
+           *base_overrides(world, tmp_path), "training.steps=2", "logging.wandb.enabled=true"]
+    subprocess.run(cmd, cwd=ROOT, env=e, check=True, capture_output=True, timeout=300)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "expected exactly one offline W&B run"
+    from wandb_records import records
+
+    keys, group = set(), None
+    for rec in records(next(runs[0].glob("*.wandb"))):
+        if rec.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+        if rec.WhichOneof("record_type") == "run":
+            group = rec.run.run_group
+    assert {"train/loss", "train/lr", "perf/tokens_per_sec", "qat/fake_quant_enabled"} <= keys
+    assert group == "unit-group"
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tied_world(tmp_path_factory):
+    from conftest import TEST_WORLD
+    from qat.world.build import build_world
+
+    return build_world(tmp_path_factory.mktemp("tied") / "world", **{**TEST_WORLD, "tie": True})
+
+
+def test_tied_embeddings_stay_tied_under_fsdp2(tied_world, tmp_path):
+    run_train(base_overrides(tied_world, tmp_path) + ["training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"], 2)
+    sd = load_checkpoint_tensors(tmp_path / "checkpoints" / "step-000003")["model"]
+    emb = sd["model.embed_tokens.weight"]
+    assert torch.equal(sd.get("lm_head.weight", emb), emb)
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(tied_world / "model").model.embed_tokens.weight
+    assert not torch.equal(emb, init)  # it trained
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+
+
+def test_activation_checkpointing_does_not_change_the_numbers(world, tmp_path):
+    run_train(base_overrides(world, tmp_path / "ac") + ["training.steps=3", "fsdp.activation_checkpointing=full"], 1)
+    run_train(base_overrides(world, tmp_path / "no") + ["training.steps=3"], 1)
+    a, b = losses(tmp_path / "ac"), losses(tmp_path / "no")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
+def test_per_block_compile_matches_eager(world, tmp_path):
+    """Cold compile on CPU costs about a minute; this is the one test that pays it."""
+    extra = ["training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"]
+    run_train(base_overrides(world, tmp_path / "c") + extra + ["fsdp.compile=true"], 1)
+    run_train(base_overrides(world, tmp_path / "e") + extra, 1)
+    a, b = losses(tmp_path / "c"), losses(tmp_path / "e")
+    # Inductor fuses the scale arithmetic of the int8 activation fake quantizer differently, which
+    # flips a few roundings: observed 1e-5 relative at step 1 and 3e-4 by step 3.
+    assert abs(a[0] - b[0]) < 1e-4 * b[0]
+    assert max(abs(x - y) / y for x, y in zip(a, b)) < 1e-3
