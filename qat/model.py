@@ -159,6 +159,17 @@ def apply_fsdp(model: nn.Module, mesh, cfg: FSDPConfig, param_dtype: torch.dtype
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen (LoRA base) weights in the compute dtype: they need no fp32 master copy.
+
+    Halves the base model's memory for bf16 LoRA. FSDP2 only needs a uniform dtype among the
+    *trainable* parameters of a group, so fp32 adapters next to bf16 frozen weights are fine.
+    """
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

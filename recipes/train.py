@@ -36,7 +36,7 @@ from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_devi
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
 from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
-                       apply_qat, count_parameters, load_model, set_fake_quant, trainable_parameters)
+                       apply_qat, cast_frozen, count_parameters, load_model, set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.schemes import get_scheme
 
@@ -87,6 +87,8 @@ def prepare(cfg: TrainConfig, device: torch.device):
 
 
 def shard(model, cfg: TrainConfig, mesh):
+    if cfg.lora.enabled:
+        cast_frozen(model, DTYPES[cfg.training.dtype])
     apply_activation_checkpointing(model, cfg.fsdp.activation_checkpointing)
     apply_compile(model, cfg.fsdp.compile)
     apply_fsdp(model, mesh, cfg.fsdp, DTYPES[cfg.training.dtype])
@@ -230,9 +232,9 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = loss_sum / n_tok
+            (stop_votes,) = all_reduce_sum([float(stop.requested)], device)  # also syncs the device
             dt = time.perf_counter() - t0
             tps = len(gidx) * cfg.data.seq_len / dt
-            (stop_votes,) = all_reduce_sum([float(stop.requested)], device)
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,

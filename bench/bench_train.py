@@ -1,0 +1,120 @@
+"""Benchmark our training recipe: tokens/s, MFU and peak memory per mode, random-init weights.
+
+    python bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 [--compile] --out $OUT
+
+Each mode is a real `torchrun recipes/train.py` launch (FSDP2, our data path, our loss) on one
+GPU, with `model.init=random` from a config-only HF folder, so no weights are downloaded. Tokens
+come from the tiny world's corpus (values do not change throughput). Step time is the median
+over the steps after `--warmup`. FLOPs are counted like ../shared/bench/anchor_bench_gpu.py
+(6N full, 4N LoRA, dense matmuls only) with the same measured peak, so MFU columns compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+}
+MODES = {
+    "full-bf16": [],
+    "full-qat-8da4w": ["qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"],
+    "lora-bf16": ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"],
+    "lora-qat-8da4w": ["lora.enabled=true", "lora.rank=16", "lora.alpha=32",
+                       "qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"],
+}
+PEAK = {"cuda": 790e12}  # measured bf16 dense matmul on the H200, as the anchor script uses
+
+
+def model_folder(shape: str, world: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder = out / f"model-{shape}"
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0)
+    cfg.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(world / "tokenizer").save_pretrained(folder)
+    return folder
+
+
+def dense_params(shape: str) -> int:
+    s = SHAPES[shape]
+    h, i, L, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return L * per_layer + h * v  # + lm_head; the embedding lookup is not a matmul
+
+
+def run_mode(mode, folder, world, a, device) -> dict:
+    run_dir = Path(a.out) / f"run-{a.shape}-{mode}-{'compiled' if a.compile else 'eager'}"
+    overrides = [
+        f"output_dir={run_dir}", f"model.path={folder}", "model.init=random",
+        f"data.sources=[{{path: {world}/data/pretrain.jsonl, kind: text}}]", f"data.seq_len={a.seq}",
+        f"training.steps={a.warmup + a.steps}", f"training.batch_size={a.batch}",
+        f"training.dtype={'bf16' if device == 'cuda' else 'fp32'}", f"fsdp.device={device}",
+        f"fsdp.compile={str(a.compile).lower()}", f"fsdp.activation_checkpointing={a.ac}",
+        "checkpoint.keep_last=1", "logging.progress_bar=false", "logging.wandb.enabled=false",
+        *MODES[mode],
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
+           str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
+    if proc.returncode != 0:
+        return {"shape": a.shape, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:500]}
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][a.warmup:]
+    step = statistics.median(r["perf/step_time_s"] for r in rows)
+    tokens = a.batch * a.seq
+    flops = (4 if mode.startswith("lora") else 6) * dense_params(a.shape) * tokens
+    peak = PEAK.get(device)
+    return {"shape": a.shape, "mode": mode, "compiled": a.compile, "batch": a.batch, "seq": a.seq,
+            "step_s": round(step, 4), "tokens_per_s": round(tokens / step),
+            "mfu": round(flops / step / peak, 3) if peak else None,
+            "peak_mem_gib": round(max(r.get("mem/peak_gib", 0.0) for r in rows), 2),
+            "loss": round(rows[-1]["train/loss"], 3)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3.2-1b", choices=list(SHAPES))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8, help="measured steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="fsdp.compile=true (per-block torch.compile)")
+    p.add_argument("--ac", default="none", choices=["none", "full"], help="activation checkpointing")
+    p.add_argument("--world", default=str(ROOT / "assets/world"), help="tiny world (built if missing)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    a = p.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    world = Path(a.world)
+    if not (world / "world.json").exists():
+        from qat.world.build import build_world
+        build_world(world)
+    folder = model_folder(a.shape, world, Path(a.out))
+    results = []
+    for mode in a.modes.split(","):
+        res = run_mode(mode, folder, world, a, device)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    name = f"ours_{a.shape}_{'compiled' if a.compile else 'eager'}.json"
+    (Path(a.out) / name).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
