@@ -214,6 +214,14 @@ def load_config(path: Optional[str], overrides: list[str] = (), schema=TrainConf
     return cfg
 
 
+def config_from_dict(d: dict, schema=TrainConfig):
+    """Rebuild a typed config from its dict form (as stored in a checkpoint's meta.json)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), d))
+    except OmegaConfBaseException as e:
+        raise UserError(_describe(e, None)) from None
+
+
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -1,0 +1,101 @@
+"""Run lm-eval's built-in hellaswag and wikitext logic on a model folder or an in-memory model.
+
+Two task modes:
+- "hub": the registered tasks as they are (data from the HF hub or the HF cache, on clusters);
+- "local": the same built-in task logic on local files in the real schemas, through a group
+  YAML that overrides only the dataset fields (DESIGN.md, "lm-eval offline").
+A comma list of other lm-eval task names also works.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from qat.errors import UserError
+
+METRICS = {
+    "hellaswag": ["acc", "acc_norm"],
+    "wikitext": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+}
+LOCAL_FILES = {
+    "hellaswag": ["train", "validation"],
+    "wikitext": ["train", "validation", "test"],
+}
+GROUP = "qat_local"
+
+
+def local_group_yaml(data_dir: Path) -> str:
+    """The group override: built-in hellaswag/wikitext, dataset fields pointed at local jsonl."""
+    lines = [f"group: {GROUP}", "task:"]
+    for task, splits in LOCAL_FILES.items():
+        files = {}
+        for split in splits:
+            f = Path(data_dir) / task / f"{split}.jsonl"
+            if not f.is_file():
+                raise UserError(f"local eval data missing: {f} (expected {task}/{{{','.join(splits)}}}.jsonl)")
+            files[split] = str(f.resolve())
+        data_files = ", ".join(f"{k}: {v}" for k, v in files.items())
+        lines += [f"  - task: {task}", "    dataset_path: json", "    dataset_name: null",
+                  f"    dataset_kwargs: {{data_files: {{{data_files}}}}}"]
+    lines += ["aggregate_metric_list: []", "metadata: {version: 1.0}"]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_tasks(tasks: str, data_dir: Optional[Path], workdir: Path):
+    """(task names, TaskManager) for 'local', 'hub' or a comma list; unknown names are errors."""
+    from lm_eval.tasks import TaskManager
+
+    if tasks == "local":
+        if data_dir is None:
+            raise UserError("tasks=local needs a data folder (--data-dir) with hellaswag/ and wikitext/ jsonl files")
+        (workdir / f"{GROUP}.yaml").write_text(local_group_yaml(data_dir))
+        return [GROUP], TaskManager(include_path=str(workdir))
+    names = ["hellaswag", "wikitext"] if tasks == "hub" else [t.strip() for t in tasks.split(",") if t.strip()]
+    tm = TaskManager()
+    unknown = [t for t in names if t not in tm.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (use local, hub, or names from `lm_eval ls tasks`)")
+    return names, tm
+
+
+def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8, device: str = "cpu",
+            dtype: str = "auto"):
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(model, (str, Path)):
+        if not (Path(model) / "config.json").is_file():
+            raise UserError(f"{model} is not an HF model folder (no config.json)")
+        return HFLM(pretrained=str(model), batch_size=batch_size, device=device, dtype=dtype)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+
+def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Path] = None,
+             limit: Optional[float] = None, batch_size: int = 8, num_fewshot: Optional[int] = None,
+             device: str = "cpu", dtype: str = "auto") -> dict:
+    """lm-eval results reduced to {task: {metric: value, metric_stderr: value}}."""
+    import lm_eval
+
+    with tempfile.TemporaryDirectory() as workdir:
+        names, tm = resolve_tasks(tasks, data_dir, Path(workdir))
+        lm = load_lm(model, tokenizer, batch_size, device, dtype)
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
+    return flatten(out["results"])
+
+
+def flatten(results: dict) -> dict:
+    """{"hellaswag": {"acc,none": .., "acc_stderr,none": ..}} -> {"hellaswag": {"acc": .., "acc_stderr": ..}}."""
+    flat = {}
+    for task, metrics in results.items():
+        if task == GROUP:
+            continue
+        row = {}
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            name = key.split(",")[0]
+            row[name] = float(value)
+        flat[task] = row
+    return flat

@@ -1,0 +1,125 @@
+"""Turn a training checkpoint into deployable artifacts (used by recipes/convert.py).
+
+The model is rebuilt exactly as training built it (base -> LoRA -> QAT prepare), the DCP
+shards are loaded into it without a process group (DCP reshards to a world of one), and then:
+  merge LoRA -> cast to the export dtype -> (QAT) QATConfig(step="convert") | (bf16) PTQ
+Merging must come first: converting first and merging afterwards fails in torchao
+(NotImplementedError on aten.add_ for quantized tensors).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from qat import checkpoint as ckpt
+from qat.config import TrainConfig, config_from_dict
+from qat.errors import UserError
+from qat.model import apply_lora, apply_qat, load_model, qat_targets
+from qat.schemes import Scheme, get_scheme
+
+
+def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
+    """The trained model (fp32, un-sharded, fake quantizers in place for QAT runs)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    meta = ckpt.read_meta(path)
+    cfg = config_from_dict(meta["config"])
+    rec = meta.get("qat")
+    scheme = get_scheme(rec["scheme"]) if rec else None
+    model = load_model(cfg.model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    if scheme is not None:
+        cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], rec["embedding"]
+        apply_qat(model, cfg.qat, scheme)
+    opts = StateDictOptions(ignore_frozen_params=cfg.lora.enabled, strict=not cfg.lora.enabled)
+    sd = get_model_state_dict(model, options=opts)
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(path))
+    except BaseException as e:  # DCP raises CheckpointException, a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(f"checkpoint {path} is corrupt or does not match its config: {type(e).__name__}") from None
+    set_model_state_dict(model, sd, options=opts)
+    return model.eval(), cfg, meta, scheme
+
+
+def unfake(model: nn.Module) -> nn.Module:
+    """A copy with every fake-quantized module swapped back to its plain torch module."""
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    plain = copy.deepcopy(model)
+    for name, mod in list(plain.named_modules()):
+        if isinstance(mod, FakeQuantizedLinear):
+            _set(plain, name, mod.to_linear())
+        elif isinstance(mod, FakeQuantizedEmbedding):
+            _set(plain, name, mod.to_embedding())
+    return plain
+
+
+def _set(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, leaf = fqn.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], embedding: bool) -> nn.Module:
+    """QAT run: the checkpoint's own scheme through QATConfig(step="convert"), in place."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    quantize_(model, QATConfig(scheme.base_config(group_size), step="convert"),
+              filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    if embedding:
+        quantize_(model, QATConfig(scheme.embedding_config(group_size), step="convert"),
+                  filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
+    return model
+
+
+def ptq(model: nn.Module, scheme: Scheme, group_size: Optional[int]) -> nn.Module:
+    """bf16 run: the same scheme as post-training quantization of the same Linears, in place."""
+    from torchao.quantization import quantize_
+
+    from qat.schemes import check_group_size
+
+    targets = qat_targets(model)
+    check_group_size(model, targets, group_size if scheme.uses_group_size else None)
+    quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in targets)
+    return model
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path, scheme: Scheme, group_size: Optional[int],
+                   embedding: bool) -> None:
+    """save_pretrained after quantize_ needs the HF quantizer attached (DESIGN.md), else it fails
+    with "invalid python storage". TorchAoConfig's default skips lm_head, matching our targets."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    quant_type = scheme.base_config(group_size)
+    if embedding:
+        from torchao.quantization import FqnToConfig
+
+        emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        quant_type = FqnToConfig({"_default": quant_type, emb_name: scheme.embedding_config(group_size)})
+    qcfg = TorchAoConfig(quant_type=quant_type, include_input_output_embeddings=embedding)
+    model.config.quantization_config = qcfg
+    model.hf_quantizer = AutoHfQuantizer.from_config(qcfg)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def compare_logits(test: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative error ||test - ref|| / ||ref|| and the share of positions whose argmax agrees."""
+    test, ref = test.double(), ref.double()
+    return {"rel_error": float((test - ref).norm() / ref.norm()),
+            "max_abs_diff": float((test - ref).abs().max()),
+            "top1_agreement": float((test.argmax(-1) == ref.argmax(-1)).double().mean())}
