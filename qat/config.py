@@ -142,6 +142,35 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@dataclass
+class EvalConfig:
+    tasks: str = "hub"  # "hub", "local" or a comma list of lm-eval task names
+    data_dir: Optional[str] = None  # local task files (tasks=local)
+    limit: Optional[float] = None
+    batch_size: int = 8
+    num_fewshot: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class CompareConfig:
+    """recipes/compare.py: the bf16 vs PTQ vs QAT experiment in one command."""
+    output_dir: str = MISSING
+    train_config: str = MISSING  # the training YAML both arms start from
+    train_overrides: list[str] = field(default_factory=list)  # applied to every arm
+    nproc_per_node: int = 1
+    scheme: str = "8da4w"  # QAT scheme of the QAT arms, and PTQ scheme of the bf16 arms
+    group_size: Optional[int] = 32
+    full: bool = True  # bf16 and QAT arms with full fine-tuning
+    lora: bool = False  # bf16-LoRA and QAT+LoRA arms
+    skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
+    title: str = ""
+    data_description: str = ""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 CHOICES = {
     "model.init": ("pretrained", "random"),
     "training.dtype": ("bf16", "fp32"),

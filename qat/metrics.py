@@ -63,12 +63,12 @@ def init_wandb(cfg: WandbConfig, run_dir: Path, config: dict, job_type: str, nam
         group=os.environ.get("WANDB_RUN_GROUP", cfg.group),
         name=os.environ.get("WANDB_NAME", cfg.name or name),
         tags=list(cfg.tags), job_type=job_type, dir=str(run_dir), config=config,
-        resume="allow", id=_run_id(run_dir, job_type))
+        resume="allow", id=_run_id(run_dir, f"{job_type}_{name or 'run'}"))
 
 
-def _run_id(run_dir: Path, job_type: str) -> str:
-    """A stable id per run folder, so a resumed or requeued job continues the same W&B run."""
-    path = run_dir / f".wandb_id_{job_type}"
+def _run_id(run_dir: Path, key: str) -> str:
+    """A stable id per run folder and key, so a resumed or requeued job continues the same W&B run."""
+    path = run_dir / f".wandb_id_{key}"
     if path.exists():
         return path.read_text().strip()
     import secrets

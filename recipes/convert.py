@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--per-channel", action="store_true", help="PTQ per output channel (bf16 runs)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="export dtype; auto = the training compute dtype")
+    p.add_argument("--only-hf", action="store_true", help="write only hf/ (e.g. a pretrained base model)")
     p.add_argument("--no-reload-check", action="store_true", help="skip reloading quantized/ to compare logits")
     return p.parse_args(argv)
 
@@ -139,6 +140,10 @@ def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path) -
         plain.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         plain_logits = plain(probe).logits.float()
+        if args.only_hf:
+            report = {"checkpoint": str(path), "step": meta["step"], "mode": "hf-only"}
+            (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+            return report
         quant = qat_convert(model, scheme, group, embedding) if trained_scheme else ptq(plain, scheme, group)
         q_logits = quant(probe).logits.float()
     report = {"checkpoint": str(path), "step": meta["step"], "mode": "qat" if trained_scheme else "ptq",

@@ -1,0 +1,127 @@
+"""The bf16 vs PTQ vs QAT report: recovery arithmetic, a markdown table and a bar plot.
+
+Degradation is measured in the metric's bad direction (accuracy lost, perplexity gained), and
+the recovered share is (PTQ degradation - QAT degradation) / PTQ degradation, as in torchao's
+QAT tables. A share is only meaningful when PTQ clearly hurts, so it is reported as n/a when the
+PTQ degradation is within two standard errors (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Metric:
+    task: str
+    name: str
+    label: str
+    higher_is_better: bool
+
+
+METRICS = [
+    Metric("hellaswag", "acc", "hellaswag acc", True),
+    Metric("hellaswag", "acc_norm", "hellaswag acc_norm", True),
+    Metric("wikitext", "word_perplexity", "wikitext word ppl", False),
+    Metric("wikitext", "byte_perplexity", "wikitext byte ppl", False),
+    Metric("wikitext", "bits_per_byte", "wikitext bits/byte", False),
+]
+MODELS = ["bf16", "ptq", "qat"]
+LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT"}
+
+
+def degradation(base: float, quant: float, higher_is_better: bool) -> float:
+    """How much worse `quant` is than `base` (positive = worse)."""
+    return base - quant if higher_is_better else quant - base
+
+
+def recovered(base: float, ptq: float, qat: float, higher_is_better: bool,
+              stderr: Optional[float] = None) -> Optional[float]:
+    """Share of PTQ's degradation that QAT recovered; None when PTQ does not clearly hurt."""
+    d_ptq = degradation(base, ptq, higher_is_better)
+    if d_ptq <= 0 or (stderr is not None and d_ptq < 2 * stderr):
+        return None
+    return (d_ptq - degradation(base, qat, higher_is_better)) / d_ptq
+
+
+def value(results: dict, model: str, m: Metric) -> Optional[float]:
+    return results.get(model, {}).get(m.task, {}).get(m.name)
+
+
+def stderr(results: dict, model: str, m: Metric) -> Optional[float]:
+    return results.get(model, {}).get(m.task, {}).get(f"{m.name}_stderr")
+
+
+def rows(results: dict) -> dict[str, dict[str, Optional[float]]]:
+    """{row label: {metric label: number}} for the table, the plot and W&B."""
+    table = {LABELS[k]: {m.label: value(results, k, m) for m in METRICS} for k in MODELS}
+    deg_ptq, deg_qat, rec = {}, {}, {}
+    for m in METRICS:
+        b, p, q = (value(results, k, m) for k in MODELS)
+        if None in (b, p, q):
+            continue
+        deg_ptq[m.label] = degradation(b, p, m.higher_is_better)
+        deg_qat[m.label] = degradation(b, q, m.higher_is_better)
+        errs = [e for e in (stderr(results, "bf16", m), stderr(results, "ptq", m)) if e is not None]
+        se = (sum(e * e for e in errs)) ** 0.5 if errs else None
+        rec[m.label] = recovered(b, p, q, m.higher_is_better, se)
+    table["PTQ degradation"] = deg_ptq
+    table["QAT degradation"] = deg_qat
+    table["recovered by QAT"] = rec
+    return table
+
+
+def _fmt(x: Optional[float], row: str, results: dict, m: Metric) -> str:
+    if x is None:
+        return "n/a"
+    if row == "recovered by QAT":
+        return f"{100 * x:.0f}%"
+    s = f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
+    key = next((k for k, v in LABELS.items() if v == row), None)
+    se = stderr(results, key, m) if key else None
+    return f"{s} ± {se:.4f}" if se else s
+
+
+def markdown(results: dict, header: dict) -> str:
+    """The report: what was run, then the table in the form torchao's README uses."""
+    lines = [f"# bf16 vs PTQ vs QAT: {header.get('title', '')}".rstrip(": "), ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
+    lines += ["", "| | " + " | ".join(m.label for m in METRICS) + " |",
+              "|---|" + "---|" * len(METRICS)]
+    for row, vals in rows(results).items():
+        lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m) for m in METRICS) + " |")
+    lines += ["", "Degradation is in each metric's bad direction (accuracy lost, perplexity gained). "
+              "Recovered = (PTQ degradation - QAT degradation) / PTQ degradation; n/a where PTQ's "
+              "degradation is not above two standard errors. ± is lm-eval's standard error."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    """One panel per metric (their scales differ), three bars each, with standard-error whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.8))
+    for ax, m in zip(axes, METRICS):
+        vals = [value(results, k, m) or 0.0 for k in MODELS]
+        errs = [stderr(results, k, m) or 0.0 for k in MODELS]
+        bars = ax.bar([LABELS[k].split(" (")[0] for k in MODELS], vals, yerr=errs, capsize=3,
+                      color=[colors[k] for k in MODELS])
+        for bar, v, e in zip(bars, vals, errs):
+            ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v + e), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        lo = min(vals) * 0.9 if not m.higher_is_better or min(vals) > 0.3 else 0
+        ax.set_ylim(bottom=lo)
+        ax.set_title(f"{m.label}\n({'higher' if m.higher_is_better else 'lower'} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
