@@ -9,6 +9,8 @@ A comma list of other lm-eval task names also works.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -43,17 +45,27 @@ def local_group_yaml(data_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_tasks(tasks: str, data_dir: Optional[Path], workdir: Path):
-    """(task names, TaskManager) for 'local', 'hub' or a comma list; unknown names are errors."""
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: Optional[str]):
+    """Building a TaskManager indexes every built-in task (12-15 s): do it once per process."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path)
+
+
+def resolve_tasks(tasks: str, data_dir: Optional[Path]):
+    """(task names, TaskManager) for 'local', 'hub' or a comma list; unknown names are errors."""
     if tasks == "local":
         if data_dir is None:
             raise UserError("tasks=local needs a data folder (--data-dir) with hellaswag/ and wikitext/ jsonl files")
-        (workdir / f"{GROUP}.yaml").write_text(local_group_yaml(data_dir))
-        return [GROUP], TaskManager(include_path=str(workdir))
+        text = local_group_yaml(data_dir)
+        # One folder per distinct group file, so the cached TaskManager stays valid.
+        folder = Path(tempfile.gettempdir()) / f"qat_lm_eval_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{GROUP}.yaml").write_text(text)
+        return [GROUP], task_manager(str(folder))
     names = ["hellaswag", "wikitext"] if tasks == "hub" else [t.strip() for t in tasks.split(",") if t.strip()]
-    tm = TaskManager()
+    tm = task_manager(None)
     unknown = [t for t in names if t not in tm.all_tasks]
     if unknown:
         raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (use local, hub, or names from `lm_eval ls tasks`)")
@@ -77,11 +89,10 @@ def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Pat
     """lm-eval results reduced to {task: {metric: value, metric_stderr: value}}."""
     import lm_eval
 
-    with tempfile.TemporaryDirectory() as workdir:
-        names, tm = resolve_tasks(tasks, data_dir, Path(workdir))
-        lm = load_lm(model, tokenizer, batch_size, device, dtype)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
+    names, tm = resolve_tasks(tasks, data_dir)
+    lm = load_lm(model, tokenizer, batch_size, device, dtype)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
     return flatten(out["results"])
 
 

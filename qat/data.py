@@ -57,7 +57,7 @@ def load_source(src: DataSource, index: int):
 def tokenize_text(texts: list[str], tokenizer) -> list[tuple[list[int], list[int]]]:
     eos = tokenizer.eos_token_id
     out = []
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]:
         ids = list(ids) + ([eos] if eos is not None else [])
         out.append((ids, ids))
     return out
@@ -92,7 +92,7 @@ def tokenize_chat(conversations: list[list[dict]], tokenizer) -> list[tuple[list
     out = []
     for messages in conversations:
         text, spans = _assistant_spans(messages, tokenizer)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
                   for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"])]
         out.append((list(enc["input_ids"]), labels))

@@ -60,7 +60,7 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
            *cfg.train_overrides, *overrides, f"output_dir={out / arm}", "checkpoint.resume=auto",
            f"logging.wandb.group={cfg.wandb.group or out.name}", f"logging.wandb.name={out.name}-{arm}"]
     print(f"[compare] train {arm}: {' '.join(cmd[3:])}", flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
     done.write_text("ok\n")
 
@@ -75,7 +75,7 @@ def convert_arm(cfg: CompareConfig, arm: str, out: Path) -> Path:
         argv += ["--scheme", cfg.scheme] + (["--per-channel"] if cfg.group_size is None else
                                             ["--group-size", str(cfg.group_size)])
     print(f"[compare] convert {arm}", flush=True)
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *argv], cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *argv])
     if proc.returncode != 0:
         raise UserError(f"convert of arm {arm!r} failed (see above)")
     return export

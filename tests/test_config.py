@@ -44,6 +44,16 @@ def test_bad_keys_and_values_name_the_key(override, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name == "compare.yaml"],
+                         ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_compare_configs_validate(path):
+    from qat.config import CompareConfig
+
+    cfg = load_config(str(path), schema=CompareConfig)
+    assert (ROOT / cfg.train_config).is_file()
+    load_config(str(ROOT / cfg.train_config), cfg.train_overrides)
+
+
 def test_missing_config_file():
     with pytest.raises(UserError, match="config file not found"):
         load_config("configs/nope.yaml")

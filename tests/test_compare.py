@@ -1,0 +1,100 @@
+"""The comparison: recovery arithmetic, a reduced demo through the real script, kill + resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, env
+from eval.report import degradation, markdown, recovered, rows
+
+
+def test_recovery_arithmetic_by_hand():
+    # accuracy: bf16 0.60, PTQ 0.50, QAT 0.58 -> PTQ lost 0.10, QAT lost 0.02, recovered 80%
+    assert degradation(0.60, 0.50, True) == pytest.approx(0.10)
+    assert recovered(0.60, 0.50, 0.58, True) == pytest.approx(0.8)
+    # perplexity: bf16 10, PTQ 14, QAT 11 -> +4 vs +1 -> recovered 75%
+    assert recovered(10.0, 14.0, 11.0, False) == pytest.approx(0.75)
+    # QAT better than the unquantized model: more than 100% recovered
+    assert recovered(10.0, 14.0, 9.0, False) == pytest.approx(1.25)
+    # PTQ did not hurt, or hurt within two standard errors: no meaningful share
+    assert recovered(0.60, 0.61, 0.58, True) is None
+    assert recovered(0.60, 0.59, 0.58, True, stderr=0.01) is None
+    assert recovered(0.60, 0.57, 0.59, True, stderr=0.01) == pytest.approx(2 / 3)
+
+
+def test_report_table_rows():
+    res = {"bf16": {"hellaswag": {"acc": 0.6, "acc_stderr": 0.01, "acc_norm": 0.6},
+                    "wikitext": {"word_perplexity": 10.0, "byte_perplexity": 2.0, "bits_per_byte": 1.0}},
+           "ptq": {"hellaswag": {"acc": 0.5, "acc_stderr": 0.01, "acc_norm": 0.55},
+                   "wikitext": {"word_perplexity": 14.0, "byte_perplexity": 2.4, "bits_per_byte": 1.26}},
+           "qat": {"hellaswag": {"acc": 0.58, "acc_stderr": 0.01, "acc_norm": 0.6},
+                   "wikitext": {"word_perplexity": 11.0, "byte_perplexity": 2.1, "bits_per_byte": 1.07}}}
+    r = rows(res)
+    assert r["recovered by QAT"]["hellaswag acc"] == pytest.approx(0.8)
+    assert r["recovered by QAT"]["wikitext bits/byte"] == pytest.approx(0.19 / 0.26)
+    assert r["PTQ degradation"]["wikitext word ppl"] == pytest.approx(4.0)
+    md = markdown(res, {"title": "t", "scheme": "8da4w"})
+    assert "| recovered by QAT | 80% |" in md and "0.6000 ± 0.0100" in md
+
+
+def demo_tree(world, tmp_path):
+    """A scratch checkout: the real configs and recipes, the test world as assets/world."""
+    for d in ("configs", "recipes", "qat", "eval"):
+        os.symlink(ROOT / d, tmp_path / d)
+    (tmp_path / "assets").mkdir()
+    os.symlink(world, tmp_path / "assets" / "world")
+    return tmp_path
+
+
+REDUCED = ["train_overrides=[training.steps=30,training.batch_size=8,data.seq_len=64,"
+           "logging.wandb.enabled=false]", "eval.limit=60", "wandb.enabled=false"]
+
+
+def run_demo(tree, extra=(), pretrain_steps=60, **popen):
+    e = dict(env(), PY=sys.executable, PRETRAIN_OVERRIDES=f"training.steps={pretrain_steps} data.seq_len=64 "
+             "logging.wandb.enabled=false logging.progress_bar=false")
+    return subprocess.Popen(["bash", str(tree / "recipes/demo.sh"), *REDUCED, *extra], cwd=tree, env=e,
+                            start_new_session=True, **popen)
+
+
+def test_reduced_demo_shows_ptq_damage_and_qat_recovery(world, tmp_path):
+    tree = demo_tree(world, tmp_path)
+    proc = run_demo(tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    cmp = tree / "runs/demo/compare"
+    results = json.loads((cmp / "results.json").read_text())["results"]
+    bpb = {k: results[k]["wikitext"]["bits_per_byte"] for k in ("bf16", "ptq", "qat")}
+    assert bpb["ptq"] > bpb["bf16"] * 1.05, bpb  # int2 PTQ clearly hurts
+    assert bpb["qat"] < bpb["ptq"], bpb  # and QAT recovers part of it
+    assert "| recovered by QAT |" in (cmp / "report.md").read_text()
+    assert (cmp / "comparison.png").stat().st_size > 10_000
+    assert "8da2w (int8 dynamic activations + int2 weights, group 32)" in out
+
+
+def test_compare_resumes_after_being_killed_between_stages(world, tmp_path):
+    tree = demo_tree(world, tmp_path)
+    cmp = tree / "runs/demo/compare"
+    small = ["train_overrides=[training.steps=6,training.batch_size=8,data.seq_len=64,logging.wandb.enabled=false]",
+             "eval.limit=10"]
+    proc = run_demo(tree, small, pretrain_steps=10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (cmp / "bf16" / ".train-done").exists():
+        assert proc.poll() is None and time.time() < deadline, "demo ended before the first arm finished"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: bash, compare, torchrun and workers
+    proc.wait()
+    bf16_metrics = (cmp / "bf16" / "metrics.jsonl").read_text()
+    assert not (cmp / "report.md").exists()
+    proc = run_demo(tree, small, pretrain_steps=10, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "[compare] train bf16: done already" in out
+    assert (cmp / "bf16" / "metrics.jsonl").read_text() == bf16_metrics  # not retrained
+    assert (cmp / "report.md").exists() and (cmp / "qat" / ".train-done").exists()

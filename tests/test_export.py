@@ -1,0 +1,135 @@
+"""convert on world-size-2 checkpoints (full and LoRA, bf16 and QAT), evaluate, lm_eval CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, base_overrides, env, run_train
+
+ARMS = {
+    "full_bf16": [],
+    "full_qat": ["qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32"],
+    "lora_bf16": ["lora.enabled=true", "lora.rank=8"],
+    "lora_qat": ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=int4-weight-only",
+                 "qat.group_size=32"],
+}
+
+
+def convert(args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *map(str, args)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def exported(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for arm, extra in ARMS.items():
+        run_train(base_overrides(world, root / arm) + extra + ["training.steps=4"], 2)
+        convert(["--checkpoint", root / arm, "--scheme", "8da4w"] if "bf16" in arm else ["--checkpoint", root / arm])
+        out[arm] = root / arm / "export" / "step-000004"
+    return out
+
+
+def probe(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world / "model")
+    return tok(["Ada Ash lives in Arden and keeps a cat. Bram Cole works as a baker."], return_tensors="pt")["input_ids"]
+
+
+def logits(folder, x):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder).eval()(x).logits
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_export_folders_load_and_verify(exported, world, arm):
+    out = exported[arm]
+    report = json.loads((out / "verify.json").read_text())
+    assert report["reload_equal"] is True
+    x = probe(world)
+    hf, q = logits(out / "hf", x), logits(out / "quantized", x)
+    assert hf.shape == q.shape and not torch.equal(hf, q)
+    from torchao.quantization import IntxUnpackedToInt8Tensor  # noqa: F401  (quantized tensors really load)
+    from transformers import AutoModelForCausalLM
+
+    qm = AutoModelForCausalLM.from_pretrained(out / "quantized")
+    assert "Intx" in type(qm.model.layers[0].mlp.down_proj.weight).__name__
+    assert type(qm.lm_head.weight) is torch.nn.Parameter  # lm_head stays high precision
+    if "qat" in arm:
+        assert report["mode"] == "qat" and report["converted_equals_fake_quant"] is True
+        assert report["converted_vs_fake_quant"]["max_abs_diff"] == 0.0
+    else:
+        assert report["mode"] == "ptq" and report["scheme"]["scheme"] == "8da4w"
+    assert 0.0 < report["converted_vs_unquantized"]["top1_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("arm", ["lora_bf16", "lora_qat"])
+def test_merged_equals_base_plus_adapter(exported, world, arm):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = exported[arm]
+    base = AutoModelForCausalLM.from_pretrained(world / "model")
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    x = probe(world)
+    with torch.no_grad():
+        adapted = peft_model(x).logits
+    merged = logits(out / "hf", x)
+    assert torch.allclose(adapted, merged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, logits(world / "model", x), atol=1e-4)  # the adapter did train
+
+
+def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
+    from eval.harness import GROUP, local_group_yaml
+
+    (tmp_path / f"{GROUP}.yaml").write_text(local_group_yaml(world / "eval"))
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={exported['full_qat'] / 'quantized'},dtype=float32", "--tasks", GROUP,
+           "--include_path", str(tmp_path), "--limit", "8", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    assert 0.0 <= res["hellaswag"]["acc,none"] <= 1.0
+    assert res["wikitext"]["bits_per_byte,none"] > 0
+
+
+def test_evaluate_recipe_writes_results(exported, world, tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model",
+                           str(exported["full_bf16"] / "quantized"), "--tasks", "local", "--data-dir",
+                           str(world / "eval"), "--limit", "8", "--dtype", "float32", "--out", str(out)],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"hellaswag", "wikitext"}
+    assert {"acc", "acc_norm", "acc_stderr"} <= set(res["hellaswag"])
+    assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(res["wikitext"])
+
+
+def test_convert_bad_input(exported, world, tmp_path):
+    p = convert(["--checkpoint", tmp_path], check=False)
+    assert p.returncode == 2 and "is not a checkpoint" in p.stderr.strip().splitlines()[-1]
+    ckpt = exported["full_qat"].parent.parent / "checkpoints" / "step-000004"
+    p = convert(["--checkpoint", ckpt, "--scheme", "8da4w", "--out", tmp_path / "x"], check=False)
+    assert p.returncode == 2 and "trained with QAT scheme '8da2w'" in p.stderr
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
+
+
+def test_eval_bad_input(exported, world, tmp_path):
+    model = exported["full_bf16"] / "hf"
+    for args, needle in [(["--tasks", "local", "--data-dir", str(tmp_path)], "local eval data missing"),
+                         (["--tasks", "hellaswagg"], "unknown lm-eval task(s): hellaswagg")]:
+        p = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model", str(model), *args,
+                            "--out", str(tmp_path / "r.json")], env=env(), capture_output=True, text=True)
+        assert p.returncode == 2 and needle in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+        assert not (tmp_path / "r.json").exists()
