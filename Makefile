@@ -21,7 +21,7 @@ world: venv
 	$(PY) -m qat.world.build --out $(WORLD)
 
 test: venv
-	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 tests
 
 demo: venv
 	bash recipes/demo.sh

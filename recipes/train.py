@@ -51,15 +51,27 @@ def parse_args(argv=None):
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checks it (agreed across ranks) after each step."""
+    """A stop request: SIGUSR1/SIGTERM to a worker, or a STOP file in the run folder.
 
-    def __init__(self):
+    The file is what Slurm job scripts use (slurm/train.sbatch): it reaches every rank on every
+    node through the shared filesystem, whatever torchrun and srun do with signals. The loop
+    all-reduces the flag after each step, so all ranks stop after the same step.
+    """
+
+    def __init__(self, run_dir: Path):
         self.requested = False
+        self.file = Path(run_dir) / "STOP"
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def poll(self) -> bool:
+        return self.requested or self.file.exists()
+
+    def clear(self) -> None:
+        self.file.unlink(missing_ok=True)
 
 
 def prepare(cfg: TrainConfig, device: torch.device):
@@ -181,7 +193,7 @@ def main(argv=None) -> None:
 def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None:
     mesh = init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    stop = StopFlag()
+    stop = StopFlag(Path(cfg.output_dir))
     shard(model, cfg, mesh)
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.optimizer)
@@ -196,6 +208,8 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
         sampler.load_state_dict(meta["data"])
         start = meta["step"]
     run_dir = setup_run_dir(cfg, rank, start)
+    if rank == 0 and (start or os.environ.get("SLURM_RESTART_COUNT")):
+        print(f"resumed at step {start} (SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', 0)})", flush=True)
     logger, bar = None, None
     n_all, n_train = count_parameters(model)
     if rank == 0:
@@ -232,7 +246,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = loss_sum / n_tok
-            (stop_votes,) = all_reduce_sum([float(stop.requested)], device)  # also syncs the device
+            (stop_votes,) = all_reduce_sum([float(stop.poll())], device)  # also syncs the device
             dt = time.perf_counter() - t0
             tps = len(gidx) * cfg.data.seq_len / dt
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
@@ -256,7 +270,8 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                     bar.write(f"saved {path}")
             if stop_votes > 0:
                 if rank == 0:
-                    print(f"stop requested by signal: checkpoint at step {step} saved, exiting", flush=True)
+                    stop.clear()
+                    print(f"stop requested: checkpoint at step {step} saved, exiting", flush=True)
                 break
     finally:
         if bar is not None:

@@ -29,7 +29,7 @@ def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, tmp_
         os.kill(pid, signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "stop requested by signal" in out
+    assert "stop requested: checkpoint at step" in out
     done = len(losses(cut))
     assert 2 <= done < 40
     assert (cut / "checkpoints" / f"step-{done:06d}").is_dir()

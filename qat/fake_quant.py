@@ -1,0 +1,162 @@
+"""Our fake-quantized Linear: torchao's forward numerics, a straight-through backward that
+recomputes instead of saving, and an opt-in LoRA mode that fake-quantizes the merged weight.
+
+Forward. The quantize-dequantize uses torchao's own primitives (`choose_qparams_affine`,
+`_fake_quantize_affine`) with the parameters its QAT configs derive from the PTQ base config,
+so the training forward equals the converted model's output exactly for the intx schemes (the
+tests assert it).
+
+Backward. torchao's autograd graph saves the fake-quantized weight and activation copies, and
+lets gradients flow through the dynamically computed scales. Here the autograd Function saves
+only what a plain Linear saves (the input and the weight) and recomputes the quantized copies in
+backward: an elementwise pass, cheap next to the matmuls. The gradient is the clipped
+straight-through estimator: identity where the value was inside the quantization range, zero
+where round-then-clamp clipped it. No gradient passes through a low-precision dtype.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class IntxWeight:
+    """Symmetric intN weights, per group of `group_size` input features or per output channel."""
+    bits: int
+    group_size: Optional[int]
+
+    def block(self, w: torch.Tensor) -> tuple[int, int]:
+        return (1, self.group_size or w.shape[-1])
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchao.quantization.utils import get_group_qparams_symmetric
+
+        qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        gs = self.block(w)[1]
+        scale, zp = get_group_qparams_symmetric(w, self.bits, gs, None)
+        return _fake_quantize(w, (1, gs), scale, zp.to(torch.int32), qmin, qmax)
+
+
+@dataclass(frozen=True)
+class Int8PerToken:
+    """Asymmetric int8 per-token dynamic activations (the "8da" in 8da4w)."""
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+        x2 = x.reshape(-1, x.shape[-1])
+        scale, zp = choose_qparams_affine(x2, MappingType.ASYMMETRIC, (1, x2.shape[-1]), torch.int8,
+                                          quant_min=-128, quant_max=127, eps=None, scale_dtype=None,
+                                          zero_point_dtype=torch.int32)
+        xq, mask = _fake_quantize(x2, (1, x2.shape[-1]), scale, zp, -128, 127)
+        return xq.reshape_as(x).to(x.dtype), mask.reshape_as(x)
+
+
+def _fake_quantize(x, block, scale, zp, qmin, qmax) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torchao's fake-quantized values, mask of the elements that round-then-clamp did not clip)."""
+    from torchao.quantization.quant_primitives import _fake_quantize_affine
+
+    xq = _fake_quantize_affine(x, block, scale, zp, torch.int32, qmin, qmax)
+    rows, gs = x.shape[0], block[1]
+    q = torch.round(x.reshape(rows, -1, gs) * (1.0 / scale.reshape(rows, -1, 1))) + zp.reshape(rows, -1, 1)
+    mask = ((q >= qmin) & (q <= qmax)).reshape_as(x)
+    return xq, mask
+
+
+class _FakeQuantLinear(torch.autograd.Function):
+    """y = fq_act(x) @ fq_w(w).T + b, saving only x and w (as a plain Linear does)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, wq_fn, aq_fn):
+        with torch.no_grad():
+            wq, _ = wq_fn(w)
+            xq = aq_fn(x)[0] if aq_fn is not None else x
+            y = F.linear(xq, wq.to(xq.dtype), b)
+        ctx.save_for_backward(x, w)
+        ctx.fns, ctx.has_bias = (wq_fn, aq_fn), b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        wq_fn, aq_fn = ctx.fns
+        wq, wmask = wq_fn(w)
+        if aq_fn is not None:
+            xq, xmask = aq_fn(x)
+        else:
+            xq, xmask = x, None
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ wq.to(gy.dtype)
+            if xmask is not None:
+                gx = gx * xmask
+        if ctx.needs_input_grad[1]:
+            gw = gy.reshape(-1, gy.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]).to(gy.dtype)
+            gw = (gw * wmask).to(w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gw, gb, None, None
+
+
+def fake_quant_linear(x, w, b, wq_fn, aq_fn):
+    return _FakeQuantLinear.apply(x, w, b, wq_fn, aq_fn)
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear with fake-quantized weights (and activations); same parameters, same state dict."""
+
+    def __init__(self, in_features, out_features, bias, weight_fq: IntxWeight, act_fq: Optional[Int8PerToken],
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_fq, self.act_fq, self.enabled = weight_fq, act_fq, True
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, weight_fq: IntxWeight, act_fq: Optional[Int8PerToken]) -> "QATLinear":
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, weight_fq, act_fq, device="meta")
+        new.weight = lin.weight  # the same Parameter: optimizer, FSDP and checkpoints see no change
+        new.bias = lin.bias
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        return fake_quant_linear(x, self.weight, self.bias, self.weight_fq, self.act_fq)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_fq={self.weight_fq}, act_fq={self.act_fq}"
+
+
+def merged_lora_forward(self, x, *args, **kwargs):
+    """peft lora.Linear.forward replacement: fake-quantize W + s*B@A, what export computes.
+
+    The default LoRA QAT fake-quantizes only the frozen base weight and adds the adapter in high
+    precision, but the deployed model quantizes the *merged* weight. Here training sees exactly
+    the deployed function; gradients reach A and B through the straight-through estimator.
+    """
+    base: QATLinear = self.base_layer
+    if self.disable_adapters or self.merged or not base.enabled:
+        return self._qat_original_forward(x, *args, **kwargs)
+    w = base.weight
+    for name in self.active_adapters:
+        if name in self.lora_A:
+            a, b_ = self.lora_A[name].weight, self.lora_B[name].weight
+            w = w + self.scaling[name] * (b_ @ a).to(w.dtype)
+    return fake_quant_linear(x, w, base.bias, base.weight_fq, base.act_fq)
+
+
+def use_merged_lora(lora_layer: nn.Module) -> None:
+    if any(not isinstance(d, nn.Identity) for d in lora_layer.lora_dropout.values()):
+        raise ValueError("qat.lora_merged needs lora.dropout=0: dropout applies to the adapter path only")
+    lora_layer._qat_original_forward = lora_layer.forward
+    lora_layer.forward = types.MethodType(merged_lora_forward, lora_layer)
