@@ -48,6 +48,8 @@ class QATConfig:
     group_size: Optional[int] = 32  # null = per output channel
     embedding: bool = False  # also fake-quantize the input embedding (weight-only)
     fake_quant_after_n_steps: int = 0  # train this many steps in bf16 before fake quantization
+    backend: str = "auto"  # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours for intx
+    lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
 
 
 @dataclass
@@ -177,6 +179,7 @@ CHOICES = {
     "scheduler.decay": ("cosine", "linear", "constant"),
     "fsdp.device": ("auto", "cuda", "cpu"),
     "fsdp.activation_checkpointing": ("none", "full"),
+    "qat.backend": ("auto", "ours", "torchao"),
 }
 
 
@@ -203,6 +206,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{key}={_get(cfg, key)} must be at least 1")
     if cfg.qat.group_size is not None and cfg.qat.group_size < 1:
         raise UserError(f"qat.group_size={cfg.qat.group_size} must be positive, or null for per-channel")
+    if cfg.qat.lora_merged and not (cfg.lora.enabled and cfg.qat.enabled):
+        raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
+    if cfg.qat.lora_merged and cfg.lora.dropout:
+        raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).name.startswith("step-"):

@@ -56,9 +56,11 @@ def unfake(model: nn.Module) -> nn.Module:
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
+    from qat.fake_quant import QATLinear
+
     plain = copy.deepcopy(model)
     for name, mod in list(plain.named_modules()):
-        if isinstance(mod, FakeQuantizedLinear):
+        if isinstance(mod, (FakeQuantizedLinear, QATLinear)):
             _set(plain, name, mod.to_linear())
         elif isinstance(mod, FakeQuantizedEmbedding):
             _set(plain, name, mod.to_embedding())
@@ -77,6 +79,14 @@ def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], emb
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
+    from qat.fake_quant import QATLinear
+
+    # Our QATLinear: back to nn.Linear, then the base config. That is what QATConfig(step=
+    # "convert") does for torchao's modules, with the same numerics (tests assert equality).
+    ours = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]
+    for name in ours:
+        _set(model, name, model.get_submodule(name).to_linear())
+    quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in set(ours))
     quantize_(model, QATConfig(scheme.base_config(group_size), step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
     if embedding:

@@ -95,6 +95,16 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def qat_backend(cfg: QATConfig, scheme: Scheme) -> str:
+    """Our fake-quantized Linear for intx schemes; torchao's FakeQuantizedLinear otherwise."""
+    if cfg.backend == "auto":
+        return "ours" if scheme.family == "intx" else "torchao"
+    if cfg.backend == "ours" and scheme.family != "intx":
+        raise UserError(f"qat.backend=ours supports the intx schemes so far, not {scheme.name!r}; "
+                        f"use qat.backend=torchao")
+    return cfg.backend
+
+
 def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
     """Swap targeted Linears (and optionally the input embedding) for fake-quantized ones."""
     from torchao.quantization import quantize_
@@ -102,9 +112,14 @@ def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
 
     targets = qat_targets(model)
     check_group_size(model, targets, cfg.group_size if scheme.uses_group_size else None)
-    ids = {id(m) for m in targets.values()}
-    quantize_(model, AOQATConfig(scheme.base_config(cfg.group_size), step="prepare"),
-              filter_fn=lambda m, fqn: id(m) in ids)
+    if qat_backend(cfg, scheme) == "ours":
+        _swap_ours(model, targets, scheme, cfg.group_size)
+    else:
+        ids = {id(m) for m in targets.values()}
+        quantize_(model, AOQATConfig(scheme.base_config(cfg.group_size), step="prepare"),
+                  filter_fn=lambda m, fqn: id(m) in ids)
+    if cfg.lora_merged:
+        _merge_lora_forward(model)
     if cfg.embedding:
         emb = model.get_input_embeddings()
         check_group_size(model, {"embed_tokens": emb}, cfg.group_size)
@@ -112,9 +127,34 @@ def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
                   filter_fn=lambda m, fqn: m is emb)
 
 
+def _swap_ours(model: nn.Module, targets: dict[str, nn.Module], scheme: Scheme, group_size) -> None:
+    from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear
+
+    wfq = IntxWeight(scheme.weight_bits, group_size)
+    afq = Int8PerToken() if scheme.int8_activations else None
+    for fqn, lin in targets.items():
+        parent, _, leaf = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq))
+
+
+def _merge_lora_forward(model: nn.Module) -> None:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from qat.fake_quant import QATLinear, use_merged_lora
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    if not layers or not all(isinstance(m.base_layer, QATLinear) for m in layers):
+        raise UserError("qat.lora_merged=true needs LoRA on intx-scheme Linears with qat.backend=ours")
+    for m in layers:
+        use_merged_lora(m)
+
+
 def fake_quantizers(model: nn.Module) -> list[nn.Module]:
+    """Everything with an `enabled` switch: torchao's fake quantizers and our QATLinear."""
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
-    return [m for m in model.modules() if isinstance(m, FakeQuantizerBase)]
+
+    from qat.fake_quant import QATLinear
+    return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear))]
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:

@@ -158,6 +158,12 @@ def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path) -
         if scheme.family == "intx" and not exact:
             raise RuntimeError(f"converted logits differ from fake-quantized logits for intx scheme "
                                f"{scheme.name}: {report['converted_vs_fake_quant']}")
+    if trained_scheme is not None and cfg.qat.lora_merged and scheme.family == "intx":
+        # merged-weight LoRA QAT trains exactly the function that is deployed
+        report["converted_equals_training_forward"] = torch.equal(q_logits, trained_logits)
+        if not report["converted_equals_training_forward"]:
+            raise RuntimeError(f"lora_merged: converted logits differ from the training forward: "
+                               f"{report['converted_vs_training_forward']}")
     save_quantized(quant, tokenizer, tmp / "quantized", scheme, group, embedding)
     if not args.no_reload_check:
         report["reload_equal"] = reload_matches(tmp / "quantized", probe, q_logits)

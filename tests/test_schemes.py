@@ -37,20 +37,22 @@ def probe(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("backend", ["ours", "torchao"])
 @pytest.mark.parametrize("name, group", [("8da4w", 32), ("int4-weight-only", 32), ("8da2w", 32),
                                          ("int3-weight-only", None), ("8da8w", 64)])
-def test_qat_convert_equals_torchao_ptq_exactly(base, name, group):
-    """prepare -> convert gives bit-identical weights and outputs to quantize_(base_config)."""
+def test_qat_convert_equals_torchao_ptq_exactly(base, name, group, backend):
+    """prepare -> convert gives bit-identical outputs to quantize_(base_config), for both backends."""
     from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig as AOQATConfig
+
+    from qat.export import qat_convert
 
     scheme = get_scheme(name)
     x = probe(base.config.vocab_size)
     qat_model = copy.deepcopy(base)
-    apply_qat(qat_model, QATConfig(enabled=True, scheme=name, group_size=group), scheme)
+    apply_qat(qat_model, QATConfig(enabled=True, scheme=name, group_size=group, backend=backend), scheme)
     with torch.no_grad():
         fake = qat_model(x).logits
-    quantize_(qat_model, AOQATConfig(scheme.base_config(group), step="convert"))
+    qat_convert(qat_model, scheme, group, embedding=False)
     ptq = copy.deepcopy(base)
     targets = set(qat_targets(ptq))
     quantize_(ptq, scheme.base_config(group), filter_fn=lambda m, fqn: fqn in targets)
@@ -79,9 +81,9 @@ def test_qat_with_lora_wraps_only_frozen_base_layers(base):
     torch.manual_seed(0)
     m = apply_lora(copy.deepcopy(base), LoRAConfig(enabled=True, rank=4))
     apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32), get_scheme("8da4w"))
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
+    from qat.fake_quant import QATLinear
 
-    fq = [n for n, mod in m.named_modules() if isinstance(mod, FakeQuantizedLinear)]
+    fq = [n for n, mod in m.named_modules() if isinstance(mod, QATLinear)]
     assert fq and all(n.endswith("base_layer") for n in fq)
     assert len(fq) == 7 * base.config.num_hidden_layers
     assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)

@@ -1,0 +1,128 @@
+"""Our fake-quantized Linear (qat/fake_quant.py): torchao's forward, a clipped STE backward that
+saves nothing a plain Linear does not, and the merged-weight LoRA mode."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import base_overrides, run_train
+from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear
+from qat.schemes import get_scheme
+
+CASES = [("8da4w", 32), ("int4-weight-only", 32), ("8da2w", None), ("int3-weight-only", 64), ("8da8w", 32)]
+
+
+def pair(name, group, bias=False):
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=bias)
+    s = get_scheme(name)
+    ours = QATLinear.from_linear(copy.deepcopy(lin), IntxWeight(s.weight_bits, group),
+                                 Int8PerToken() if s.int8_activations else None)
+    ref = torch.nn.Sequential(copy.deepcopy(lin))
+    quantize_(ref, QATConfig(s.base_config(group), step="prepare"))
+    return lin, ours, ref[0]
+
+
+@pytest.mark.parametrize("name, group", CASES)
+def test_forward_equals_torchao_and_gradient_is_the_clipped_ste(name, group):
+    lin, ours, ref = pair(name, group, bias=True)
+    x = torch.randn(4, 7, 256) * 3
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    assert torch.equal(yo, yr)
+    gy = torch.randn_like(yo)
+    yo.backward(gy)
+    yr.backward(gy)
+    # the STE written out: gradients through the quantized operands, zero where clipped
+    wq, wmask = ours.weight_fq(lin.weight.detach())
+    xq, xmask = ours.act_fq(x) if ours.act_fq else (x, torch.ones_like(x, dtype=torch.bool))
+    gw = (gy.reshape(-1, 96).t() @ xq.reshape(-1, 256)) * wmask
+    gx = (gy @ wq) * xmask
+    torch.testing.assert_close(ours.weight.grad, gw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xo.grad, gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.bias.grad, gy.sum((0, 1)))
+    # exact zeros are the clipped weights and nothing else
+    zero = ours.weight.grad == 0
+    assert torch.equal(zero, ~wmask)
+    assert zero.float().mean() < 0.05
+    # and torchao's (heavier) graph gives the same gradient
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-6)
+    # the STE gradient tracks the unquantized layer's gradient (it is not noise)
+    xp = x.clone().requires_grad_()
+    lin(xp).backward(gy)
+    cos = torch.nn.functional.cosine_similarity(ours.weight.grad.flatten(), lin.weight.grad.flatten(), dim=0)
+    assert cos > (0.99 if get_scheme(name).weight_bits >= 4 or not get_scheme(name).int8_activations else 0.9)
+
+
+def saved_bytes(module, x):
+    """Bytes that autograd keeps for backward, with storages shared by parameters/inputs named."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    ptrs = {module.weight.data_ptr(), x.data_ptr()}
+    extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in ptrs)
+    return y, {t.data_ptr() for t in saved}, extra
+
+
+@pytest.mark.parametrize("name, group", CASES)
+def test_backward_saves_no_fake_quantized_copies(name, group):
+    lin, ours, ref = pair(name, group)
+    x = torch.randn(8, 256, requires_grad=True)
+    _, ptrs, extra = saved_bytes(ours, x)
+    assert ptrs <= {ours.weight.data_ptr(), x.data_ptr()} and extra == 0
+    _, _, plain_extra = saved_bytes(lin, x)
+    _, _, torchao_extra = saved_bytes(ref, x)
+    assert plain_extra == 0
+    assert torchao_extra >= lin.weight.numel() * 4  # torchao keeps at least a weight-sized copy
+
+
+def test_disabled_is_a_plain_linear():
+    lin, ours, _ = pair("8da4w", 32)
+    ours.enabled = False
+    x = torch.randn(3, 256)
+    assert torch.equal(ours(x), lin(x))
+
+
+def test_merged_lora_mode_exports_exactly_what_it_trained(world, tmp_path):
+    """Train QAT+LoRA with fake quantization of W + s*B@A at world size 2, convert, and check that
+    the quantized model's logits equal the training-time forward bit for bit."""
+    args = ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32",
+            "qat.lora_merged=true", "training.steps=4"]
+    run_train(base_overrides(world, tmp_path) + args, 2)
+    from test_export import convert
+
+    convert(["--checkpoint", tmp_path])
+    report = json.loads((tmp_path / "export/step-000004/verify.json").read_text())
+    assert report["converted_equals_training_forward"] is True
+    assert report["converted_vs_training_forward"]["max_abs_diff"] == 0.0
+
+
+def test_merged_lora_mode_trains_the_adapters():
+    from peft import LoraConfig, get_peft_model
+    from qat.config import QATConfig
+    from qat.model import apply_qat
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    m = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32, lora_merged=True), get_scheme("8da4w"))
+    for p in m.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give A a gradient path
+    x = torch.randint(0, 64, (2, 16))
+    m(x, labels=x).loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
