@@ -58,6 +58,45 @@ class Int8PerToken:
         return xq.reshape_as(x).to(x.dtype), mask.reshape_as(x)
 
 
+@dataclass(frozen=True)
+class Float8Rowwise:
+    """float8 e4m3 with one scale per row (per output channel for weights, per token for
+    activations): torchao's `_choose_scale_float8` / quantize / dequantize. The values never
+    clip (the scale maps each row's absmax to the e4m3 maximum), so the mask is None: a pure
+    straight-through gradient, computed in the high-precision dtype. torchao's own float8 fake
+    quantizer lets autograd cast the incoming gradient to float8, where it underflows."""
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
+                                                           _quantize_affine_float8)
+
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = _choose_scale_float8(x2, (1, x2.shape[-1]), torch.float8_e4m3fn)
+        q = _quantize_affine_float8(x2, scale, torch.float8_e4m3fn)
+        return _dequantize_affine_float8(q, scale, x.dtype).reshape_as(x), None
+
+
+@dataclass(frozen=True)
+class FP4Emulated:
+    """NVFP4 (E2M1 values, E4M3 scales per 16 elements, a per-tensor fp32 scale) or MXFP4 (E2M1
+    values, E8M0 scales per 32 elements), emulated with torchao's reference quantize-dequantize
+    (`NVFP4Tensor.to_nvfp4` / `MXTensor.to_mx`), which runs on any device. Pure STE gradient."""
+    kind: str  # "nvfp4" or "mxfp4"
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kind == "nvfp4":
+            from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+            pts = per_tensor_amax_to_scale(x2.abs().amax().float())
+            t = NVFP4Tensor.to_nvfp4(x2, block_size=16, per_tensor_scale=pts)
+        else:
+            from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+            t = MXTensor.to_mx(x2, torch.float4_e2m1fn_x2, 32)
+        return t.dequantize(x.dtype).reshape_as(x), None
+
+
 def _fake_quantize(x, block, scale, zp, qmin, qmax) -> tuple[torch.Tensor, torch.Tensor]:
     """(torchao's fake-quantized values, mask of the elements that round-then-clamp did not clip)."""
     from torchao.quantization.quant_primitives import _fake_quantize_affine
@@ -98,7 +137,7 @@ class _FakeQuantLinear(torch.autograd.Function):
                 gx = gx * xmask
         if ctx.needs_input_grad[1]:
             gw = gy.reshape(-1, gy.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]).to(gy.dtype)
-            gw = (gw * wmask).to(w.dtype)
+            gw = (gw * wmask if wmask is not None else gw).to(w.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
         return gx, gw, gb, None, None
@@ -111,13 +150,12 @@ def fake_quant_linear(x, w, b, wq_fn, aq_fn):
 class QATLinear(nn.Linear):
     """nn.Linear with fake-quantized weights (and activations); same parameters, same state dict."""
 
-    def __init__(self, in_features, out_features, bias, weight_fq: IntxWeight, act_fq: Optional[Int8PerToken],
-                 device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias, weight_fq, act_fq, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fq, self.act_fq, self.enabled = weight_fq, act_fq, True
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, weight_fq: IntxWeight, act_fq: Optional[Int8PerToken]) -> "QATLinear":
+    def from_linear(cls, lin: nn.Linear, weight_fq, act_fq) -> "QATLinear":
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, weight_fq, act_fq, device="meta")
         new.weight = lin.weight  # the same Parameter: optimizer, FSDP and checkpoints see no change
         new.bias = lin.bias

@@ -96,13 +96,10 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def qat_backend(cfg: QATConfig, scheme: Scheme) -> str:
-    """Our fake-quantized Linear for intx schemes; torchao's FakeQuantizedLinear otherwise."""
-    if cfg.backend == "auto":
-        return "ours" if scheme.family == "intx" else "torchao"
-    if cfg.backend == "ours" and scheme.family != "intx":
-        raise UserError(f"qat.backend=ours supports the intx schemes so far, not {scheme.name!r}; "
-                        f"use qat.backend=torchao")
-    return cfg.backend
+    """Our fake-quantized Linear by default (every scheme, any hardware); torchao's on request."""
+    if cfg.backend == "torchao" and scheme.family == "mxfp4":
+        raise UserError("scheme 'mxfp4' has no torchao QAT prepare path here; use qat.backend=ours")
+    return "ours" if cfg.backend == "auto" else cfg.backend
 
 
 def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
@@ -128,10 +125,19 @@ def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
 
 
 def _swap_ours(model: nn.Module, targets: dict[str, nn.Module], scheme: Scheme, group_size) -> None:
-    from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear
+    from qat.fake_quant import FP4Emulated, Float8Rowwise, Int8PerToken, IntxWeight, QATLinear
 
-    wfq = IntxWeight(scheme.weight_bits, group_size)
-    afq = Int8PerToken() if scheme.int8_activations else None
+    if scheme.family == "intx":
+        wfq = IntxWeight(scheme.weight_bits, group_size)
+        afq = Int8PerToken() if scheme.int8_activations else None
+    elif scheme.family == "float8":
+        wfq = afq = Float8Rowwise()
+    else:
+        wfq = afq = FP4Emulated(scheme.family)
+        block = 16 if scheme.family == "nvfp4" else 32
+        bad = [f"{n} (in_features={m.in_features})" for n, m in targets.items() if m.in_features % block]
+        if bad:
+            raise UserError(f"scheme {scheme.name!r} needs in_features divisible by {block}: {bad[0]}")
     for fqn, lin in targets.items():
         parent, _, leaf = fqn.rpartition(".")
         setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq))

@@ -7,8 +7,11 @@ and convert rebuilds the scheme from that record.
 Names:
   8da{b}w             int8 dynamic per-token activations + int{b} weights, b in 2..8 (8da4w)
   int{b}-weight-only  int{b} weights only (intx, runs on CPU and GPU), b in 2..8
-  float8              float8 rowwise dynamic activations + weights (CUDA sm >= 8.9)
-  nvfp4               NVFP4 activations + weights (CUDA sm >= 10.0, Blackwell)
+  float8              float8 rowwise dynamic activations + weights
+  nvfp4               NVFP4 activations + weights (E2M1, E4M3 scales per 16, per-tensor scale)
+  mxfp4               MXFP4 activations + weights (E2M1, E8M0 scales per 32)
+QAT trains every scheme on any hardware with our fake quantizers (qat/fake_quant.py); real
+quantized kernels (convert, and torchao's own fake quantizers) need the `hardware` listed.
 Weights are symmetric, per group of `group_size` input features, or per output channel when
 `group_size` is null.
 """
@@ -50,6 +53,10 @@ class Scheme:
                 "embedding": embedding}
 
     def check_hardware(self, device: torch.device) -> None:
+        """For what needs real kernels: convert, and training with qat.backend=torchao."""
+        if self.family == "mxfp4":
+            raise UserError("scheme 'mxfp4' has no real-kernel convert here yet; its QAT runs emulated "
+                            "(qat.backend=ours) and evaluation must use the simulated model")
         if self.min_capability is None:
             return
         major, minor = self.min_capability
@@ -97,6 +104,7 @@ def _registry() -> dict[str, Scheme]:
                            hardware="a CUDA GPU with float8 support (Ada, Hopper or newer)")
     reg["nvfp4"] = Scheme("nvfp4", "nvfp4", min_capability=(10, 0),
                           hardware="a Blackwell CUDA GPU")
+    reg["mxfp4"] = Scheme("mxfp4", "mxfp4", min_capability=(10, 0), hardware="a Blackwell CUDA GPU")
     return reg
 
 

@@ -36,7 +36,8 @@ from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_devi
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
 from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
-                       apply_qat, cast_frozen, count_parameters, load_model, set_fake_quant, trainable_parameters)
+                       apply_qat, cast_frozen, count_parameters, load_model, qat_backend,
+                       set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.schemes import get_scheme
 
@@ -77,8 +78,8 @@ class StopFlag:
 def prepare(cfg: TrainConfig, device: torch.device):
     """Everything that can fail on user input, done before the process group exists."""
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
-    if scheme is not None:
-        scheme.check_hardware(device)
+    if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
+        scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
     ckpt_root = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
     if cfg.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):

@@ -28,7 +28,8 @@ def fails_with(capsys, argv, needle):
     (["lora.enabled=true", "lora.target_modules=[query,value]"], "lora.target_modules ['query', 'value'] match no Linear"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings=512"),
     (["optimizer.betas1=0.9"], "unknown config key 'optimizer.betas1'"),
-    (["qat.enabled=true", "qat.scheme=float8"], "scheme 'float8' needs a CUDA GPU with float8 support"),
+    (["qat.enabled=true", "qat.scheme=float8", "qat.backend=torchao"],
+     "scheme 'float8' needs a CUDA GPU with float8 support"),
 ])
 def test_config_mistakes(capsys, world, tmp_path, extra, needle):
     fails_with(capsys, base_overrides(world, tmp_path) + extra, needle)
