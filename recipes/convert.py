@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -30,6 +27,7 @@ if __package__ in (None, ""):
 import torch
 
 from qat import checkpoint as ckpt
+from qat.atomic import atomic_dir
 from qat.errors import UserError, exit_on_user_error
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -103,16 +101,8 @@ def main(argv=None) -> None:
     scheme = get_scheme(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scheme.check_hardware(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         report = convert(path, meta, scheme, group, embedding, args, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
 

@@ -2,7 +2,6 @@
 resumes exactly, and train.sbatch running torchrun (2 processes) through srun."""
 
 import json
-import os
 import subprocess
 import sys
 import time

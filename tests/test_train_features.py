@@ -1,6 +1,5 @@
 """Recipe features beyond the core loop: signals, W&B offline, tied embeddings, AC, compile."""
 
-import json
 import os
 import signal
 import subprocess

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
+from qat.atomic import atomic_dir
 from qat.world import facts
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -114,9 +112,7 @@ def build_world(out: Path, n_people: int = 120, n_docs: int = 3000, vocab_size: 
                 hidden: int = 128, layers: int = 2, tie: bool = False, seed: int = 0) -> Path:
     """Write the world into `out` atomically (a temporary folder renamed at the end)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         counts = build_data(tmp, n_people, n_docs, seed)
         texts = [json.loads(l)["text"] for l in open(tmp / "data" / "pretrain.jsonl")]
         tok = build_tokenizer(texts, vocab_size)
@@ -125,12 +121,6 @@ def build_world(out: Path, n_people: int = 120, n_docs: int = 3000, vocab_size: 
         spec = dict(n_people=n_people, n_docs=n_docs, vocab_size=vocab_size, hidden=hidden,
                     layers=layers, tie=tie, seed=seed, counts=counts)
         (tmp / "world.json").write_text(json.dumps(spec, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
