@@ -166,6 +166,7 @@ class CompareConfig:
     group_size: Optional[int] = 32
     full: bool = True  # bf16 and QAT arms with full fine-tuning
     lora: bool = False  # bf16-LoRA and QAT+LoRA arms
+    lora_merged: bool = False  # the QAT+LoRA arm fake-quantizes W + s*B@A (qat.lora_merged)
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
     title: str = ""
     data_description: str = ""

@@ -38,7 +38,8 @@ def arms(cfg: CompareConfig) -> dict[str, list[str]]:
     if cfg.full:
         out["bf16"], out["qat"] = ["qat.enabled=false", "lora.enabled=false"], qat + ["lora.enabled=false"]
     if cfg.lora:
-        out["bf16_lora"], out["qat_lora"] = ["qat.enabled=false", "lora.enabled=true"], qat + ["lora.enabled=true"]
+        merged = [f"qat.lora_merged={str(cfg.lora_merged).lower()}"]
+        out["bf16_lora"], out["qat_lora"] = ["qat.enabled=false", "lora.enabled=true"], qat + ["lora.enabled=true"] + merged
     if not out:
         raise UserError("compare has no arms: set full=true and/or lora=true")
     return out
