@@ -83,6 +83,30 @@ def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
+def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], dtype: str = "auto"):
+    """(model, tokenizer): an HF folder with our fake quantizers on the decoder Linears.
+
+    For schemes whose real kernels are missing on this machine (float8 without sm >= 8.9,
+    nvfp4/mxfp4 without Blackwell): the forward is exactly the QAT training forward, so the
+    numbers are those the format would give with exact kernels. Results must be labelled
+    simulated wherever they appear.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat.config import QATConfig
+    from qat.model import apply_qat
+    from qat.schemes import get_scheme
+
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"{folder} is not an HF model folder (no config.json)")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, "auto")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    scheme = get_scheme(scheme_name)
+    apply_qat(model, QATConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours"), scheme)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Path] = None,
              limit: Optional[float] = None, batch_size: int = 8, num_fewshot: Optional[int] = None,
              device: str = "cpu", dtype: str = "auto") -> dict:

@@ -32,6 +32,11 @@ MODELS = ["bf16", "ptq", "qat"]
 LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT"}
 
 
+def labels(simulated: bool = False) -> dict[str, str]:
+    """Row names; simulated PTQ/QAT (fake-quantized forward, no real kernels) say so."""
+    return {k: v + (" (simulated)" if simulated and k != "bf16" else "") for k, v in LABELS.items()}
+
+
 def degradation(base: float, quant: float, higher_is_better: bool) -> float:
     """How much worse `quant` is than `base` (positive = worse)."""
     return base - quant if higher_is_better else quant - base
@@ -54,9 +59,10 @@ def stderr(results: dict, model: str, m: Metric) -> Optional[float]:
     return results.get(model, {}).get(m.task, {}).get(f"{m.name}_stderr")
 
 
-def rows(results: dict) -> dict[str, dict[str, Optional[float]]]:
+def rows(results: dict, simulated: bool = False) -> dict[str, dict[str, Optional[float]]]:
     """{row label: {metric label: number}} for the table, the plot and W&B."""
-    table = {LABELS[k]: {m.label: value(results, k, m) for m in METRICS} for k in MODELS}
+    names = labels(simulated)
+    table = {names[k]: {m.label: value(results, k, m) for m in METRICS} for k in MODELS}
     deg_ptq, deg_qat, rec = {}, {}, {}
     for m in METRICS:
         b, p, q = (value(results, k, m) for k in MODELS)
@@ -73,32 +79,33 @@ def rows(results: dict) -> dict[str, dict[str, Optional[float]]]:
     return table
 
 
-def _fmt(x: Optional[float], row: str, results: dict, m: Metric) -> str:
+def _fmt(x: Optional[float], row: str, results: dict, m: Metric, names: dict) -> str:
     if x is None:
         return "n/a"
     if row == "recovered by QAT":
         return f"{100 * x:.0f}%"
     s = f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
-    key = next((k for k, v in LABELS.items() if v == row), None)
+    key = next((k for k, v in names.items() if v == row), None)
     se = stderr(results, key, m) if key else None
     return f"{s} ± {se:.4f}" if se else s
 
 
-def markdown(results: dict, header: dict) -> str:
+def markdown(results: dict, header: dict, simulated: bool = False) -> str:
     """The report: what was run, then the table in the form torchao's README uses."""
     lines = [f"# bf16 vs PTQ vs QAT: {header.get('title', '')}".rstrip(": "), ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
     lines += ["", "| | " + " | ".join(m.label for m in METRICS) + " |",
               "|---|" + "---|" * len(METRICS)]
-    for row, vals in rows(results).items():
-        lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m) for m in METRICS) + " |")
+    names = labels(simulated)
+    for row, vals in rows(results, simulated).items():
+        lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m, names) for m in METRICS) + " |")
     lines += ["", "Degradation is in each metric's bad direction (accuracy lost, perplexity gained). "
               "Recovered = (PTQ degradation - QAT degradation) / PTQ degradation; n/a where PTQ's "
               "degradation is not above two standard errors. ± is lm-eval's standard error."]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path, title: str) -> None:
+def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None:
     """One panel per metric (their scales differ), three bars each, with standard-error whiskers."""
     import matplotlib
 
@@ -110,7 +117,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     for ax, m in zip(axes, METRICS):
         vals = [value(results, k, m) or 0.0 for k in MODELS]
         errs = [stderr(results, k, m) or 0.0 for k in MODELS]
-        bars = ax.bar([LABELS[k].split(" (")[0] for k in MODELS], vals, yerr=errs, capsize=3,
+        bars = ax.bar([labels(simulated)[k].replace(" (", "\n(") for k in MODELS], vals, yerr=errs, capsize=3,
                       color=[colors[k] for k in MODELS])
         for bar, v, e in zip(bars, vals, errs):
             ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v + e), ha="center", va="bottom",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import LABELS, METRICS, MODELS, rows, value
+from eval.report import METRICS, MODELS, labels, rows, value
 from qat.config import WandbConfig
 from qat.metrics import init_wandb
 
@@ -17,16 +17,19 @@ def summary_keys(results: dict) -> dict:
     return {f"eval/{task}/{m}": v for task, row in results.items() for m, v in row.items()}
 
 
-def log_comparison(cfg: WandbConfig, out: Path, kind: str, results: dict, header: dict) -> None:
+def log_comparison(cfg: WandbConfig, out: Path, kind: str, results: dict, header: dict,
+                   simulated: bool = False) -> None:
     if not cfg.enabled:
         return
     import dataclasses
 
     group = cfg.group or out.name
     cfg = dataclasses.replace(cfg, group=group)
+    names = labels(simulated)
     for model in MODELS:
-        run = init_wandb(cfg, out, {"model": model, "kind": kind, **header}, job_type="eval",
-                         name=f"{out.name}-{kind}-{model}")
+        sim = "-simulated" if simulated and model != "bf16" else ""
+        run = init_wandb(cfg, out, {"model": names[model], "kind": kind, **header}, job_type="eval",
+                         name=f"{out.name}-{kind}-{model}{sim}")
         if run is None:
             return
         run.summary.update(summary_keys(results.get(model, {})))
@@ -36,7 +39,7 @@ def log_comparison(cfg: WandbConfig, out: Path, kind: str, results: dict, header
 
     columns = ["model", "scheme"] + [m.label for m in METRICS]
     table = wandb.Table(columns=columns,
-                        data=[[LABELS[k], header.get("scheme", "")] + [value(results, k, m) for m in METRICS]
+                        data=[[names[k], header.get("scheme", "")] + [value(results, k, m) for m in METRICS]
                               for k in MODELS])
     logs = {"comparison/table": table}
     for m in METRICS:
@@ -48,7 +51,7 @@ def log_comparison(cfg: WandbConfig, out: Path, kind: str, results: dict, header
     if png.exists():
         logs["comparison/plot"] = wandb.Image(str(png))
     run.log(logs)
-    for label, vals in rows(results).items():
+    for label, vals in rows(results, simulated).items():
         for metric, v in vals.items():
             if v is not None:
                 run.summary[f"compare/{label}/{metric}"] = v

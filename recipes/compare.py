@@ -66,7 +66,21 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
     done.write_text("ok\n")
 
 
-def convert_arm(cfg: CompareConfig, arm: str, out: Path) -> Path:
+def kernels_missing(scheme_name: str) -> bool:
+    """True when this machine cannot run the scheme's real kernels: compare then evaluates the
+    fake-quantized (simulated) PTQ and QAT models and labels them so everywhere."""
+    import torch
+
+    from qat.schemes import get_scheme
+
+    try:
+        get_scheme(scheme_name).check_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except UserError:
+        return True
+    return False
+
+
+def convert_arm(cfg: CompareConfig, arm: str, out: Path, simulate: bool) -> Path:
     export = out / arm / "export"
     if (export / "verify.json").exists():
         print(f"[compare] convert {arm}: done already")
@@ -75,6 +89,8 @@ def convert_arm(cfg: CompareConfig, arm: str, out: Path) -> Path:
     if arm.startswith("bf16"):
         argv += ["--scheme", cfg.scheme] + (["--per-channel"] if cfg.group_size is None else
                                             ["--group-size", str(cfg.group_size)])
+    if simulate:
+        argv.append("--simulate")
     print(f"[compare] convert {arm}", flush=True)
     proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *argv])
     if proc.returncode != 0:
@@ -82,18 +98,19 @@ def convert_arm(cfg: CompareConfig, arm: str, out: Path) -> Path:
     return export
 
 
-def models_to_eval(cfg: CompareConfig, out: Path) -> dict[str, dict[str, Path]]:
-    """Per comparison (full, lora): {bf16, ptq, qat} -> model folder."""
+def models_to_eval(cfg: CompareConfig, out: Path, simulate: bool) -> dict[str, dict[str, Path]]:
+    """Per comparison (full, lora): {bf16, ptq, qat} -> model folder (hf/ for simulated PTQ/QAT)."""
+    quant = "hf" if simulate else "quantized"
     sets = {}
     for kind, suffix in (("full", ""), ("lora", "_lora")):
         if getattr(cfg, kind):
             sets[kind] = {"bf16": out / f"bf16{suffix}" / "export" / "hf",
-                          "ptq": out / f"bf16{suffix}" / "export" / "quantized",
-                          "qat": out / f"qat{suffix}" / "export" / "quantized"}
+                          "ptq": out / f"bf16{suffix}" / "export" / quant,
+                          "qat": out / f"qat{suffix}" / "export" / quant}
     return sets
 
 
-def eval_model(cfg: CompareConfig, label: str, folder: Path, out: Path) -> dict:
+def eval_model(cfg: CompareConfig, label: str, folder: Path, out: Path, simulate: bool) -> dict:
     result_file = out / "eval" / f"{label}.json"
     if result_file.exists():
         print(f"[compare] eval {label}: done already")
@@ -104,13 +121,18 @@ def eval_model(cfg: CompareConfig, label: str, folder: Path, out: Path) -> dict:
 
     e = cfg.eval
     device = ("cuda" if torch.cuda.is_available() else "cpu") if e.device == "auto" else e.device
-    print(f"[compare] eval {label}: {folder}", flush=True)
-    results = evaluate(folder, tasks=e.tasks, data_dir=Path(e.data_dir) if e.data_dir else None,
+    print(f"[compare] eval {label}: {folder}" + (" (simulated)" if simulate else ""), flush=True)
+    target, tokenizer = folder, None
+    if simulate:
+        from eval.harness import simulated_model
+
+        target, tokenizer = simulated_model(folder, cfg.scheme, cfg.group_size, e.dtype)
+    results = evaluate(target, tokenizer, tasks=e.tasks, data_dir=Path(e.data_dir) if e.data_dir else None,
                        limit=int(e.limit) if e.limit and e.limit >= 1 else e.limit, batch_size=e.batch_size,
                        num_fewshot=e.num_fewshot, device=device, dtype=e.dtype)
     result_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": str(folder), "results": results}, indent=2))
+    tmp.write_text(json.dumps({"model": str(folder), "simulated": simulate, "results": results}, indent=2))
     os.replace(tmp, result_file)
     return results
 
@@ -130,15 +152,16 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
             "eval": f"lm-eval tasks={cfg.eval.tasks}" + (f", limit={cfg.eval.limit}" if cfg.eval.limit else "")}
 
 
-def report(cfg: CompareConfig, out: Path, kind: str, results: dict) -> str:
+def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> str:
     from eval.report import markdown, plot
 
     suffix = "" if kind == "full" else "_lora"
-    head = header(cfg, out, kind)
-    md = markdown(results, head)
+    md = markdown(results, head, simulated)
     (out / f"report{suffix}.md").write_text(md)
-    (out / f"results{suffix}.json").write_text(json.dumps({"header": head, "results": results}, indent=2))
-    plot(results, out / f"comparison{suffix}.png", f"{head['title']} - {head['scheme']}")
+    (out / f"results{suffix}.json").write_text(json.dumps({"header": head, "simulated": simulated,
+                                                           "results": results}, indent=2))
+    title = f"{head['title']} - {head['scheme']}" + (" - PTQ/QAT SIMULATED (no real kernels)" if simulated else "")
+    plot(results, out / f"comparison{suffix}.png", title, simulated)
     return md
 
 
@@ -157,14 +180,20 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg).items():
         train_arm(cfg, arm, overrides, out)
+    simulate = kernels_missing(cfg.scheme)
     for arm in arms(cfg):
-        convert_arm(cfg, arm, out)
-    for kind, models in models_to_eval(cfg, out).items():
-        results = {k: eval_model(cfg, f"{k}{'' if kind == 'full' else '_lora'}", f, out) for k, f in models.items()}
-        print(report(cfg, out, kind, results))
+        convert_arm(cfg, arm, out, simulate)
+    for kind, models in models_to_eval(cfg, out, simulate).items():
+        suffix = "" if kind == "full" else "_lora"
+        results = {k: eval_model(cfg, f"{k}{suffix}", f, out, simulate and k != "bf16") for k, f in models.items()}
+        head = header(cfg, out, kind)
+        if simulate:
+            head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {cfg.scheme}: "
+                                 f"this machine lacks its real kernels")
+        print(report(cfg, out, kind, results, head, simulate))
         from eval.wandb_report import log_comparison
 
-        log_comparison(cfg.wandb, out, kind, results, header(cfg, out, kind))
+        log_comparison(cfg.wandb, out, kind, results, head, simulate)
     print(f"[compare] report in {out}")
 
 

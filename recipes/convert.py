@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--per-channel", action="store_true", help="PTQ per output channel (bf16 runs)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="export dtype; auto = the training compute dtype")
+    p.add_argument("--simulate", action="store_true",
+                   help="when this machine lacks the scheme's real kernels: write hf/ and simulated.json "
+                        "instead of quantized/; evaluate with evaluate.py --simulate (labelled simulated)")
     p.add_argument("--only-hf", action="store_true", help="write only hf/ (e.g. a pretrained base model)")
     p.add_argument("--no-reload-check", action="store_true", help="skip reloading quantized/ to compare logits")
     return p.parse_args(argv)
@@ -100,14 +103,22 @@ def main(argv=None) -> None:
 
     scheme = get_scheme(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scheme.check_hardware(device)
+    simulate = False
+    try:
+        scheme.check_hardware(device)
+    except UserError as e:
+        if not args.simulate:
+            raise UserError(f"{e}. Real kernels are missing here: rerun with --simulate to export hf/ and "
+                            f"evaluate the fake-quantized model (evaluate.py --simulate {name}; labelled "
+                            f"simulated)") from None
+        simulate = True
     with atomic_dir(out) as tmp:
-        report = convert(path, meta, scheme, group, embedding, args, tmp)
+        report = convert(path, meta, scheme, group, embedding, args, tmp, simulate)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
-def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path) -> dict:
+def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path, simulate: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     from qat.export import (compare_logits, load_trained, ptq, qat_convert, save_quantized, unfake)
@@ -134,6 +145,8 @@ def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path) -
             report = {"checkpoint": str(path), "step": meta["step"], "mode": "hf-only"}
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
             return report
+        if simulate:
+            return simulated_report(path, meta, scheme, group, plain, probe, plain_logits, fake_logits, tmp)
         quant = qat_convert(model, scheme, group, embedding) if trained_scheme else ptq(plain, scheme, group)
         q_logits = quant(probe).logits.float()
     report = {"checkpoint": str(path), "step": meta["step"], "mode": "qat" if trained_scheme else "ptq",
@@ -157,6 +170,29 @@ def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path) -
     save_quantized(quant, tokenizer, tmp / "quantized", scheme, group, embedding)
     if not args.no_reload_check:
         report["reload_equal"] = reload_matches(tmp / "quantized", probe, q_logits)
+    (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def simulated_report(path, meta, scheme, group, plain, probe, plain_logits, fake_logits, tmp: Path) -> dict:
+    """No real kernels: record how the fake-quantized model (what evaluate --simulate runs) compares."""
+    import copy
+
+    from qat.config import QATConfig
+    from qat.export import compare_logits
+    from qat.model import apply_qat
+
+    sim = copy.deepcopy(plain)
+    apply_qat(sim, QATConfig(enabled=True, scheme=scheme.name, group_size=group, backend="ours"), scheme)
+    with torch.no_grad():
+        sim_logits = sim(probe).logits.float()
+    report = {"checkpoint": str(path), "step": meta["step"], "mode": "simulated",
+              "simulated": True, "scheme": scheme.record(group, False),
+              "scheme_description": scheme.describe(group) + " (simulated: fake-quantized forward, no real kernels)",
+              "simulated_vs_unquantized": compare_logits(sim_logits, plain_logits)}
+    if fake_logits is not None:
+        report["simulated_equals_training_forward"] = bool(torch.equal(sim_logits, fake_logits))
+    (tmp / "simulated.json").write_text(json.dumps(report["scheme"], indent=2))
     (tmp / "verify.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -34,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--simulate", metavar="SCHEME",
+                   help="evaluate the folder with this scheme's fake quantization (for schemes whose real "
+                        "kernels are missing here); results are labelled simulated")
+    p.add_argument("--group-size", type=int, default=32, help="group size for --simulate (intx schemes)")
     p.add_argument("--out", type=Path, help="results JSON (default: <model>/../eval_<model name>.json)")
     p.add_argument("--wandb", action="store_true", help="log to W&B (offline unless a key is configured)")
     p.add_argument("--name", help="W&B run name / label of this model")
@@ -45,27 +49,27 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def summary_keys(results: dict) -> dict:
-    """The W&B summary keys every eval run uses: eval/<task>/<metric>."""
-    return {f"eval/{task}/{m}": v for task, row in results.items() for m, v in row.items()}
-
-
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from eval.harness import evaluate
+    from eval.harness import evaluate, simulated_model
 
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-    results = evaluate(args.model, tasks=args.tasks, data_dir=args.data_dir, limit=limit,
+    target, tokenizer = args.model, None
+    if args.simulate:
+        target, tokenizer = simulated_model(Path(args.model), args.simulate, args.group_size, args.dtype)
+    results = evaluate(target, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=limit,
                        batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
                        dtype=args.dtype)
     model = Path(args.model)
-    out = args.out or model.parent / f"eval_{model.name}.json"
-    record = {"model": str(model), "tasks": args.tasks, "limit": limit, "results": results}
+    out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"
+    record = {"model": str(model), "tasks": args.tasks, "limit": limit, "results": results,
+              "simulated": f"{args.simulate} fake-quantized forward, no real kernels" if args.simulate else None}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out)
     if args.wandb:
+        from eval.wandb_report import summary_keys
         from qat.config import WandbConfig
         from qat.metrics import init_wandb
 

@@ -88,3 +88,9 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     assert "| recovered by QAT |" in (cmp / "report.md").read_text()
     assert (cmp / "comparison.png").stat().st_size > 10_000
     assert "8da2w (int8 dynamic activations + int2 weights, group 32)" in out
+
+
+def test_simulated_rows_are_labelled():
+    res = {k: {"hellaswag": {"acc": 0.5}, "wikitext": {"bits_per_byte": 1.0}} for k in ("bf16", "ptq", "qat")}
+    md = markdown(res, {"title": "t"}, simulated=True)
+    assert "| PTQ (simulated) |" in md and "| QAT (simulated) |" in md and "| no quantization |" in md
