@@ -31,7 +31,11 @@ def atomic_dir(out: Path):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a sibling temp file, fsync it, rename it over `path`: readers see old or new, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

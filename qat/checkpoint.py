@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 
+from qat.atomic import write_text_atomic
 from qat.errors import UserError
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -92,7 +93,7 @@ def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, ad
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
-        _write_json_atomic(tmp / META, meta)
+        write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             old = final.with_name(f".old-{final.name}")
             os.replace(final, old)
@@ -129,15 +130,6 @@ def _first_failure(e: BaseException) -> str:
 def prune(root: Path, keep_last: int) -> None:
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

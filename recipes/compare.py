@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
 from qat.errors import UserError, exit_on_user_error
 
@@ -131,9 +131,8 @@ def eval_model(cfg: CompareConfig, label: str, folder: Path, out: Path, simulate
                        limit=int(e.limit) if e.limit and e.limit >= 1 else e.limit, batch_size=e.batch_size,
                        num_fewshot=e.num_fewshot, device=device, dtype=e.dtype)
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": str(folder), "simulated": simulate, "results": results}, indent=2))
-    os.replace(tmp, result_file)
+    write_text_atomic(result_file, json.dumps({"model": str(folder), "simulated": simulate,
+                                               "results": results}, indent=2))
     return results
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qat.atomic import write_text_atomic
 from qat.errors import exit_on_user_error
 
 
@@ -65,9 +65,7 @@ def main(argv=None) -> dict:
     out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"
     record = {"model": str(model), "tasks": args.tasks, "limit": limit, "results": results,
               "simulated": f"{args.simulate} fake-quantized forward, no real kernels" if args.simulate else None}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(record, indent=2))
     if args.wandb:
         from eval.wandb_report import summary_keys
         from qat.config import WandbConfig

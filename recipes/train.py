@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from qat import checkpoint as ckpt
+from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
 from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
@@ -111,9 +112,7 @@ def setup_run_dir(cfg: TrainConfig, rank: int, resumed_step: int) -> Path:
     run_dir = Path(cfg.output_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         truncate_metrics(run_dir / "metrics.jsonl", resumed_step)
     return run_dir
 
@@ -125,9 +124,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     import json
 
     lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= keep_through_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(l + "\n" for l in lines))
 
 
 def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int) -> tuple[float, float]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from qat.atomic import write_text_atomic
 from qat.errors import UserError, exit_on_user_error
 from slurm.summarize import load_sweep, markdown_table, run_rows
 
@@ -54,9 +54,7 @@ def evaluate_run(run_dir: Path, export: Path, args) -> dict:
             res = evaluate(folder, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
             f.parent.mkdir(exist_ok=True)
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"model": str(folder), "results": res}, indent=2))
-            os.replace(tmp, f)
+            write_text_atomic(f, json.dumps({"model": str(folder), "results": res}, indent=2))
         out[kind] = json.loads(f.read_text())["results"]
     return out
 
