@@ -107,12 +107,10 @@ def ptq(model: nn.Module, scheme: Scheme, group_size: Optional[int]) -> nn.Modul
     return model
 
 
-def save_quantized(model: nn.Module, tokenizer, out: Path, scheme: Scheme, group_size: Optional[int],
-                   embedding: bool) -> None:
-    """save_pretrained after quantize_ needs the HF quantizer attached (DESIGN.md), else it fails
-    with "invalid python storage". TorchAoConfig's default skips lm_head, matching our targets."""
+def quantized_config(model: nn.Module, scheme: Scheme, group_size: Optional[int], embedding: bool):
+    """The TorchAoConfig that describes a converted model (TorchAoConfig's default skips lm_head,
+    matching our targets)."""
     from transformers import TorchAoConfig
-    from transformers.quantizers import AutoHfQuantizer
 
     quant_type = scheme.base_config(group_size)
     if embedding:
@@ -120,11 +118,52 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, scheme: Scheme, group
 
         emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
         quant_type = FqnToConfig({"_default": quant_type, emb_name: scheme.embedding_config(group_size)})
-    qcfg = TorchAoConfig(quant_type=quant_type, include_input_output_embeddings=embedding)
+    return TorchAoConfig(quant_type=quant_type, include_input_output_embeddings=embedding)
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path, qcfg) -> None:
+    """save_pretrained after quantize_ needs the HF quantizer attached (DESIGN.md), else it fails
+    with "invalid python storage"."""
+    from transformers.quantizers import AutoHfQuantizer
+
     model.config.quantization_config = qcfg
     model.hf_quantizer = AutoHfQuantizer.from_config(qcfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+class LocalIO:
+    """Forward, save and share for convert in one process, which holds the whole model.
+    qat.sharded_export.ShardedIO is the same interface when each torchrun rank holds a slice."""
+
+    has_logits = True
+
+    def record(self) -> dict:
+        return {}
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).logits.float()
+
+    def share(self, obj):
+        return obj
+
+    def save_hf(self, model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype, base_path: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    def save_adapter(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(folder)
+
+    def save_quantized(self, model: nn.Module, tokenizer, folder: Path, qcfg, dtype: torch.dtype,
+                       base_path: str) -> None:
+        save_quantized(model, tokenizer, folder, qcfg)
+
+    def reload_matches(self, quant: nn.Module, folder: Path, x: torch.Tensor, expected: torch.Tensor) -> bool:
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            return bool(torch.equal(reloaded(x).logits.float(), expected))
 
 
 def compare_logits(test: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -49,7 +49,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     for mod in base.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and type(_unwrap(mod[0])).__name__ in names:
+        # any(): under a sharded convert, blocks other ranks own are pass-through stand-ins
+        if isinstance(mod, nn.ModuleList) and any(type(_unwrap(b)).__name__ in names for b in mod):
             return mod
     raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
 
@@ -117,8 +118,8 @@ def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
                   filter_fn=lambda m, fqn: id(m) in ids)
     if cfg.lora_merged:
         _merge_lora_forward(model)
-    if cfg.embedding:
-        emb = model.get_input_embeddings()
+    emb = model.get_input_embeddings()
+    if cfg.embedding and isinstance(emb, nn.Embedding):  # else another rank's (sharded convert)
         check_group_size(model, {"embed_tokens": emb}, cfg.group_size)
         quantize_(model, AOQATConfig(scheme.embedding_config(cfg.group_size), step="prepare"),
                   filter_fn=lambda m, fqn: m is emb)

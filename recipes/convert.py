@@ -2,6 +2,11 @@
 
     python recipes/convert.py --checkpoint runs/qat/checkpoints/step-000150 --out runs/qat/export
     python recipes/convert.py --checkpoint runs/bf16 --scheme 8da4w      # newest checkpoint, PTQ
+    torchrun --nproc_per_node 4 recipes/convert.py --checkpoint runs/qat  # too big for one host
+
+Under torchrun (any number of nodes sharing a filesystem) each rank loads, converts and writes only
+a contiguous slice of the decoder blocks, so no process ever holds the whole model; the folders
+are the same as one process writes, with the weights in one safetensors shard per rank.
 
 Writes, atomically (a temporary folder renamed at the end):
   hf/          the fine-tuned model in the export dtype, LoRA merged (config, tokenizer, safetensors)
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +34,7 @@ import torch
 
 from qat import checkpoint as ckpt
 from qat.atomic import atomic_dir
-from qat.errors import UserError, exit_on_user_error
+from qat.errors import UserError, exit_on_user_error, is_rank0
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -92,6 +98,10 @@ def probe_batch(tokenizer, cfg) -> torch.Tensor:
     return enc["input_ids"]
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -112,69 +122,119 @@ def main(argv=None) -> None:
                             f"evaluate the fake-quantized model (evaluate.py --simulate {name}; labelled "
                             f"simulated)") from None
         simulate = True
+    job = dict(path=path, scheme=scheme, group=group, embedding=embedding, args=args, simulate=simulate)
+    report = convert_sharded(out, **job) if world_size() > 1 else convert_local(out, **job)
+    if is_rank0():
+        print(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+
+
+def convert_local(out: Path, **job) -> dict:
+    """One process holds the whole model."""
+    from qat.export import LocalIO, load_trained
+
+    loaded = load_trained(job["path"])
     with atomic_dir(out) as tmp:
-        report = convert(path, meta, scheme, group, embedding, args, tmp, simulate)
-    print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+        return convert(loaded, tmp=tmp, io=LocalIO(), **job)
 
 
-def convert(path: Path, meta: dict, scheme, group, embedding, args, tmp: Path, simulate: bool = False) -> dict:
+def convert_sharded(out: Path, **job) -> dict:
+    """Under torchrun: each rank loads, converts and writes only its slice (qat/sharded_export.py)."""
+    import torch.distributed as dist
+
+    from qat.distributed import cleanup, init_distributed
+    from qat.sharded_export import ShardedIO, load_part, run_in_shared_dir
+
+    init_distributed(torch.device("cpu"))  # gloo: the slices live in host memory
+    try:
+        loaded, part, tied = load_part(job["path"], dist.get_rank(), dist.get_world_size())
+        io = ShardedIO(part, tied)
+        return run_in_shared_dir(out, part, lambda tmp: convert(loaded, tmp=tmp, io=io, **job))
+    finally:
+        cleanup()
+
+
+def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, simulate: bool = False) -> dict:
+    """The conversion steps, identical for one process and for slices; `io` does forward/save/share.
+
+    Logits exist only where io.has_logits (the last rank of a sharded run); the report is computed
+    there and shared, so every rank takes the same decisions.
+    """
     from transformers import AutoTokenizer
 
-    from qat.export import (compare_logits, load_trained, ptq, qat_convert, save_quantized, unfake)
+    from qat.export import ptq, qat_convert, quantized_config, unfake
 
-    model, cfg, meta, trained_scheme = load_trained(path)
+    model, cfg, meta, trained_scheme = loaded
     dtype = DTYPES[cfg.training.dtype if args.dtype == "auto" else args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     probe = probe_batch(tokenizer, cfg)
+    base = {"checkpoint": str(path), "step": meta["step"], **io.record()}
     with torch.no_grad():
-        trained_logits = model(probe).logits.float()
+        trained_logits = io.forward(model, probe)
         if cfg.lora.enabled:
-            model.save_pretrained(tmp / "adapter")
+            io.save_adapter(model, tmp / "adapter")
             model = model.merge_and_unload()
         model = model.to(dtype)
-        fake_logits = model(probe).logits.float() if trained_scheme else None
+        fake_logits = io.forward(model, probe) if trained_scheme else None
         plain = unfake(model)
-        plain.save_pretrained(tmp / "hf")
-        tokenizer.save_pretrained(tmp / "hf")
-        plain_logits = plain(probe).logits.float()
+        io.save_hf(plain, tokenizer, tmp / "hf", dtype, cfg.model.path)
         if args.only_hf:
-            report = {"checkpoint": str(path), "step": meta["step"], "mode": "hf-only"}
-            (tmp / "verify.json").write_text(json.dumps(report, indent=2))
-            return report
+            return write_report(tmp, {**base, "mode": "hf-only"})
+        plain_logits = io.forward(plain, probe)
         if simulate:
-            return simulated_report(path, meta, scheme, group, plain, probe, plain_logits, fake_logits, tmp)
+            return simulated_report(base, scheme, group, plain, probe, plain_logits, fake_logits, tmp, io)
         quant = qat_convert(model, scheme, group, embedding) if trained_scheme else ptq(plain, scheme, group)
-        q_logits = quant(probe).logits.float()
-    report = {"checkpoint": str(path), "step": meta["step"], "mode": "qat" if trained_scheme else "ptq",
-              "scheme": scheme.record(group, embedding), "scheme_description": scheme.describe(group),
-              "lora": cfg.lora.enabled, "dtype": str(dtype).replace("torch.", ""),
-              "converted_vs_unquantized": compare_logits(q_logits, plain_logits),
-              "converted_vs_training_forward": compare_logits(q_logits, trained_logits)}
-    if fake_logits is not None:
-        report["converted_vs_fake_quant"] = compare_logits(q_logits, fake_logits)
-        exact = torch.equal(q_logits, fake_logits)
-        report["converted_equals_fake_quant"] = exact
-        if scheme.family == "intx" and not exact:
-            raise RuntimeError(f"converted logits differ from fake-quantized logits for intx scheme "
-                               f"{scheme.name}: {report['converted_vs_fake_quant']}")
-    if trained_scheme is not None and cfg.qat.lora_merged and scheme.family == "intx":
-        # merged-weight LoRA QAT trains exactly the function that is deployed
-        report["converted_equals_training_forward"] = torch.equal(q_logits, trained_logits)
-        if not report["converted_equals_training_forward"]:
-            raise RuntimeError(f"lora_merged: converted logits differ from the training forward: "
-                               f"{report['converted_vs_training_forward']}")
-    save_quantized(quant, tokenizer, tmp / "quantized", scheme, group, embedding)
+        q_logits = io.forward(quant, probe)
+    report = {**base, "mode": "qat" if trained_scheme else "ptq", "scheme": scheme.record(group, embedding),
+              "scheme_description": scheme.describe(group), "lora": cfg.lora.enabled,
+              "dtype": str(dtype).replace("torch.", "")}
+    if io.has_logits:
+        report.update(logit_checks(q_logits, plain_logits, trained_logits, fake_logits,
+                                   merged_lora=trained_scheme is not None and cfg.qat.lora_merged))
+    report = io.share(report)
+    check_report(report, scheme)
+    io.save_quantized(quant, tokenizer, tmp / "quantized", quantized_config(quant, scheme, group, embedding),
+                      dtype, cfg.model.path)
     if not args.no_reload_check:
-        report["reload_equal"] = reload_matches(tmp / "quantized", probe, q_logits)
-    (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+        report["reload_equal"] = io.reload_matches(quant, tmp / "quantized", probe, q_logits)
+    return write_report(tmp, report)
+
+
+def logit_checks(q_logits, plain_logits, trained_logits, fake_logits, merged_lora: bool) -> dict:
+    from qat.export import compare_logits
+
+    out = {"converted_vs_unquantized": compare_logits(q_logits, plain_logits),
+           "converted_vs_training_forward": compare_logits(q_logits, trained_logits)}
+    if fake_logits is not None:
+        out["converted_vs_fake_quant"] = compare_logits(q_logits, fake_logits)
+        out["converted_equals_fake_quant"] = bool(torch.equal(q_logits, fake_logits))
+    if merged_lora:  # merged-weight LoRA QAT trains exactly the function that is deployed
+        out["converted_equals_training_forward"] = bool(torch.equal(q_logits, trained_logits))
+    return out
+
+
+def check_report(report: dict, scheme) -> None:
+    """The equalities that must hold exactly; a failure here is a bug, not bad input."""
+    if scheme.family != "intx":
+        return
+    if report.get("converted_equals_fake_quant") is False:
+        raise RuntimeError(f"converted logits differ from fake-quantized logits for intx scheme "
+                           f"{scheme.name}: {report['converted_vs_fake_quant']}")
+    if report.get("converted_equals_training_forward") is False:
+        raise RuntimeError(f"lora_merged: converted logits differ from the training forward: "
+                           f"{report['converted_vs_training_forward']}")
+
+
+def write_report(tmp: Path, report: dict) -> dict:
+    if is_rank0():
+        (tmp / "verify.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def simulated_report(path, meta, scheme, group, plain, probe, plain_logits, fake_logits, tmp: Path) -> dict:
+def simulated_report(base: dict, scheme, group, plain, probe, plain_logits, fake_logits, tmp: Path, io) -> dict:
     """No real kernels: record how the fake-quantized model (what evaluate --simulate runs) compares."""
     import copy
 
@@ -185,24 +245,17 @@ def simulated_report(path, meta, scheme, group, plain, probe, plain_logits, fake
     sim = copy.deepcopy(plain)
     apply_qat(sim, QATConfig(enabled=True, scheme=scheme.name, group_size=group, backend="ours"), scheme)
     with torch.no_grad():
-        sim_logits = sim(probe).logits.float()
-    report = {"checkpoint": str(path), "step": meta["step"], "mode": "simulated",
-              "simulated": True, "scheme": scheme.record(group, False),
-              "scheme_description": scheme.describe(group) + " (simulated: fake-quantized forward, no real kernels)",
-              "simulated_vs_unquantized": compare_logits(sim_logits, plain_logits)}
-    if fake_logits is not None:
-        report["simulated_equals_training_forward"] = bool(torch.equal(sim_logits, fake_logits))
-    (tmp / "simulated.json").write_text(json.dumps(report["scheme"], indent=2))
-    (tmp / "verify.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
-def reload_matches(folder: Path, probe: torch.Tensor, expected: torch.Tensor) -> bool:
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        return bool(torch.equal(reloaded(probe).logits.float(), expected))
+        sim_logits = io.forward(sim, probe)
+    report = {**base, "mode": "simulated", "simulated": True, "scheme": scheme.record(group, False),
+              "scheme_description": scheme.describe(group) + " (simulated: fake-quantized forward, no real kernels)"}
+    if io.has_logits:
+        report["simulated_vs_unquantized"] = compare_logits(sim_logits, plain_logits)
+        if fake_logits is not None:
+            report["simulated_equals_training_forward"] = bool(torch.equal(sim_logits, fake_logits))
+    report = io.share(report)
+    if is_rank0():
+        (tmp / "simulated.json").write_text(json.dumps(report["scheme"], indent=2))
+    return write_report(tmp, report)
 
 
 if __name__ == "__main__":

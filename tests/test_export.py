@@ -1,4 +1,5 @@
-"""convert on world-size-2 checkpoints (full and LoRA, bf16 and QAT), evaluate, lm_eval CLI."""
+"""convert on world-size-2 checkpoints (full and LoRA, bf16 and QAT), in one process and sharded
+under torchrun; evaluate; the lm_eval CLI."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, base_overrides, env, run_train
+from conftest import ROOT, _free_port, base_overrides, env, run_train
 
 ARMS = {
     "full_bf16": [],
@@ -18,8 +19,11 @@ ARMS = {
 }
 
 
-def convert(args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *map(str, args)], cwd=ROOT,
+def convert(args, check=True, nproc=1):
+    """The real entry point: plain python, or torchrun (sharded convert) for nproc > 1."""
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                   str(nproc), "--master_port", str(_free_port())]
+    proc = subprocess.run([*launch, str(ROOT / "recipes/convert.py"), *map(str, args)], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-4000:])
@@ -154,3 +158,74 @@ def test_schemes_without_kernels_convert_and_evaluate_simulated(world, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(res.read_text())
     assert record["simulated"].startswith("nvfp4") and "bits_per_byte" in record["results"]["wikitext"]
+
+
+def folder_tensors(folder, pattern="model*.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob(pattern)):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_export(local, sharded, world, shards=2):
+    """A sharded convert writes what one process writes: same tensors bit for bit, same configs,
+    the same quantized model after from_pretrained, the same verification numbers."""
+    for sub, pattern in [("hf", "model*.safetensors"), ("quantized", "model*.safetensors"),
+                         ("adapter", "adapter_model.safetensors")]:
+        if not (local / sub).exists():
+            assert not (sharded / sub).exists()
+            continue
+        a, b = folder_tensors(local / sub, pattern), folder_tensors(sharded / sub, pattern)
+        assert set(a) == set(b), (sub, set(a) ^ set(b))
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+        if sub != "adapter":
+            assert len(list((sharded / sub).glob("model-*-of-*.safetensors"))) == shards
+            assert json.loads((local / sub / "config.json").read_text()) == \
+                json.loads((sharded / sub / "config.json").read_text())
+    x = probe(world)
+    assert torch.equal(logits(local / "quantized", x), logits(sharded / "quantized", x))
+    ra, rb = (json.loads((d / "verify.json").read_text()) for d in (local, sharded))
+    assert rb.pop("sharded")["world_size"] == shards and rb["reload_equal"] is True
+    ra.pop("checkpoint"), rb.pop("checkpoint")
+    assert ra == rb
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_sharded_convert_equals_one_process(exported, world, tmp_path, arm):
+    """torchrun, 2 ranks, one decoder block each: neither rank ever holds the whole model."""
+    ckpt = exported[arm].parent.parent / "checkpoints" / "step-000004"
+    extra = ["--scheme", "8da4w"] if "bf16" in arm else []
+    convert(["--checkpoint", ckpt, "--out", tmp_path / "out", *extra], nproc=2)
+    assert_same_export(exported[arm], tmp_path / "out", world)
+
+
+def test_sharded_convert_tied_embeddings(world, tmp_path):
+    """Llama-3.2-1B and Qwen3-1.7B tie lm_head to the embedding, which ranks 0 and 1 own apart:
+    the base load, the adapter and both folders must still match one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(world / "model")
+    base.config.tie_word_embeddings = True
+    base.lm_head.weight = base.model.embed_tokens.weight
+    base.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(world / "model").save_pretrained(tmp_path / "tied")
+    overrides = base_overrides(world, tmp_path / "run") + [f"model.path={tmp_path / 'tied'}", "training.steps=2",
+                                                          "lora.enabled=true", "lora.rank=8", "qat.enabled=true",
+                                                          "qat.scheme=8da4w", "qat.group_size=32"]
+    run_train(overrides, 2)
+    convert(["--checkpoint", tmp_path / "run", "--out", tmp_path / "local"])
+    convert(["--checkpoint", tmp_path / "run", "--out", tmp_path / "sharded"], nproc=2)
+    assert "lm_head.weight" not in folder_tensors(tmp_path / "sharded" / "hf")
+    assert_same_export(tmp_path / "local", tmp_path / "sharded", world)
+
+
+def test_sharded_convert_bad_input(exported, tmp_path):
+    ckpt = exported["full_qat"].parent.parent / "checkpoints" / "step-000004"
+    p = convert(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=3)
+    assert p.returncode != 0
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert errors == ["error: convert under torchrun needs at most one rank per decoder block: the model has "
+                      "2 blocks, the launch has 3 ranks"]
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
