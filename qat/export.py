@@ -67,6 +67,18 @@ def unfake(model: nn.Module) -> nn.Module:
     return plain
 
 
+def cast_for_export(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters and persistent buffers to `dtype`; non-persistent buffers (RoPE inv_freq) keep
+    theirs. That is the model `from_pretrained(dtype=...)` builds, and the one training ran (FSDP
+    casts parameters only): a plain .to(bf16) would round inv_freq and change every logit."""
+    keep = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+            if buf is not None and name in mod._non_persistent_buffers_set]
+    model.to(dtype)
+    for mod, name, buf in keep:
+        mod._buffers[name] = buf
+    return model
+
+
 def _set(root: nn.Module, fqn: str, new: nn.Module) -> None:
     parent, _, leaf = fqn.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -139,7 +151,9 @@ class LocalIO:
     has_logits = True
 
     def record(self) -> dict:
-        return {}
+        from qat.sharded_export import peak_rss_mib
+
+        return {"memory": {"peak_rss_mib": peak_rss_mib()}}
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits.float()

@@ -65,6 +65,13 @@ def partition(n_blocks: int, world: int, rank: int) -> Part:
     return Part(rank, world, start, start + sizes[rank])
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 class Absent(nn.Module):
     """Stands in for a block, norm or lm_head that another rank owns: hidden states pass through."""
 
@@ -73,16 +80,16 @@ class Absent(nn.Module):
 
 
 class AbsentEmbedding(nn.Module):
-    """Stands in for the input embedding on ranks > 0: zeros of the right shape and dtype, which
-    the pipeline replaces with the hidden states received from the previous rank."""
+    """Stands in for the input embedding on ranks > 0: zeros of the right shape, which the
+    pipeline replaces with the hidden states received from the previous rank. `pipeline` sets
+    `dtype` to the slice's compute dtype, so the causal mask is built as the real model builds it."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int):
         super().__init__()
-        self.hidden_size = hidden_size
-        self.register_buffer("anchor", torch.empty(0, dtype=dtype), persistent=False)  # follows .to(dtype)
+        self.hidden_size, self.dtype = hidden_size, torch.float32
 
     def forward(self, input_ids):
-        return self.anchor.new_zeros(*input_ids.shape, self.hidden_size)
+        return torch.zeros(*input_ids.shape, self.hidden_size, dtype=self.dtype, device=input_ids.device)
 
 
 def build_part(cfg: TrainConfig, rank: int, world: int):
@@ -111,13 +118,13 @@ def build_part(cfg: TrainConfig, rank: int, world: int):
         if not part.start <= i < part.end:
             blocks[i] = Absent()
     if not part.first:
-        model.set_input_embeddings(AbsentEmbedding(hf_config.hidden_size, torch.float32))
+        model.set_input_embeddings(AbsentEmbedding(hf_config.hidden_size))
     if not part.last:
         model.set_output_embeddings(Absent())
         final_norm_parent(model, blocks).norm = Absent()
     model.to_empty(device="cpu")
     for mod in model.modules():  # rotary inv_freq and friends: not in any file, recomputed
-        if mod._non_persistent_buffers_set and not isinstance(mod, AbsentEmbedding):
+        if mod._non_persistent_buffers_set:
             model._init_weights(mod)
     return model, part, tied
 
@@ -201,6 +208,10 @@ def pipeline(model: nn.Module, part: Part):
     blocks = decoder_blocks(model)
     handles = []
     if not part.first:
+        # plain floating parameters (norms), not quantized tensor subclasses
+        model.get_input_embeddings().dtype = next(p.dtype for p in blocks[part.start].parameters()
+                                                  if type(p.data) is torch.Tensor and p.is_floating_point())
+
         def receive(module, args, kwargs):
             buf = torch.empty_like(args[0])
             dist.recv(buf, src=part.rank - 1)
@@ -228,9 +239,11 @@ class ShardedIO:
         return self.part.last
 
     def record(self) -> dict:
-        sizes = [None] * self.part.world
-        dist.all_gather_object(sizes, [self.part.start, self.part.end])
-        return {"sharded": {"world_size": self.part.world, "blocks_per_rank": sizes}}
+        """Collective: the slices and every rank's peak host memory so far."""
+        rows = [None] * self.part.world
+        dist.all_gather_object(rows, ([self.part.start, self.part.end], peak_rss_mib()))
+        return {"sharded": {"world_size": self.part.world, "blocks_per_rank": [r[0] for r in rows],
+                            "peak_rss_mib_per_rank": [r[1] for r in rows]}}
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         with pipeline(model, self.part):

@@ -162,7 +162,7 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
     """
     from transformers import AutoTokenizer
 
-    from qat.export import ptq, qat_convert, quantized_config, unfake
+    from qat.export import cast_for_export, ptq, qat_convert, quantized_config, unfake
 
     model, cfg, meta, trained_scheme = loaded
     dtype = DTYPES[cfg.training.dtype if args.dtype == "auto" else args.dtype]
@@ -171,18 +171,18 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     probe = probe_batch(tokenizer, cfg)
-    base = {"checkpoint": str(path), "step": meta["step"], **io.record()}
+    base = {"checkpoint": str(path), "step": meta["step"]}
     with torch.no_grad():
         trained_logits = io.forward(model, probe)
         if cfg.lora.enabled:
             io.save_adapter(model, tmp / "adapter")
             model = model.merge_and_unload()
-        model = model.to(dtype)
+        model = cast_for_export(model, dtype)
         fake_logits = io.forward(model, probe) if trained_scheme else None
         plain = unfake(model)
         io.save_hf(plain, tokenizer, tmp / "hf", dtype, cfg.model.path)
         if args.only_hf:
-            return write_report(tmp, {**base, "mode": "hf-only"})
+            return write_report(tmp, {**base, "mode": "hf-only"}, io)
         plain_logits = io.forward(plain, probe)
         if simulate:
             return simulated_report(base, scheme, group, plain, probe, plain_logits, fake_logits, tmp, io)
@@ -200,7 +200,7 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
                       dtype, cfg.model.path)
     if not args.no_reload_check:
         report["reload_equal"] = io.reload_matches(quant, tmp / "quantized", probe, q_logits)
-    return write_report(tmp, report)
+    return write_report(tmp, report, io)
 
 
 def logit_checks(q_logits, plain_logits, trained_logits, fake_logits, merged_lora: bool) -> dict:
@@ -228,7 +228,9 @@ def check_report(report: dict, scheme) -> None:
                            f"{report['converted_vs_training_forward']}")
 
 
-def write_report(tmp: Path, report: dict) -> dict:
+def write_report(tmp: Path, report: dict, io) -> dict:
+    """verify.json, with the peak host memory of the whole conversion (every rank's if sharded)."""
+    report = {**report, **io.record()}
     if is_rank0():
         (tmp / "verify.json").write_text(json.dumps(report, indent=2))
     return report
@@ -255,7 +257,7 @@ def simulated_report(base: dict, scheme, group, plain, probe, plain_logits, fake
     report = io.share(report)
     if is_rank0():
         (tmp / "simulated.json").write_text(json.dumps(report["scheme"], indent=2))
-    return write_report(tmp, report)
+    return write_report(tmp, report, io)
 
 
 if __name__ == "__main__":
