@@ -156,12 +156,16 @@ def load_base_weights(model: nn.Module, cfg: TrainConfig, tied: dict) -> None:
                             f"under torchrun)")
         with safe_open(single, framework="pt") as f:
             files = {k: Path(single) for k in f.keys()}
+    by_file: dict[Path, list] = {}
     for name, tensor in model.state_dict().items():
         key = name if name in files or name not in tied else tied[name]
         if key not in files:
             raise UserError(f"model.path={cfg.model.path!r} has no tensor {key!r}")
-        with safe_open(files[key], framework="pt") as f:
-            tensor.copy_(f.get_tensor(key))
+        by_file.setdefault(files[key], []).append((key, tensor))
+    for file, wanted in by_file.items():  # each file opened once; only this slice's tensors read
+        with safe_open(str(file), framework="pt") as f:
+            for key, tensor in wanted:
+                tensor.copy_(f.get_tensor(key))
 
 
 def load_part(path: Path, rank: int, world: int):
@@ -348,6 +352,23 @@ class ShardedIO:
         logits = self.forward(reloaded, x)
         ok = bool(torch.equal(logits, expected)) if self.part.last else None
         return self.share(ok)
+
+
+def agree(fn, *args):
+    """Call fn on every rank; if it raises UserError on any rank, raise the first rank's error on
+    all of them, so rank 0 prints it and every rank exits 2 before anything is written."""
+    try:
+        result, failure = fn(*args), None
+    except UserError as e:
+        result, failure = None, str(e)
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [(rank, msg) for rank, msg in enumerate(failures) if msg]
+    if failed:
+        rank, msg = failed[0]
+        same_everywhere = len(failed) == len(failures) and len(set(failures)) == 1
+        raise UserError(msg if same_everywhere else f"rank {rank}: {msg}")
+    return result
 
 
 def run_in_shared_dir(out: Path, part: Part, body):

@@ -143,11 +143,11 @@ def convert_sharded(out: Path, **job) -> dict:
     import torch.distributed as dist
 
     from qat.distributed import cleanup, init_distributed
-    from qat.sharded_export import ShardedIO, load_part, run_in_shared_dir
+    from qat.sharded_export import ShardedIO, agree, load_part, run_in_shared_dir
 
     init_distributed(torch.device("cpu"))  # gloo: the slices live in host memory
     try:
-        loaded, part, tied = load_part(job["path"], dist.get_rank(), dist.get_world_size())
+        loaded, part, tied = agree(load_part, job["path"], dist.get_rank(), dist.get_world_size())
         io = ShardedIO(part, tied)
         return run_in_shared_dir(out, part, lambda tmp: convert(loaded, tmp=tmp, io=io, **job))
     finally:

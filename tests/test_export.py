@@ -231,3 +231,27 @@ def test_sharded_convert_bad_input(exported, tmp_path):
     assert errors == ["error: convert under torchrun needs at most one rank per decoder block: the model has "
                       "2 blocks, the launch has 3 ranks"]
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
+
+
+def test_sharded_convert_reports_an_error_seen_by_one_rank(exported, world, tmp_path):
+    """Only rank 1 reads layer 1's base weights: its error is printed once (by rank 0) and every
+    rank exits 2 before any output exists."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(world / "model", base)
+    weights = load_file(base / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    ckpt = tmp_path / "ckpt" / "step-000004"
+    shutil.copytree(exported["lora_bf16"].parent.parent / "checkpoints" / "step-000004", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["model"]["path"] = str(base)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    p = convert(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=2)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1: model.path=") and "model.layers.1.mlp.down_proj.weight" in errors[0]
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
