@@ -1,5 +1,6 @@
 """Slurm on a real single-node cluster: a sweep with its dependent comparison, a requeue that
-resumes exactly, and train.sbatch running torchrun (2 processes) through srun."""
+resumes exactly, train.sbatch running torchrun (2 processes) through srun, and convert.sbatch
+running a sharded convert."""
 
 import json
 import subprocess
@@ -132,3 +133,21 @@ def test_dry_run_submits_nothing(cluster, world, tmp_path):
                  "--dry-run")
     assert proc.stdout.count("\n[") == 3 and "--array=0-3" in proc.stdout and "<dry-run>" in proc.stdout
     assert not (tmp_path / "dry").exists()
+
+
+def test_convert_sbatch_runs_a_sharded_convert(cluster, world, tmp_path):
+    """convert.sbatch: srun -> torchrun -> 2 ranks, each with one decoder block; the folders equal a
+    single-process convert bit for bit."""
+    from test_export import assert_same_export, convert
+
+    run_train(base_overrides(world, tmp_path / "run") + ["training.steps=2", "qat.enabled=true",
+                                                        "qat.scheme=8da4w", "qat.group_size=32"], 1)
+    out_file = tmp_path / "job.out"
+    sub = cluster.run("sbatch", "--parsable", *NO_GPU, f"--output={out_file}", f"--chdir={ROOT}",
+                      str(ROOT / "slurm/convert.sbatch"), "--checkpoint", str(tmp_path / "run"),
+                      "--out", str(tmp_path / "sharded"), env=job_env(cluster, REPO=str(ROOT), PROCS_PER_NODE="2"))
+    convert(["--checkpoint", tmp_path / "run", "--out", tmp_path / "local"])
+    info = cluster.wait(sub.stdout.strip(), timeout=600)
+    assert info["JobState"] == "COMPLETED", out_file.read_text()[-3000:]
+    assert "1 node(s) x 2 ranks" in out_file.read_text()
+    assert_same_export(tmp_path / "local", tmp_path / "sharded", world)
