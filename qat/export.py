@@ -25,30 +25,49 @@ from qat.schemes import Scheme, get_scheme
 
 def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
     """The trained model (fp32, un-sharded, fake quantizers in place for QAT runs)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         set_model_state_dict)
-
     meta = ckpt.read_meta(path)
     cfg = config_from_dict(meta["config"])
+    model, scheme = rebuild_as_trained(load_model(cfg.model), cfg, meta)
+    load_checkpoint_weights(model, cfg, path)
+    return model.eval(), cfg, meta, scheme
+
+
+def rebuild_as_trained(model: nn.Module, cfg: TrainConfig, meta: dict) -> tuple[nn.Module, Optional[Scheme]]:
+    """Base model -> LoRA -> QAT prepare with the checkpoint's own QAT record, as training built it."""
     rec = meta.get("qat")
     scheme = get_scheme(rec["scheme"]) if rec else None
-    model = load_model(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     if scheme is not None:
         cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], rec["embedding"]
         apply_qat(model, cfg.qat, scheme)
+    return model, scheme
+
+
+def load_checkpoint_weights(model: nn.Module, cfg: TrainConfig, path: Path, tied: Optional[dict] = None) -> None:
+    """The checkpoint's tensors for every key `model` has (LoRA runs: the adapters), in place.
+
+    No process group is involved (no_dist): DCP reshards any saved world size to a world of one,
+    and a sharded convert's rank reads only the keys of its slice. `tied` maps a tied weight to
+    the name it may have been saved under instead.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
     opts = StateDictOptions(ignore_frozen_params=cfg.lora.enabled, strict=not cfg.lora.enabled)
-    sd = get_model_state_dict(model, options=opts)
+    wanted = get_model_state_dict(model, options=opts)
+    request = wanted
+    if tied:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        request = {tied[k] if f"model.{k}" not in stored and k in tied else k: v for k, v in wanted.items()}
     try:
-        dcp.load({"model": sd}, checkpoint_id=str(path))
+        dcp.load({"model": request}, checkpoint_id=str(path), no_dist=True)
     except BaseException as e:  # DCP raises CheckpointException, a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise UserError(f"checkpoint {path} is corrupt or does not match its config: {type(e).__name__}") from None
-    set_model_state_dict(model, sd, options=opts)
-    return model.eval(), cfg, meta, scheme
+    set_model_state_dict(model, wanted, options=opts)
 
 
 def unfake(model: nn.Module) -> nn.Module:

@@ -32,8 +32,7 @@ import torch.nn as nn
 from qat.atomic import atomic_dir
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
-from qat.model import apply_lora, apply_qat, decoder_blocks
-from qat.schemes import Scheme, get_scheme
+from qat.model import decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -170,38 +169,18 @@ def load_base_weights(model: nn.Module, cfg: TrainConfig, tied: dict) -> None:
 
 def load_part(path: Path, rank: int, world: int):
     """This rank's slice of a trained checkpoint: base -> LoRA -> QAT, then its DCP tensors."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     from qat import checkpoint as ckpt
+    from qat.export import load_checkpoint_weights, rebuild_as_trained
 
     meta = ckpt.read_meta(path)
     cfg = config_from_dict(meta["config"])
-    rec = meta.get("qat")
-    scheme: Optional[Scheme] = get_scheme(rec["scheme"]) if rec else None
     if cfg.lora.enabled and cfg.model.init == "random":
         raise UserError("a LoRA run on a randomly initialized base has no stored base weights to convert")
     model, part, tied = build_part(cfg, rank, world)
     if cfg.lora.enabled:
         load_base_weights(model, cfg, tied)
-        model = apply_lora(model, cfg.lora)
-    if scheme is not None:
-        cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], rec["embedding"]
-        apply_qat(model, cfg.qat, scheme)
-    opts = StateDictOptions(ignore_frozen_params=cfg.lora.enabled, strict=not cfg.lora.enabled)
-    wanted = get_model_state_dict(model, options=opts)
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    request = {}
-    for name, tensor in wanted.items():
-        if f"model.{name}" not in stored and name in tied:
-            name = tied[name]  # a tied weight saved once, under the name it shares
-        request[name] = tensor
-    try:  # no_dist: each rank reads its own keys; nothing to coordinate
-        dcp.load({"model": request}, checkpoint_id=str(path), no_dist=True)
-    except BaseException as e:  # DCP raises CheckpointException, a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise UserError(f"checkpoint {path} is corrupt or does not match its config: {type(e).__name__}") from None
+    model, scheme = rebuild_as_trained(model, cfg, meta)
+    load_checkpoint_weights(model, cfg, path, tied)
     return (model.eval(), cfg, meta, scheme), part, tied
 
 
