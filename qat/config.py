@@ -102,6 +102,9 @@ class FSDPConfig:
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"  # "none" or "full"
     compile: bool = False  # torch.compile each decoder block
+    # Ranks > 0 build the model on the meta device and receive rank 0's weights after sharding:
+    # one full copy in host memory per job instead of one per rank (8 per node).
+    init_from_rank0: bool = True
 
 
 @dataclass

@@ -25,8 +25,10 @@ from qat.errors import UserError
 from qat.schemes import Scheme, check_group_size
 
 
-def load_model(cfg: ModelConfig, seq_len: Optional[int] = None) -> nn.Module:
-    """An HF causal LM in fp32 master weights, from a local folder or the HF cache."""
+def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = False) -> nn.Module:
+    """An HF causal LM in fp32 master weights, from a local folder or the HF cache.
+
+    on_meta: only the skeleton, without memory (see fill_from_rank0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -39,6 +41,9 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None) -> nn.Module:
         raise UserError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     kw = dict(dtype=torch.float32, attn_implementation=cfg.attn_implementation,
               trust_remote_code=cfg.trust_remote_code)
+    if on_meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, **kw)
     if cfg.init == "random":
         return AutoModelForCausalLM.from_config(hf_config, **kw)
     return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
@@ -204,6 +209,25 @@ def apply_fsdp(model: nn.Module, mesh, cfg: FSDPConfig, param_dtype: torch.dtype
         reshard = cfg.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict, device: torch.device) -> None:
+    """After fully_shard: ranks that built `model` on the meta device get rank 0's weights.
+
+    Rank 0 passes its full state dict, taken before sharding; the others pass {}. Each tensor is
+    broadcast once and every rank keeps only its shard. Non-persistent buffers (RoPE inv_freq)
+    are in no state dict, so they are broadcast as they are.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for mod in model.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name in mod._non_persistent_buffers_set:
+                dist.broadcast(buf, src=0)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

@@ -37,7 +37,7 @@ from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_devi
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
 from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
-                       apply_qat, cast_frozen, count_parameters, load_model, qat_backend,
+                       apply_qat, cast_frozen, count_parameters, fill_from_rank0, load_model, qat_backend,
                        set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.schemes import get_scheme
@@ -88,7 +88,9 @@ def prepare(cfg: TrainConfig, device: torch.device):
                         f"that run, or choose another output_dir")
     from transformers import AutoTokenizer
 
-    model = load_model(cfg.model, seq_len=cfg.data.seq_len)
+    # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
+    on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
+    model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tokenizer)
@@ -100,12 +102,20 @@ def prepare(cfg: TrainConfig, device: torch.device):
     return model, tokenizer, data, scheme, ckpt_root, resume_from
 
 
-def shard(model, cfg: TrainConfig, mesh):
+def shard(model, cfg: TrainConfig, mesh, device) -> None:
     if cfg.lora.enabled:
         cast_frozen(model, DTYPES[cfg.training.dtype])
+    from_rank0 = cfg.fsdp.init_from_rank0 and dist.get_world_size() > 1
+    full_state = {}
+    if from_rank0 and dist.get_rank() == 0:  # canonical FQNs, before the AC/compile wrappers
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        full_state = get_model_state_dict(model)
     apply_activation_checkpointing(model, cfg.fsdp.activation_checkpointing)
     apply_compile(model, cfg.fsdp.compile)
     apply_fsdp(model, mesh, cfg.fsdp, DTYPES[cfg.training.dtype])
+    if from_rank0:
+        fill_from_rank0(model, full_state, device)
+        del full_state
 
 
 def setup_run_dir(cfg: TrainConfig, rank: int, resumed_step: int) -> Path:
@@ -192,7 +202,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
     mesh = init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopFlag(Path(cfg.output_dir))
-    shard(model, cfg, mesh)
+    shard(model, cfg, mesh, device)
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
