@@ -127,6 +127,17 @@ def test_resume_is_bitwise_identical_with_fake_quant_delay_across_it(full_qat_re
     assert all(torch.equal(ps[k], pt[k]) for k in pt)
 
 
+def test_rank0_broadcast_init_equals_loading_on_every_rank(world, full_qat_resume, tmp_path):
+    """fsdp.init_from_rank0 (default): rank 1 built on meta and filled by broadcast trains exactly
+    like a rank that loaded the weights itself."""
+    straight, _, _ = full_qat_resume
+    run_train(base_overrides(world, tmp_path) + QAT + ["qat.fake_quant_after_n_steps=4",
+                                                      "fsdp.init_from_rank0=false"], 2)
+    assert losses(tmp_path) == losses(straight)
+    ps, pt = final_model(tmp_path, 6), final_model(straight, 6)
+    assert all(torch.equal(ps[k], pt[k]) for k in pt)
+
+
 def test_lora_resume_and_only_adapters_train(world, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(base_overrides(world, straight) + LORA + QAT, 2)
