@@ -172,20 +172,31 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
         tokenizer.pad_token = tokenizer.eos_token
     probe = probe_batch(tokenizer, cfg)
     base = {"checkpoint": str(path), "step": meta["step"]}
+    tail = 0 if args.only_hf else 1 + (1 if simulate else 2 + (not args.no_reload_check))
+    stage = Stages(2 + cfg.lora.enabled + tail)
     with torch.no_grad():
+        stage("trained forward")
         trained_logits = io.forward(model, probe)
         if cfg.lora.enabled:
+            stage("adapter/, merge")
             io.save_adapter(model, tmp / "adapter")
             model = model.merge_and_unload()
+        stage("hf/")
         model = cast_for_export(model, dtype)
         fake_logits = io.forward(model, probe) if trained_scheme else None
         plain = unfake(model)
         io.save_hf(plain, tokenizer, tmp / "hf", dtype, cfg.model.path)
         if args.only_hf:
+            stage.close()
             return write_report(tmp, {**base, "mode": "hf-only"}, io)
+        stage("unquantized forward")
         plain_logits = io.forward(plain, probe)
         if simulate:
-            return simulated_report(base, scheme, group, plain, probe, plain_logits, fake_logits, tmp, io)
+            stage("simulated forward")
+            report = simulated_report(base, scheme, group, plain, probe, plain_logits, fake_logits, tmp, io)
+            stage.close()
+            return report
+        stage(f"{'convert' if trained_scheme else 'PTQ'} {scheme.name}")
         quant = qat_convert(model, scheme, group, embedding) if trained_scheme else ptq(plain, scheme, group)
         q_logits = io.forward(quant, probe)
     report = {**base, "mode": "qat" if trained_scheme else "ptq", "scheme": scheme.record(group, embedding),
@@ -196,11 +207,34 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
                                    merged_lora=trained_scheme is not None and cfg.qat.lora_merged))
     report = io.share(report)
     check_report(report, scheme)
+    stage("quantized/")
     io.save_quantized(quant, tokenizer, tmp / "quantized", quantized_config(quant, scheme, group, embedding),
                       dtype, cfg.model.path)
     if not args.no_reload_check:
+        stage("reload check")
         report["reload_equal"] = io.reload_matches(quant, tmp / "quantized", probe, q_logits)
+    stage.close()
     return write_report(tmp, report, io)
+
+
+class Stages:
+    """A tqdm bar over convert's stages, on rank 0: with a large model each takes minutes."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="convert", unit="stage", disable=not is_rank0(), dynamic_ncols=True)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.update(1)
+        self.bar.close()
 
 
 def logit_checks(q_logits, plain_logits, trained_logits, fake_logits, merged_lora: bool) -> dict:
