@@ -12,8 +12,9 @@ writes its own safetensors shard; rank 0 writes the index, config and tokenizer.
 forward for verify.json runs as a pipeline: hidden states go rank to rank with send/recv, so
 the report is computed from the same logits a single process would see.
 
-Peak memory per rank is about three copies of its slice (trained, unfaked, quantized), in the
-export dtype. Multi-node runs need a filesystem that every node sees, as DCP itself does.
+Above the import baseline, a rank peaked at about twice its slice's fp32 size in
+bench/convert_memory.sh: the fp32 trained slice, then the export-dtype copies (unfaked and
+quantized). Multi-node runs need a filesystem that every node sees, as DCP itself does.
 """
 
 from __future__ import annotations
