@@ -19,7 +19,7 @@ import torch.nn as nn
 from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
-from qat.model import apply_lora, apply_qat, load_model, qat_targets
+from qat.model import apply_lora, apply_qat, load_model, non_persistent_buffers, qat_targets
 from qat.schemes import Scheme, get_scheme
 
 
@@ -90,8 +90,7 @@ def cast_for_export(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Parameters and persistent buffers to `dtype`; non-persistent buffers (RoPE inv_freq) keep
     theirs. That is the model `from_pretrained(dtype=...)` builds, and the one training ran (FSDP
     casts parameters only): a plain .to(bf16) would round inv_freq and change every logit."""
-    keep = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
-            if buf is not None and name in mod._non_persistent_buffers_set]
+    keep = list(non_persistent_buffers(model))
     model.to(dtype)
     for mod, name, buf in keep:
         mod._buffers[name] = buf
@@ -170,7 +169,7 @@ class LocalIO:
     has_logits = True
 
     def record(self) -> dict:
-        from qat.sharded_export import peak_rss_mib
+        from qat.metrics import peak_rss_mib
 
         return {"memory": {"peak_rss_mib": peak_rss_mib()}}
 

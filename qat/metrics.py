@@ -20,6 +20,13 @@ from qat.config import WandbConfig
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident host memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def device_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None

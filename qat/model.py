@@ -211,6 +211,14 @@ def apply_fsdp(model: nn.Module, mesh, cfg: FSDPConfig, param_dtype: torch.dtype
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
 
 
+def non_persistent_buffers(model: nn.Module):
+    """(module, name, tensor) of every buffer that no state dict holds, e.g. RoPE's inv_freq."""
+    for mod in model.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name in mod._non_persistent_buffers_set:
+                yield mod, name, buf
+
+
 def fill_from_rank0(model: nn.Module, full_state: dict, device: torch.device) -> None:
     """After fully_shard: ranks that built `model` on the meta device get rank 0's weights.
 
@@ -224,10 +232,8 @@ def fill_from_rank0(model: nn.Module, full_state: dict, device: torch.device) ->
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for mod in model.modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None and name in mod._non_persistent_buffers_set:
-                dist.broadcast(buf, src=0)
+    for _, _, buf in non_persistent_buffers(model):
+        dist.broadcast(buf, src=0)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

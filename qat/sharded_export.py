@@ -33,7 +33,8 @@ import torch.nn as nn
 from qat.atomic import atomic_dir
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
-from qat.model import decoder_blocks
+from qat.metrics import peak_rss_mib
+from qat.model import decoder_blocks, load_model, non_persistent_buffers
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,6 @@ def partition(n_blocks: int, world: int, rank: int) -> Part:
     return Part(rank, world, start, start + sizes[rank])
 
 
-def peak_rss_mib() -> int:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-
-
 class Absent(nn.Module):
     """Stands in for a block, norm or lm_head that another rank owns: hidden states pass through."""
 
@@ -98,15 +92,10 @@ def build_part(cfg: TrainConfig, rank: int, world: int):
     Returns (model, part, tied) where tied maps a tied parameter name to the one it shares (HF's
     `all_tied_weights_keys`, e.g. lm_head.weight -> model.embed_tokens.weight).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    hf_config = AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                           trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model, on_meta=True)
+    hf_config = model.config
     if get_model_conversion_mapping(model, add_legacy=False):
         # Such models rename or fuse weights between the file and the module; a slice-wise
         # writer cannot revert that, so the one-process convert is the path for them.
@@ -123,9 +112,8 @@ def build_part(cfg: TrainConfig, rank: int, world: int):
         model.set_output_embeddings(Absent())
         final_norm_parent(model, blocks).norm = Absent()
     model.to_empty(device="cpu")
-    for mod in model.modules():  # rotary inv_freq and friends: not in any file, recomputed
-        if mod._non_persistent_buffers_set:
-            model._init_weights(mod)
+    for mod in {mod for mod, _, _ in non_persistent_buffers(model)}:  # RoPE inv_freq: in no file
+        model._init_weights(mod)
     return model, part, tied
 
 
