@@ -5,8 +5,11 @@
 Each mode is a real `torchrun recipes/train.py` launch (FSDP2, our data path, our loss) on one
 GPU, with `model.init=random` from a config-only HF folder, so no weights are downloaded. Tokens
 come from the tiny world's corpus (values do not change throughput). Step time is the median
-over the steps after `--warmup`. FLOPs are counted like ../shared/bench/anchor_bench_gpu.py
-(6N full, 4N LoRA, dense matmuls only) with the same measured peak, so MFU columns compare.
+over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N for LoRA
+(dense matmuls only), and MFU divides by the device's spec-sheet dense bf16 peak from
+qat.metrics.PEAK_BF16_FLOPS, the same table the training log uses. (The off-the-shelf anchor
+script divides by a measured 790 TFLOP/s on the H200 instead, so compare tokens/s with it, or
+scale its MFU by 790/989.)
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from qat.distributed import pick_device  # noqa: E402
+from qat.metrics import device_peak_flops  # noqa: E402
 SHAPES = {
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
@@ -35,7 +44,6 @@ MODES = {
     "lora-qat-8da4w": ["lora.enabled=true", "lora.rank=16", "lora.alpha=32",
                        "qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"],
 }
-PEAK = {"cuda": 790e12}  # measured bf16 dense matmul on the H200, as the anchor script uses
 
 
 def model_folder(shape: str, world: Path, out: Path) -> Path:
@@ -76,7 +84,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
     step = statistics.median(r["perf/step_time_s"] for r in rows)
     tokens = a.batch * a.seq
     flops = (4 if mode.startswith("lora") else 6) * dense_params(a.shape) * tokens
-    peak = PEAK.get(device)
+    peak = device_peak_flops(torch.device(device))
     return {"shape": a.shape, "mode": mode, "compiled": a.compile, "batch": a.batch, "seq": a.seq,
             "step_s": round(step, 4), "tokens_per_s": round(tokens / step),
             "mfu": round(flops / step / peak, 3) if peak else None,
@@ -97,9 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--world", default=str(ROOT / "assets/world"), help="tiny world (built if missing)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = p.parse_args(argv)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device("auto").type
     Path(a.out).mkdir(parents=True, exist_ok=True)
     world = Path(a.world)
     if not (world / "world.json").exists():
@@ -116,5 +122,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -3,7 +3,7 @@
 Two task modes:
 - "hub": the registered tasks as they are (data from the HF hub or the HF cache, on clusters);
 - "local": the same built-in task logic on local files in the real schemas, through a group
-  YAML that overrides only the dataset fields (DESIGN.md, "lm-eval offline").
+  YAML that overrides only the dataset fields (lm-eval's `tasks=["hellaswag"]` would try the Hub).
 A comma list of other lm-eval task names also works.
 """
 
@@ -17,10 +17,6 @@ from typing import Optional, Union
 
 from qat.errors import UserError
 
-METRICS = {
-    "hellaswag": ["acc", "acc_norm"],
-    "wikitext": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
-}
 LOCAL_FILES = {
     "hellaswag": ["train", "validation"],
     "wikitext": ["train", "validation", "test"],
@@ -94,7 +90,7 @@ def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qat.config import QATConfig
+    from qat.config import FakeQuantConfig
     from qat.model import apply_qat
     from qat.schemes import get_scheme
 
@@ -103,7 +99,7 @@ def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], d
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     scheme = get_scheme(scheme_name)
-    apply_qat(model, QATConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours"), scheme)
+    apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours"), scheme)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -1,58 +1,63 @@
-"""W&B side of the comparison: one eval run per model, and one run with the table and charts.
+"""W&B side of evaluations: one eval run per model, and one comparison run with a table and charts.
 
-All runs share one group (the compare output folder's name unless set), so a dashboard filtered
-on the group shows the arms side by side. Summary keys are eval/<task>/<metric> everywhere.
+compare and the sweep report both log through `log_models`: every run shares one group (the
+compare folder's or the sweep's name unless set), so a dashboard filtered on the group shows the
+models side by side. Summary keys are eval/<task>/<metric> everywhere (eval.metrics).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from eval.report import METRICS, MODELS, labels, rows, value
+from eval.metrics import METRICS, flat
 from qat.config import WandbConfig
 from qat.metrics import init_wandb
+
+
+@dataclass
+class ModelRow:
+    """One evaluated model: its W&B run name, its label in the table, the columns that say what it
+    is (kind, scheme, sweep parameters), and its lm-eval results."""
+
+    run_name: str
+    label: str
+    columns: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
 
 
 def summary_keys(results: dict) -> dict:
     return {f"eval/{task}/{m}": v for task, row in results.items() for m, v in row.items()}
 
 
-def log_comparison(cfg: WandbConfig, out: Path, kind: str, results: dict, header: dict,
-                   simulated: bool = False) -> None:
+def log_models(cfg: WandbConfig, out: Path, group: str, name: str, rows: list[ModelRow], config: dict,
+               image: Optional[Path] = None, summary: Optional[dict] = None) -> None:
+    """An eval run per row, then the comparison run `name`: wandb.Table, a bar chart per metric,
+    the plot image if any, and `summary` (e.g. the recovered shares) as summary values."""
     if not cfg.enabled:
         return
-    import dataclasses
-
-    group = cfg.group or out.name
-    cfg = dataclasses.replace(cfg, group=group)
-    names = labels(simulated)
-    for model in MODELS:
-        sim = "-simulated" if simulated and model != "bf16" else ""
-        run = init_wandb(cfg, out, {"model": names[model], "kind": kind, **header}, job_type="eval",
-                         name=f"{out.name}-{kind}-{model}{sim}")
-        if run is None:
+    cfg = dataclasses.replace(cfg, group=cfg.group or group)
+    for r in rows:
+        run = init_wandb(cfg, out, {**config, **r.columns, "model": r.label}, job_type="eval", name=r.run_name)
+        if run is None:  # WANDB_MODE=disabled
             return
-        run.summary.update(summary_keys(results.get(model, {})))
+        run.summary.update(summary_keys(r.results))
         run.finish()
-    run = init_wandb(cfg, out, {"kind": kind, **header}, job_type="compare", name=f"{out.name}-{kind}-comparison")
     import wandb
 
-    columns = ["model", "scheme"] + [m.label for m in METRICS]
-    table = wandb.Table(columns=columns,
-                        data=[[names[k], header.get("scheme", "")] + [value(results, k, m) for m in METRICS]
-                              for k in MODELS])
+    run = init_wandb(cfg, out, config, job_type="compare", name=name)
+    extra = sorted({k for r in rows for k in r.columns})
+    table = wandb.Table(columns=["model", *extra, *(m.label for m in METRICS)],
+                        data=[[r.label, *(str(r.columns.get(k, "")) for k in extra),
+                               *(flat(r.results).get(m.key) for m in METRICS)] for r in rows])
     logs = {"comparison/table": table}
     for m in METRICS:
-        bars = wandb.Table(columns=["model", m.label],
-                           data=[[k, value(results, k, m)] for k in MODELS])
+        bars = wandb.Table(columns=["model", m.label], data=[[r.label, flat(r.results).get(m.key)] for r in rows])
         logs[f"comparison/{m.task}/{m.name}"] = wandb.plot.bar(bars, "model", m.label, title=m.label)
-    suffix = "" if kind == "full" else "_lora"
-    png = out / f"comparison{suffix}.png"
-    if png.exists():
-        logs["comparison/plot"] = wandb.Image(str(png))
+    if image is not None and image.exists():
+        logs["comparison/plot"] = wandb.Image(str(image))
     run.log(logs)
-    for label, vals in rows(results, simulated).items():
-        for metric, v in vals.items():
-            if v is not None:
-                run.summary[f"compare/{label}/{metric}"] = v
+    run.summary.update(summary or {})
     run.finish()

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -140,13 +139,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of a step: a function of (seed, step, rank), so resume needs no RNG blobs."""
-    return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
+DONE = "done.json"
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
-    s = rng_seed(seed, step, rank)
-    torch.manual_seed(s)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed(s)
+def write_done(run_dir: Path, record: dict) -> None:
+    """The run's completion record, written by the recipe itself when the last step is done, so a run
+    launched by hand is recognised as finished as well as one launched by compare or Slurm."""
+    write_text_atomic(Path(run_dir) / DONE, json.dumps(record, indent=2))
+
+
+def read_done(run_dir: Path) -> Optional[dict]:
+    """The completion record of a finished run, or None while it is unfinished."""
+    path = Path(run_dir) / DONE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); delete it and rerun training with checkpoint.resume=auto") from None

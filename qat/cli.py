@@ -26,20 +26,34 @@ def main(argv=None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "schemes":
-        from qat.schemes import SCHEMES
-        for name, s in SCHEMES.items():
-            print(f"{name:20s} {s.describe(32 if s.uses_group_size else None):60s} {s.hardware}")
+        print_schemes()
         return
     if cmd == "train" or (cmd == "convert" and rest[:1] == ["--nproc"]):
         nproc = "1"
         if rest[:1] == ["--nproc"]:
+            if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) < 1:
+                print("error: --nproc needs a number of processes per node, e.g. --nproc 8", file=sys.stderr)
+                sys.exit(2)
             nproc, rest = rest[1], rest[2:]
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   "--nproc_per_node", nproc, str(RECIPES / f"{cmd}.py"), *rest])
     if cmd in ("convert", "evaluate", "compare"):
         os.execv(sys.executable, [sys.executable, str(RECIPES / f"{cmd}.py"), *rest])
-    print(f"qat: unknown command {cmd!r} (train, convert, evaluate, compare, schemes)", file=sys.stderr)
+    print(f"error: unknown command {cmd!r}: use one of train, convert, evaluate, compare, schemes (qat --help)",
+          file=sys.stderr)
     sys.exit(2)
+
+
+def print_schemes() -> None:
+    """Every registered scheme: what it is, where QAT trains it, and what convert produces."""
+    from qat.schemes import SCHEMES
+
+    rows = [(name, s.describe(32 if s.uses_group_size else None), s.hardware, s.convert_path)
+            for name, s in SCHEMES.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in [("name", "what (group 32 where grouped)", "real kernels need", "convert writes"), *rows]:
+        print("  ".join(f"{v:{w}s}" for v, w in zip(r[:3], widths)) + "  " + r[3])
+    print("QAT trains every scheme on any hardware (qat.backend=ours); see README, Schemes.")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ class LoRAConfig:
 
 
 @dataclass
-class QATConfig:
+class FakeQuantConfig:
+    """The `qat` section (named apart from torchao's QATConfig, which convert also uses)."""
     enabled: bool = False
-    scheme: str = "8da4w"  # a name from qat.schemes (qat-recipes schemes --list)
+    scheme: str = "8da4w"  # a name from qat.schemes (`qat schemes` lists them)
     group_size: Optional[int] = 32  # null = per output channel
     embedding: bool = False  # also fake-quantize the input embedding (weight-only)
     fake_quant_after_n_steps: int = 0  # train this many steps in bf16 before fake quantization
@@ -137,7 +138,7 @@ class TrainConfig:
     output_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    qat: QATConfig = field(default_factory=QATConfig)
+    qat: FakeQuantConfig = field(default_factory=FakeQuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

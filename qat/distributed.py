@@ -23,7 +23,7 @@ def init_distributed(device: torch.device):
     """Init the default process group (NCCL on CUDA, gloo on CPU) and a 1-D data-parallel mesh.
 
     Without torchrun's variables this is a world of one, so every run takes the same code path
-    (FSDP2 and DCP included). The mesh is always explicit (DESIGN.md: never rely on a default).
+    (FSDP2 and DCP included). The mesh is always explicit: FSDP2 and DCP never fall back to a default one.
     """
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -77,23 +77,30 @@ class Float8Rowwise:
 
 
 @dataclass(frozen=True)
-class FP4Emulated:
-    """NVFP4 (E2M1 values, E4M3 scales per 16 elements, a per-tensor fp32 scale) or MXFP4 (E2M1
-    values, E8M0 scales per 32 elements), emulated with torchao's reference quantize-dequantize
-    (`NVFP4Tensor.to_nvfp4` / `MXTensor.to_mx`), which runs on any device. Pure STE gradient."""
-    kind: str  # "nvfp4" or "mxfp4"
+class NVFP4Emulated:
+    """NVFP4: E2M1 values, E4M3 scales per 16 elements and a per-tensor fp32 scale, emulated with
+    torchao's reference quantize-dequantize (`NVFP4Tensor.to_nvfp4`), which runs on any device.
+    Pure STE gradient."""
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
         x2 = x.reshape(-1, x.shape[-1])
-        if self.kind == "nvfp4":
-            from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+        pts = per_tensor_amax_to_scale(x2.abs().amax().float())
+        t = NVFP4Tensor.to_nvfp4(x2, block_size=16, per_tensor_scale=pts)
+        return t.dequantize(x.dtype).reshape_as(x), None
 
-            pts = per_tensor_amax_to_scale(x2.abs().amax().float())
-            t = NVFP4Tensor.to_nvfp4(x2, block_size=16, per_tensor_scale=pts)
-        else:
-            from torchao.prototype.mx_formats.mx_tensor import MXTensor
 
-            t = MXTensor.to_mx(x2, torch.float4_e2m1fn_x2, 32)
+@dataclass(frozen=True)
+class MXFP4Emulated:
+    """MXFP4: E2M1 values with E8M0 (power-of-two) scales per 32 elements, emulated with torchao's
+    reference `MXTensor.to_mx`, which runs on any device. Pure STE gradient."""
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+        x2 = x.reshape(-1, x.shape[-1])
+        t = MXTensor.to_mx(x2, torch.float4_e2m1fn_x2, 32)
         return t.dequantize(x.dtype).reshape_as(x), None
 
 

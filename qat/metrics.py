@@ -2,7 +2,7 @@
 
 W&B runs offline unless an API key is configured (WANDB_API_KEY, or a netrc login) or the user
 set WANDB_MODE. We set WANDB_MODE=offline in the environment ourselves: `mode="offline"` passed
-alone still does a DNS lookup (DESIGN.md). Upload later with `wandb sync <run dir>/wandb/offline-run-*`.
+alone still does a DNS lookup. Upload later with `wandb sync <run dir>/wandb/offline-run-*`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from qat.config import WandbConfig
 
-# Dense bf16 peak FLOP/s by device-name substring, for MFU; unknown devices report no MFU.
+# Spec-sheet dense bf16 peak FLOP/s by device-name substring: the one table behind every MFU we
+# report (training log, bench/bench_train.py). Unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
 
 
@@ -38,6 +39,11 @@ def flops_per_token(matmul_params: int, layers: int, hidden: int, seq_len: int, 
     """Training FLOPs per token (PaLM appendix B): 2N forward, 2N input-grad, 2N weight-grad
     (skipped for frozen weights under LoRA), plus attention scores 12 * layers * hidden * seq."""
     return (4 if lora else 6) * matmul_params + 12 * layers * hidden * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops_per_device: float, devices: int) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over the peak of all devices of the job."""
+    return tokens_per_s * flops_per_tok / (peak_flops_per_device * devices)
 
 
 def wandb_mode() -> str:

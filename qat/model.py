@@ -5,7 +5,7 @@
 
 Each function takes only the sub-config it needs. The order matters:
 - LoRA before QAT, so QAT wraps only the frozen `base_layer` Linears and the adapters stay in
-  high precision (DESIGN.md: peft-then-QAT is what convert expects, merge before convert).
+  high precision; convert then merges before it quantizes (torchao cannot add to a quantized weight).
 - Activation checkpointing and compile wrap a decoder block *before* fully_shard, so FSDP's
   all-gather hooks sit outside the recomputed / compiled region (as torchtitan does).
 - fully_shard on each block first, then the root: the root group holds the embeddings, final
@@ -20,9 +20,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from qat.config import FSDPConfig, LoRAConfig, ModelConfig, QATConfig
+from qat.config import FakeQuantConfig, FSDPConfig, LoRAConfig, ModelConfig
 from qat.errors import UserError
-from qat.schemes import Scheme, check_group_size
+from qat.schemes import Scheme
+
+# Config dtype names (training.dtype, convert --dtype) to torch dtypes.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = False) -> nn.Module:
@@ -101,22 +104,27 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def qat_backend(cfg: QATConfig, scheme: Scheme) -> str:
+def qat_backend(cfg: FakeQuantConfig, scheme: Scheme) -> str:
     """Our fake-quantized Linear by default (every scheme, any hardware); torchao's on request."""
-    if cfg.backend == "torchao" and scheme.family == "mxfp4":
-        raise UserError("scheme 'mxfp4' has no torchao QAT prepare path here; use qat.backend=ours")
+    if cfg.backend == "torchao" and not scheme.torchao_qat:
+        raise UserError(f"scheme {scheme.name!r} has no torchao QAT prepare path here; use qat.backend=ours")
     return "ours" if cfg.backend == "auto" else cfg.backend
 
 
-def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
+def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
     """Swap targeted Linears (and optionally the input embedding) for fake-quantized ones."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig as AOQATConfig
 
+    from qat.fake_quant import QATLinear
+
     targets = qat_targets(model)
-    check_group_size(model, targets, cfg.group_size if scheme.uses_group_size else None)
+    scheme.check_shapes(targets, cfg.group_size)
     if qat_backend(cfg, scheme) == "ours":
-        _swap_ours(model, targets, scheme, cfg.group_size)
+        wfq, afq = scheme.fake_quantizers(cfg.group_size)
+        for fqn, lin in targets.items():
+            parent, _, leaf = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq))
     else:
         ids = {id(m) for m in targets.values()}
         quantize_(model, AOQATConfig(scheme.base_config(cfg.group_size), step="prepare"),
@@ -125,28 +133,9 @@ def apply_qat(model: nn.Module, cfg: QATConfig, scheme: Scheme) -> None:
         _merge_lora_forward(model)
     emb = model.get_input_embeddings()
     if cfg.embedding and isinstance(emb, nn.Embedding):  # else another rank's (sharded convert)
-        check_group_size(model, {"embed_tokens": emb}, cfg.group_size)
-        quantize_(model, AOQATConfig(scheme.embedding_config(cfg.group_size), step="prepare"),
-                  filter_fn=lambda m, fqn: m is emb)
-
-
-def _swap_ours(model: nn.Module, targets: dict[str, nn.Module], scheme: Scheme, group_size) -> None:
-    from qat.fake_quant import FP4Emulated, Float8Rowwise, Int8PerToken, IntxWeight, QATLinear
-
-    if scheme.family == "intx":
-        wfq = IntxWeight(scheme.weight_bits, group_size)
-        afq = Int8PerToken() if scheme.int8_activations else None
-    elif scheme.family == "float8":
-        wfq = afq = Float8Rowwise()
-    else:
-        wfq = afq = FP4Emulated(scheme.family)
-        block = 16 if scheme.family == "nvfp4" else 32
-        bad = [f"{n} (in_features={m.in_features})" for n, m in targets.items() if m.in_features % block]
-        if bad:
-            raise UserError(f"scheme {scheme.name!r} needs in_features divisible by {block}: {bad[0]}")
-    for fqn, lin in targets.items():
-        parent, _, leaf = fqn.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq))
+        config = scheme.embedding_config(cfg.group_size)
+        scheme.check_shapes({"embed_tokens": emb}, cfg.group_size)
+        quantize_(model, AOQATConfig(config, step="prepare"), filter_fn=lambda m, fqn: m is emb)
 
 
 def _merge_lora_forward(model: nn.Module) -> None:

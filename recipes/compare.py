@@ -8,8 +8,10 @@ training continues from its newest checkpoint):
   1. train   each arm with recipes/train.py under torchrun: identical data, steps and seed;
              arms: bf16 + QAT (full), and optionally bf16-LoRA + QAT-LoRA (lora=true)
   2. convert each arm: bf16 arms give hf/ (no quantization) and quantized/ (PTQ, same scheme);
-             QAT arms give quantized/ (QAT convert)
+             QAT arms give quantized/ (QAT convert). Without the scheme's real kernels here, the
+             PTQ and QAT models are evaluated simulated and labelled so everywhere.
   3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models
+  Steps 2 and 3 are eval/pipeline.py, shared with the Slurm sweep report.
   4. report  report.md + results.json + comparison.png in output_dir, and W&B runs in one group
 """
 
@@ -20,10 +22,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
 from qat.errors import UserError, exit_on_user_error
@@ -49,91 +53,35 @@ def _null(v):
     return "null" if v is None else v
 
 
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
 def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> None:
-    done = out / arm / ".train-done"
-    if done.exists():
-        print(f"[compare] train {arm}: done already")
+    """torchrun recipes/train.py for one arm, unless it already wrote its completion record."""
+    if finished(out / arm):
+        log(f"train {arm}: done already")
         return
     if cfg.skip_train:
-        raise UserError(f"skip_train=true but {out / arm} has no finished training (no .train-done)")
+        raise UserError(f"skip_train=true but {out / arm} has no finished training (no done.json)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(cfg.nproc_per_node), str(ROOT / "recipes/train.py"), "--config", cfg.train_config,
            *cfg.train_overrides, *overrides, f"output_dir={out / arm}", "checkpoint.resume=auto",
            f"logging.wandb.group={cfg.wandb.group or out.name}", f"logging.wandb.name={out.name}-{arm}"]
-    print(f"[compare] train {arm}: {' '.join(cmd[3:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    log(f"train {arm}: {' '.join(cmd[3:])}")
+    if subprocess.run(cmd).returncode != 0 or not finished(out / arm):
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
-    done.write_text("ok\n")
 
 
-def kernels_missing(scheme_name: str) -> bool:
-    """True when this machine cannot run the scheme's real kernels: compare then evaluates the
-    fake-quantized (simulated) PTQ and QAT models and labels them so everywhere."""
-    import torch
-
-    from qat.schemes import get_scheme
-
-    try:
-        get_scheme(scheme_name).check_hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    except UserError:
-        return True
-    return False
-
-
-def convert_arm(cfg: CompareConfig, arm: str, out: Path, simulate: bool) -> Path:
-    export = out / arm / "export"
-    if (export / "verify.json").exists():
-        print(f"[compare] convert {arm}: done already")
-        return export
-    argv = ["--checkpoint", str(out / arm), "--out", str(export)]
-    if arm.startswith("bf16"):
-        argv += ["--scheme", cfg.scheme] + (["--per-channel"] if cfg.group_size is None else
-                                            ["--group-size", str(cfg.group_size)])
-    if simulate:
-        argv.append("--simulate")
-    print(f"[compare] convert {arm}", flush=True)
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), *argv])
-    if proc.returncode != 0:
-        raise UserError(f"convert of arm {arm!r} failed (see above)")
-    return export
-
-
-def models_to_eval(cfg: CompareConfig, out: Path, simulate: bool) -> dict[str, dict[str, Path]]:
-    """Per comparison (full, lora): {bf16, ptq, qat} -> model folder (hf/ for simulated PTQ/QAT)."""
-    quant = "hf" if simulate else "quantized"
-    sets = {}
-    for kind, suffix in (("full", ""), ("lora", "_lora")):
-        if getattr(cfg, kind):
-            sets[kind] = {"bf16": out / f"bf16{suffix}" / "export" / "hf",
-                          "ptq": out / f"bf16{suffix}" / "export" / quant,
-                          "qat": out / f"qat{suffix}" / "export" / quant}
-    return sets
-
-
-def eval_model(cfg: CompareConfig, label: str, folder: Path, out: Path, simulate: bool) -> dict:
-    result_file = out / "eval" / f"{label}.json"
-    if result_file.exists():
-        print(f"[compare] eval {label}: done already")
-        return json.loads(result_file.read_text())["results"]
-    from eval.harness import evaluate
-
-    import torch
-
-    e = cfg.eval
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if e.device == "auto" else e.device
-    print(f"[compare] eval {label}: {folder}" + (" (simulated)" if simulate else ""), flush=True)
-    target, tokenizer = folder, None
-    if simulate:
-        from eval.harness import simulated_model
-
-        target, tokenizer = simulated_model(folder, cfg.scheme, cfg.group_size, e.dtype)
-    results = evaluate(target, tokenizer, tasks=e.tasks, data_dir=Path(e.data_dir) if e.data_dir else None,
-                       limit=int(e.limit) if e.limit and e.limit >= 1 else e.limit, batch_size=e.batch_size,
-                       num_fewshot=e.num_fewshot, device=device, dtype=e.dtype)
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(result_file, json.dumps({"model": str(folder), "simulated": simulate,
-                                               "results": results}, indent=2))
-    return results
+def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dict, Optional[dict]]:
+    """{bf16, ptq, qat} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
+    scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
+    ptq = PTQRequest(cfg.scheme, cfg.group_size)
+    targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log)),
+               **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log))}
+    results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
+    simulated = next((t.simulate for t in targets.values() if t.simulated), None)
+    return results, simulated
 
 
 def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
@@ -156,9 +104,9 @@ def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, 
 
     suffix = "" if kind == "full" else "_lora"
     md = markdown(results, head, simulated)
-    (out / f"report{suffix}.md").write_text(md)
-    (out / f"results{suffix}.json").write_text(json.dumps({"header": head, "simulated": simulated,
-                                                           "results": results}, indent=2))
+    write_text_atomic(out / f"report{suffix}.md", md)
+    record = {"header": head, "simulated": simulated, "results": results}
+    write_text_atomic(out / f"results{suffix}.json", json.dumps(record, indent=2))
     title = f"{head['title']} - {head['scheme']}" + (" - PTQ/QAT SIMULATED (no real kernels)" if simulated else "")
     plot(results, out / f"comparison{suffix}.png", title, simulated)
     return md
@@ -179,21 +127,33 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg).items():
         train_arm(cfg, arm, overrides, out)
-    simulate = kernels_missing(cfg.scheme)
-    for arm in arms(cfg):
-        convert_arm(cfg, arm, out, simulate)
-    for kind, models in models_to_eval(cfg, out, simulate).items():
-        suffix = "" if kind == "full" else "_lora"
-        results = {k: eval_model(cfg, f"{k}{suffix}", f, out, simulate and k != "bf16") for k, f in models.items()}
+    for kind in ("full", "lora"):
+        if not getattr(cfg, kind):
+            continue
+        results, simulated = evaluate_comparison(cfg, out, "" if kind == "full" else "_lora")
         head = header(cfg, out, kind)
-        if simulate:
-            head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {cfg.scheme}: "
+        if simulated:
+            head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {simulated['scheme']}: "
                                  f"this machine lacks its real kernels")
-        print(report(cfg, out, kind, results, head, simulate))
-        from eval.wandb_report import log_comparison
+        print(report(cfg, out, kind, results, head, simulated is not None))
+        log_comparison(cfg.wandb, out, kind, results, head, simulated is not None)
+    log(f"report in {out}")
 
-        log_comparison(cfg.wandb, out, kind, results, head, simulate)
-    print(f"[compare] report in {out}")
+
+def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> None:
+    """W&B: an eval run per model and a comparison run, in the compare folder's group."""
+    from eval.report import MODELS, labels, rows
+    from eval.wandb_report import ModelRow, log_models
+
+    names = labels(simulated)
+    models = [ModelRow(run_name=f"{out.name}-{kind}-{k}" + ("-simulated" if simulated and k != "bf16" else ""),
+                       label=names[k], columns={"kind": kind, "scheme": head.get("scheme", "")},
+                       results=results.get(k, {})) for k in MODELS]
+    summary = {f"compare/{label}/{metric}": v for label, vals in rows(results, simulated).items()
+               for metric, v in vals.items() if v is not None}
+    suffix = "" if kind == "full" else "_lora"
+    log_models(cfg, out, out.name, f"{out.name}-{kind}-comparison", models, {"kind": kind, **head},
+               image=out / f"comparison{suffix}.png", summary=summary)
 
 
 if __name__ == "__main__":

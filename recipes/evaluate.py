@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, help="examples per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--simulate", metavar="SCHEME",
                    help="evaluate the folder with this scheme's fake quantization (for schemes whose real "
@@ -44,22 +44,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from eval.harness import evaluate, simulated_model
+    from qat.distributed import pick_device
 
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     target, tokenizer = args.model, None
     if args.simulate:
         target, tokenizer = simulated_model(Path(args.model), args.simulate, args.group_size, args.dtype)
     results = evaluate(target, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=limit,
-                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
+                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=str(pick_device(args.device)),
                        dtype=args.dtype)
     model = Path(args.model)
     out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"

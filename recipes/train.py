@@ -35,14 +35,13 @@ from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
 from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
-from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
-from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
+from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
+from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
                        apply_qat, cast_frozen, count_parameters, fill_from_rank0, load_model, qat_backend,
                        set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
-from qat.schemes import get_scheme
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from qat.rng import seed_step
+from qat.schemes import get_scheme, same_record
 
 
 def parse_args(argv=None):
@@ -124,6 +123,8 @@ def setup_run_dir(cfg: TrainConfig, rank: int, resumed_step: int) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         truncate_metrics(run_dir / "metrics.jsonl", resumed_step)
+        if resumed_step < cfg.training.steps:  # a run continued past an earlier end is unfinished again
+            (run_dir / ckpt.DONE).unlink(missing_ok=True)
     return run_dir
 
 
@@ -171,16 +172,21 @@ def clip_gradients(params, max_norm) -> float:
     return float(norm)
 
 
-def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss) -> dict:
+def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, train_time_s) -> dict:
     return {"step": step, "data": sampler.state_dict(), "scheduler": scheduler.state_dict(),
-            "qat": scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None,
+            "train_time_s": round(train_time_s, 3),
+            "qat": scheme_record(cfg, scheme),
             "lora": to_dict(cfg.lora) if cfg.lora.enabled else None, "model_path": cfg.model.path,
             "world_size": world, "seed": cfg.training.seed, "loss": loss, "config": to_dict(cfg)}
 
 
+def scheme_record(cfg: TrainConfig, scheme):
+    return scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None
+
+
 def check_resume_matches(meta: dict, cfg: TrainConfig, scheme) -> None:
-    want = scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None
-    if meta.get("qat") != want:
+    want = scheme_record(cfg, scheme)
+    if not same_record(meta.get("qat"), want):
         raise UserError(f"the checkpoint was trained with qat={meta.get('qat')}, this config asks for {want}")
     if bool(meta.get("lora")) != cfg.lora.enabled:
         raise UserError(f"the checkpoint has lora={bool(meta.get('lora'))}, this config lora.enabled={cfg.lora.enabled}")
@@ -208,13 +214,13 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
     t = cfg.training
     sampler = StepSampler(len(ids), t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
-    start = 0
+    start, loss, time_before = 0, float("nan"), 0.0
     if resume_from is not None:
         meta = ckpt.load(resume_from, model, optimizer, adapter_only=cfg.lora.enabled)
         check_resume_matches(meta, cfg, scheme)
         scheduler.load_state_dict(meta["scheduler"])
         sampler.load_state_dict(meta["data"])
-        start = meta["step"]
+        start, loss, time_before = meta["step"], meta.get("loss", loss), meta.get("train_time_s", 0.0)
     run_dir = setup_run_dir(cfg, rank, start)
     if rank == 0 and (start or os.environ.get("SLURM_RESTART_COUNT")):
         print(f"resumed at step {start} (SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', 0)})", flush=True)
@@ -234,10 +240,10 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                           hf_cfg.hidden_size, cfg.data.seq_len, cfg.lora.enabled)
     peak = device_peak_flops(device)
     end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
-    step, loss = start, float("nan")
+    step, launched = start, time.perf_counter()
     try:
         while step < end:
-            ckpt.seed_step(t.seed, step, rank)
+            seed_step(t.seed, step, rank)
             fq_on = scheme is not None and step >= cfg.qat.fake_quant_after_n_steps
             if scheme is not None:
                 set_fake_quant(model, fq_on)
@@ -262,7 +268,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
                      "qat/fake_quant_enabled": int(fq_on), "data/epoch": sampler.pos.epoch}
                 if peak:
-                    m["perf/mfu"] = tps * fpt / (peak * world)
+                    m["perf/mfu"] = mfu(tps, fpt, peak, world)
                 if device.type == "cuda":
                     m["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(step, m)
@@ -271,7 +277,8 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             every = cfg.checkpoint.every_n_steps
             if stop_votes > 0 or step == end or (every and step % every == 0):
-                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss)
+                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss,
+                                       time_before + time.perf_counter() - launched)
                 path = ckpt.save(ckpt_root, step, model, optimizer, meta, cfg.checkpoint.keep_last,
                                  adapter_only=cfg.lora.enabled)
                 if rank == 0 and bar is not None:
@@ -281,6 +288,10 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                     stop.clear()
                     print(f"stop requested: checkpoint at step {step} saved, exiting", flush=True)
                 break
+        if rank == 0 and step == t.steps:
+            ckpt.write_done(run_dir, {"step": step, "loss": loss, "scheme": scheme_record(cfg, scheme),
+                                      "train_time_s": round(time_before + time.perf_counter() - launched, 3),
+                                      "world_size": world})
     finally:
         if bar is not None:
             bar.close()

@@ -3,8 +3,9 @@
     python -m slurm.summarize runs/sweeps/<name> [--sort eval/wikitext/bits_per_byte]
 
 One row per model of each run: the run's sweep parameters, its training status and final loss,
-and every evaluation metric found in <run>/eval/*.json (written by slurm/sweep_report.py).
-Rows are sorted by --sort (ascending; metrics where higher is better sort descending).
+and every evaluation metric found in <run>/eval/*.json (written by slurm/sweep_report.py); a model
+evaluated simulated (no real kernels for its scheme) says so. Rows are sorted by --sort
+(ascending; metrics where higher is better, eval.metrics, sort descending).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from eval.metrics import flat, higher_is_better
+from qat import checkpoint as ckpt
 from qat.errors import UserError, exit_on_user_error
-
-HIGHER_IS_BETTER = ("acc", "acc_norm")
 
 
 def load_sweep(sweep_dir: Path) -> dict:
@@ -29,7 +30,7 @@ def load_sweep(sweep_dir: Path) -> dict:
 
 
 def status(run_dir: Path) -> str:
-    if (run_dir / ".train-done").exists():
+    if ckpt.read_done(run_dir) is not None:  # the recipe's own completion record
         return "done"
     if (run_dir / ".exit-status").exists():
         return f"failed ({(run_dir / '.exit-status').read_text().strip()})"
@@ -54,14 +55,14 @@ def run_rows(sweep: dict) -> list[dict]:
         if not evals:
             rows.append({**base, "model": "train"})
         for f in evals:
-            res = json.loads(f.read_text())["results"]
-            rows.append({**base, "model": f.stem, **{f"eval/{t}/{m}": v for t, r in res.items()
-                                                     for m, v in r.items() if not m.endswith("_stderr")}})
+            record = json.loads(f.read_text())
+            rows.append({**base, "model": f.stem, "simulated": bool(record.get("simulated")),
+                         "results": record["results"], **flat(record["results"])})
     return rows
 
 
 def sort_rows(rows: list[dict], key: str) -> list[dict]:
-    desc = key.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
+    desc = higher_is_better(key)
     present = [r for r in rows if r.get(key) is not None]
     missing = [r for r in rows if r.get(key) is None]
     return sorted(present, key=lambda r: r[key], reverse=desc) + missing
@@ -77,7 +78,8 @@ def markdown_table(sweep: dict, rows: list[dict], sort: str | None = None) -> st
     lines = [f"# sweep {sweep['name']} (sorted by {key})", "", "| " + " | ".join(cols) + " |",
              "|" + "---|" * len(cols)]
     for r in sort_rows(rows, key):
-        vals = [Path(r["run"]).name, r["model"], *[r["params"].get(p, "") for p in params], r["status"],
+        model = r["model"] + (" (simulated)" if r.get("simulated") else "")
+        vals = [Path(r["run"]).name, model, *[r["params"].get(p, "") for p in params], r["status"],
                 r.get("steps", ""), r.get("train/final_loss"), *[r.get(m) for m in metrics]]
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str("" if v is None else v)
                                        for v in vals) + " |")

@@ -68,7 +68,7 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     cmp = tree / "runs/demo/compare"
     proc = run_demo(tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not (cmp / "bf16" / ".train-done").exists():
+    while not (cmp / "bf16" / "done.json").exists():
         assert proc.poll() is None and time.time() < deadline, "demo ended before the first arm finished"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: bash, compare, torchrun and workers
@@ -80,7 +80,7 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     assert proc.returncode == 0, out[-4000:]
     assert "[compare] train bf16: done already" in out
     assert (cmp / "bf16" / "metrics.jsonl").read_text() == bf16_metrics  # not retrained
-    assert (cmp / "qat" / ".train-done").exists()
+    assert json.loads((cmp / "qat" / "done.json").read_text())["step"] == 30
     results = json.loads((cmp / "results.json").read_text())["results"]
     bpb = {k: results[k]["wikitext"]["bits_per_byte"] for k in ("bf16", "ptq", "qat")}
     assert bpb["ptq"] > bpb["bf16"] * 1.05, bpb  # int2 PTQ clearly hurts

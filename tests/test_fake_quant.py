@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import base_overrides, run_train
-from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear
+from qat.fake_quant import QATLinear
 from qat.schemes import get_scheme
 
 CASES = [("8da4w", 32), ("int4-weight-only", 32), ("8da2w", None), ("int3-weight-only", 64), ("8da8w", 32)]
@@ -21,8 +21,7 @@ def pair(name, group, bias=False):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=bias)
     s = get_scheme(name)
-    ours = QATLinear.from_linear(copy.deepcopy(lin), IntxWeight(s.weight_bits, group),
-                                 Int8PerToken() if s.int8_activations else None)
+    ours = QATLinear.from_linear(copy.deepcopy(lin), *s.fake_quantizers(group))
     ref = torch.nn.Sequential(copy.deepcopy(lin))
     quantize_(ref, QATConfig(s.base_config(group), step="prepare"))
     return lin, ours, ref[0]
@@ -56,7 +55,7 @@ def test_forward_equals_torchao_and_gradient_is_the_clipped_ste(name, group):
     xp = x.clone().requires_grad_()
     lin(xp).backward(gy)
     cos = torch.nn.functional.cosine_similarity(ours.weight.grad.flatten(), lin.weight.grad.flatten(), dim=0)
-    assert cos > (0.99 if get_scheme(name).weight_bits >= 4 or not get_scheme(name).int8_activations else 0.9)
+    assert cos > (0.99 if get_scheme(name).bits >= 4 or not get_scheme(name).int8_activations else 0.9)
 
 
 def saved_bytes(module, x):
@@ -109,7 +108,7 @@ def test_merged_lora_mode_exports_exactly_what_it_trained(world, tmp_path):
 
 def test_merged_lora_mode_trains_the_adapters():
     from peft import LoraConfig, get_peft_model
-    from qat.config import QATConfig
+    from qat.config import FakeQuantConfig
     from qat.model import apply_qat
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,7 +117,7 @@ def test_merged_lora_mode_trains_the_adapters():
     cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     m = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32, lora_merged=True), get_scheme("8da4w"))
+    apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=32, lora_merged=True), get_scheme("8da4w"))
     for p in m.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give A a gradient path
@@ -149,9 +148,9 @@ def reference_float(kind, x):
 
 
 def float_fq(kind):
-    from qat.fake_quant import FP4Emulated, Float8Rowwise
+    from qat.fake_quant import Float8Rowwise, MXFP4Emulated, NVFP4Emulated
 
-    return Float8Rowwise() if kind == "float8" else FP4Emulated(kind)
+    return {"float8": Float8Rowwise, "nvfp4": NVFP4Emulated, "mxfp4": MXFP4Emulated}[kind]()
 
 
 @pytest.mark.parametrize("kind", ["float8", "nvfp4", "mxfp4"])
@@ -191,14 +190,14 @@ def test_fp4_values_lie_on_the_e2m1_grid_with_round_half_to_even():
     # one MXFP4 block of 32 whose absmax is 6 -> E8M0 scale 1, so values map to E2M1 directly
     vals = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, -6.0])
     expect = torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 3.0, 4.0, 4.0, 4.0, 6.0, -6.0])
-    from qat.fake_quant import FP4Emulated
+    from qat.fake_quant import MXFP4Emulated, NVFP4Emulated
 
-    out = FP4Emulated("mxfp4")(torch.cat([vals, vals]).reshape(1, 32))[0].reshape(-1)
+    out = MXFP4Emulated()(torch.cat([vals, vals]).reshape(1, 32))[0].reshape(-1)
     assert torch.equal(out[:16], expect) and torch.equal(out[16:], expect)
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     torch.manual_seed(1)
     x = torch.randn(4, 64)
-    q = FP4Emulated("nvfp4")(x)[0].reshape(4, 4, 16)
+    q = NVFP4Emulated()(x)[0].reshape(4, 4, 16)
     # per 16-element block, values divided by the block's step are E2M1 grid points
     for block in q.reshape(-1, 16):
         nz = block[block != 0].abs()

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from qat.config import LoRAConfig, ModelConfig, QATConfig
+from qat.config import FakeQuantConfig, LoRAConfig, ModelConfig
 from qat.errors import UserError
 from qat.model import apply_lora, apply_qat, load_model, qat_targets
 from qat.schemes import SCHEMES, get_scheme
@@ -44,12 +44,12 @@ def test_qat_convert_equals_torchao_ptq_exactly(base, name, group, backend):
     """prepare -> convert gives bit-identical outputs to quantize_(base_config), for both backends."""
     from torchao.quantization import quantize_
 
-    from qat.export import qat_convert
+    from qat.convert.transforms import qat_convert
 
     scheme = get_scheme(name)
     x = probe(base.config.vocab_size)
     qat_model = copy.deepcopy(base)
-    apply_qat(qat_model, QATConfig(enabled=True, scheme=name, group_size=group, backend=backend), scheme)
+    apply_qat(qat_model, FakeQuantConfig(enabled=True, scheme=name, group_size=group, backend=backend), scheme)
     with torch.no_grad():
         fake = qat_model(x).logits
     qat_convert(qat_model, scheme, group, embedding=False)
@@ -67,7 +67,7 @@ def test_fake_quant_changes_the_output_and_can_be_disabled(base):
     from qat.model import set_fake_quant
 
     m = copy.deepcopy(base)
-    apply_qat(m, QATConfig(enabled=True, scheme="8da2w", group_size=32), get_scheme("8da2w"))
+    apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da2w", group_size=32), get_scheme("8da2w"))
     x = probe(base.config.vocab_size)
     with torch.no_grad():
         ref, on = base(x).logits, m(x).logits
@@ -80,7 +80,7 @@ def test_fake_quant_changes_the_output_and_can_be_disabled(base):
 def test_qat_with_lora_wraps_only_frozen_base_layers(base):
     torch.manual_seed(0)
     m = apply_lora(copy.deepcopy(base), LoRAConfig(enabled=True, rank=4))
-    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32), get_scheme("8da4w"))
+    apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=32), get_scheme("8da4w"))
     from qat.fake_quant import QATLinear
 
     fq = [n for n, mod in m.named_modules() if isinstance(mod, QATLinear)]
@@ -93,14 +93,14 @@ def test_group_size_that_does_not_divide_names_the_layer(base):
     m = copy.deepcopy(base)
     with pytest.raises(UserError, match=r"qat.group_size=48 does not divide in_features=128 of layer "
                                         r"model.layers.0.self_attn.q_proj"):
-        apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=48), get_scheme("8da4w"))
+        apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=48), get_scheme("8da4w"))
 
 
 def test_embedding_fake_quant_is_optional(base):
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
 
     m = copy.deepcopy(base)
-    apply_qat(m, QATConfig(enabled=True, scheme="8da4w", group_size=32, embedding=True), get_scheme("8da4w"))
+    apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=32, embedding=True), get_scheme("8da4w"))
     assert isinstance(m.get_input_embeddings(), FakeQuantizedEmbedding)
     assert type(m.get_output_embeddings()) is torch.nn.Linear  # lm_head is never fake-quantized
 

@@ -113,13 +113,14 @@ def full_qat_resume(world, tmp_path_factory):
     run_train(base_overrides(world, straight) + args, 2)
     run_train(base_overrides(world, split) + args + ["training.stop_after_steps=3"], 2)
     first_half = losses(split)
+    unfinished = not (split / "done.json").exists()  # stop_after_steps ends early: not finished
     run_train(base_overrides(world, split) + args + ["checkpoint.resume=auto"], 2)
-    return straight, split, first_half
+    return straight, split, (first_half, unfinished)
 
 
 def test_resume_is_bitwise_identical_with_fake_quant_delay_across_it(full_qat_resume):
-    straight, split, first_half = full_qat_resume
-    assert len(first_half) == 3
+    straight, split, (first_half, unfinished) = full_qat_resume
+    assert len(first_half) == 3 and unfinished
     assert losses(split) == losses(straight)  # exact float equality, all 6 steps
     flags = [m["qat/fake_quant_enabled"] for m in read_metrics(split)]
     assert flags == [0, 0, 0, 0, 1, 1]
@@ -159,6 +160,10 @@ def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-000004", "step-000006"]
     meta = json.loads((tmp_path / "checkpoints" / "step-000006" / "meta.json").read_text())
-    assert meta["qat"] == {"scheme": "8da2w", "group_size": 32, "embedding": False}
+    assert meta["qat"] == {"scheme": "8da2w", "family": "intx", "group_size": 32, "embedding": False}
     assert meta["step"] == 6 and meta["world_size"] == 1
+    # the recipe's own completion record, for runs launched by hand as much as by compare/Slurm
+    done = json.loads((tmp_path / "done.json").read_text())
+    assert done["step"] == 6 and done["loss"] == losses(tmp_path)[-1] and done["scheme"] == meta["qat"]
+    assert 0 < done["train_time_s"] and done["world_size"] == 1
     assert (tmp_path / "config.yaml").read_text().count("8da2w") == 1

@@ -159,7 +159,7 @@ def load_base_weights(model: nn.Module, cfg: TrainConfig, tied: dict) -> None:
 def load_part(path: Path, rank: int, world: int):
     """This rank's slice of a trained checkpoint: base -> LoRA -> QAT, then its DCP tensors."""
     from qat import checkpoint as ckpt
-    from qat.export import load_checkpoint_weights, rebuild_as_trained
+    from qat.convert.transforms import load_checkpoint_weights, rebuild_as_trained
 
     meta = ckpt.read_meta(path)
     cfg = config_from_dict(meta["config"])
@@ -201,7 +201,7 @@ def pipeline(model: nn.Module, part: Part):
 
 
 class ShardedIO:
-    """Forward, save and share for convert when every rank holds a slice (see the module doc)."""
+    """ConvertIO (qat/convert/io.py) when every rank holds a slice (see the module doc)."""
 
     def __init__(self, part: Part, tied: dict):
         self.part, self.tied = part, tied

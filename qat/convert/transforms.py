@@ -1,4 +1,4 @@
-"""Turn a training checkpoint into deployable artifacts (used by recipes/convert.py).
+"""The model transforms of convert: rebuild a trained model, merge, unfake, cast, quantize.
 
 The model is rebuilt exactly as training built it (base -> LoRA -> QAT prepare), the DCP
 shards are loaded into it without a process group (DCP reshards to a world of one), and then:
@@ -20,7 +20,7 @@ from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
 from qat.model import apply_lora, apply_qat, load_model, non_persistent_buffers, qat_targets
-from qat.schemes import Scheme, get_scheme
+from qat.schemes import Scheme, scheme_from_record
 
 
 def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
@@ -35,7 +35,7 @@ def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Sch
 def rebuild_as_trained(model: nn.Module, cfg: TrainConfig, meta: dict) -> tuple[nn.Module, Optional[Scheme]]:
     """Base model -> LoRA -> QAT prepare with the checkpoint's own QAT record, as training built it."""
     rec = meta.get("qat")
-    scheme = get_scheme(rec["scheme"]) if rec else None
+    scheme = scheme_from_record(rec) if rec else None
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     if scheme is not None:
@@ -105,7 +105,7 @@ def _set(root: nn.Module, fqn: str, new: nn.Module) -> None:
 def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], embedding: bool) -> nn.Module:
     """QAT run: the checkpoint's own scheme through QATConfig(step="convert"), in place."""
     from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat import QATConfig as AOQATConfig
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
@@ -117,10 +117,10 @@ def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], emb
     for name in ours:
         _set(model, name, model.get_submodule(name).to_linear())
     quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in set(ours))
-    quantize_(model, QATConfig(scheme.base_config(group_size), step="convert"),
+    quantize_(model, AOQATConfig(scheme.base_config(group_size), step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
     if embedding:
-        quantize_(model, QATConfig(scheme.embedding_config(group_size), step="convert"),
+        quantize_(model, AOQATConfig(scheme.embedding_config(group_size), step="convert"),
                   filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
     return model
 
@@ -129,10 +129,8 @@ def ptq(model: nn.Module, scheme: Scheme, group_size: Optional[int]) -> nn.Modul
     """bf16 run: the same scheme as post-training quantization of the same Linears, in place."""
     from torchao.quantization import quantize_
 
-    from qat.schemes import check_group_size
-
     targets = qat_targets(model)
-    check_group_size(model, targets, group_size if scheme.uses_group_size else None)
+    scheme.check_shapes(targets, group_size)
     quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in targets)
     return model
 
@@ -152,50 +150,15 @@ def quantized_config(model: nn.Module, scheme: Scheme, group_size: Optional[int]
 
 
 def save_quantized(model: nn.Module, tokenizer, out: Path, qcfg) -> None:
-    """save_pretrained after quantize_ needs the HF quantizer attached (DESIGN.md), else it fails
-    with "invalid python storage"."""
+    """save_pretrained after a bare quantize_ fails in transformers 5 with "Attempted to access the
+    data pointer on an invalid python storage"; with the config and HF quantizer attached it saves,
+    and the folder round-trips with identical logits."""
     from transformers.quantizers import AutoHfQuantizer
 
     model.config.quantization_config = qcfg
     model.hf_quantizer = AutoHfQuantizer.from_config(qcfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-class LocalIO:
-    """Forward, save and share for convert in one process, which holds the whole model.
-    qat.sharded_export.ShardedIO is the same interface when each torchrun rank holds a slice."""
-
-    has_logits = True
-
-    def record(self) -> dict:
-        from qat.metrics import peak_rss_mib
-
-        return {"memory": {"peak_rss_mib": peak_rss_mib()}}
-
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x).logits.float()
-
-    def share(self, obj):
-        return obj
-
-    def save_hf(self, model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype, base_path: str) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    def save_adapter(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(folder)
-
-    def save_quantized(self, model: nn.Module, tokenizer, folder: Path, qcfg, dtype: torch.dtype,
-                       base_path: str) -> None:
-        save_quantized(model, tokenizer, folder, qcfg)
-
-    def reload_matches(self, quant: nn.Module, folder: Path, x: torch.Tensor, expected: torch.Tensor) -> bool:
-        from transformers import AutoModelForCausalLM
-
-        reloaded = AutoModelForCausalLM.from_pretrained(folder)
-        with torch.no_grad():
-            return bool(torch.equal(reloaded(x).logits.float(), expected))
 
 
 def compare_logits(test: torch.Tensor, ref: torch.Tensor) -> dict:

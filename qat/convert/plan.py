@@ -1,0 +1,100 @@
+"""What a conversion will do, decided before any weight is read: the typed plan.
+
+`make_plan` resolves the user's request (a checkpoint or run folder, an optional PTQ scheme, the
+export dtype, whether to quantize) against the checkpoint's own record and this machine's
+kernels. Every refusal happens here, as one line, so a bad request writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qat import checkpoint as ckpt
+from qat.errors import UserError
+from qat.schemes import Scheme, get_scheme, scheme_from_record
+
+QUANTIZE_MODES = ("real", "simulated", "none")
+DEFAULT_PTQ_SCHEME, DEFAULT_PTQ_GROUP = "8da4w", 32
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    checkpoint: Path  # a complete step-NNNNNN folder
+    out: Path
+    scheme: Scheme  # the trained scheme (QAT run), or the PTQ scheme (bf16 run)
+    group_size: Optional[int]
+    embedding: bool
+    trained: bool  # True for a QAT run: convert with its own scheme, and compare with its forward
+    lora: bool
+    dtype: str = "auto"  # export dtype: "auto" (the training compute dtype), "bf16" or "fp32"
+    # "real": quantized/ with torchao kernels; "simulated": no real kernels here, so hf/ plus
+    # simulated.json for a fake-quantized evaluation; "none": hf/ only (e.g. a pretrained base).
+    quantize: str = "real"
+    reload_check: bool = True
+
+    def __post_init__(self):
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {QUANTIZE_MODES}")
+
+    @property
+    def artifacts(self) -> list[str]:
+        """Exporter names (qat/convert/exporters.py), in the order they run."""
+        names = (["adapter"] if self.lora else []) + ["hf"]
+        return names + ({"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize])
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A step-NNNNNN folder as given, or the newest complete one of a run or checkpoint folder."""
+    path = Path(path)
+    if ckpt.STEP_RE.match(path.name):
+        ckpt.read_meta(path)
+        return path
+    for root in (path, path / "checkpoints"):
+        found = ckpt.list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UserError(f"{path} is not a checkpoint: no complete step-NNNNNN folder in it or in {path}/checkpoints")
+
+
+def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int],
+                  per_channel: bool) -> tuple[Scheme, Optional[int], bool]:
+    """(scheme, group size, embedding): a QAT checkpoint's own record, refusing a disagreeing
+    request; for a bf16 checkpoint, the requested PTQ scheme."""
+    rec = meta.get("qat")
+    if rec is not None:
+        if scheme and scheme != rec["scheme"]:
+            raise UserError(f"this checkpoint was trained with QAT scheme {rec['scheme']!r}; converting it "
+                            f"with {scheme!r} would not match training (omit --scheme)")
+        if group_size is not None and group_size != rec["group_size"]:
+            raise UserError(f"this checkpoint was trained with group_size={rec['group_size']}, not {group_size}")
+        return scheme_from_record(rec), rec["group_size"], rec["embedding"]
+    chosen = get_scheme(scheme or DEFAULT_PTQ_SCHEME)
+    group = None if per_channel or not chosen.uses_group_size else (group_size or DEFAULT_PTQ_GROUP)
+    return chosen, group, False
+
+
+def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str] = None,
+              group_size: Optional[int] = None, per_channel: bool = False, dtype: str = "auto",
+              simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
+              device: Optional[torch.device] = None) -> ConvertPlan:
+    """Resolve a conversion request; `device` is where real kernels would run (default: this machine's)."""
+    from qat.distributed import pick_device
+
+    path = find_checkpoint(Path(checkpoint))
+    meta = ckpt.read_meta(path)
+    chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel)
+    quantize = "none" if only_hf else "real"
+    why = None if only_hf else chosen.missing_kernels(device or pick_device("auto"))
+    if why and not simulate:
+        raise UserError(f"{why}. Real kernels are missing here: rerun with --simulate to export hf/ and evaluate "
+                        f"the fake-quantized model (evaluate.py --simulate {chosen.name}; labelled simulated)")
+    if why:
+        quantize = "simulated"
+    lora = bool(meta.get("lora"))
+    return ConvertPlan(checkpoint=path, out=Path(out) if out else path.parent.parent / "export" / path.name,
+                       scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
+                       lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check)

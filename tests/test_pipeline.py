@@ -1,0 +1,44 @@
+"""The convert -> evaluate pipeline that compare and the sweep report share (eval/pipeline.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, base_overrides, env, run_train
+
+
+def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
+    """A float8 sweep on a CPU: the bf16 run's PTQ model and the QAT run's model have no real kernels
+    here, so both are exported simulated, evaluated as the fake-quantized forward, and labelled."""
+    sweep_dir = tmp_path / "sim"
+    runs = []
+    for i, extra in enumerate([["qat.enabled=false"], ["qat.enabled=true", "qat.scheme=float8"]]):
+        run_dir = sweep_dir / f"run-{i:03d}"
+        run_train(base_overrides(world, run_dir) + extra + ["training.steps=2"], 1)
+        runs.append({"index": i, "overrides": extra, "dir": str(run_dir)})
+    unfinished = sweep_dir / "run-002"  # stopped early: no done.json, so it is skipped
+    run_train(base_overrides(world, unfinished) + ["training.stop_after_steps=1"], 1)
+    runs.append({"index": 2, "overrides": ["qat.enabled=false"], "dir": str(unfinished)})
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": "sim", "config": "configs/tiny/full.yaml",
+                                                       "grid": [], "set": [], "runs": runs}))
+    proc = subprocess.run([sys.executable, "-m", "slurm.sweep_report", str(sweep_dir), "--ptq-scheme", "float8",
+                           "--tasks", "local", "--data-dir", str(world / "eval"), "--limit", "4", "--dtype", "float32"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "run-002: training did not finish, skipped" in proc.stdout
+    rows = json.loads((sweep_dir / "sweep_results.json").read_text())
+    evaluated = sorted((Path(r["run"]).name, r["model"], r.get("simulated")) for r in rows if r["model"] != "train")
+    assert evaluated == [("run-000", "bf16", False), ("run-000", "ptq", True), ("run-001", "qat", True)]
+    assert all(r["eval/wikitext/bits_per_byte"] > 0 for r in rows if r["model"] != "train")
+    table = (sweep_dir / "sweep_report.md").read_text()
+    assert "| ptq (simulated) |" in table and "| qat (simulated) |" in table and "| bf16 |" in table
+    for run, kind in [("run-000", "ptq"), ("run-001", "qat")]:
+        export = sweep_dir / run / "export" / "final"
+        verify = json.loads((export / "verify.json").read_text())
+        assert verify["mode"] == "simulated" and not (export / "quantized").exists()
+        record = json.loads((sweep_dir / run / "eval" / f"{kind}.json").read_text())
+        assert record["simulated"] is True and record["scheme"]["scheme"] == "float8"
+    # the QAT run's simulated model is exactly its training forward
+    assert json.loads((sweep_dir / "run-001" / "export" / "final" / "verify.json").read_text())[
+        "simulated_equals_training_forward"] is True
