@@ -47,7 +47,9 @@ class FakeQuantConfig:
     enabled: bool = False
     scheme: str = "8da4w"  # a name from qat.schemes (`qat schemes` lists them)
     group_size: Optional[int] = 32  # null = per output channel
-    embedding: bool = False  # also fake-quantize the input embedding (weight-only)
+    embedding: bool = False  # also fake-quantize the input embedding (intx weight-only, untied models)
+    embedding_bits: Optional[int] = None  # default: the scheme's weight bits (intx), else 8
+    embedding_group_size: Optional[int] = 32  # along the embedding width; null = per row
     fake_quant_after_n_steps: int = 0  # train this many steps in bf16 before fake quantization
     backend: str = "auto"  # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours for intx
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
@@ -211,6 +213,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{key}={_get(cfg, key)} must be at least 1")
     if cfg.qat.group_size is not None and cfg.qat.group_size < 1:
         raise UserError(f"qat.group_size={cfg.qat.group_size} must be positive, or null for per-channel")
+    if cfg.qat.embedding_bits is not None and not 2 <= cfg.qat.embedding_bits <= 8:
+        raise UserError(f"qat.embedding_bits={cfg.qat.embedding_bits} is outside 2..8 (or null: the scheme's bits)")
+    if cfg.qat.embedding_group_size is not None and cfg.qat.embedding_group_size < 1:
+        raise UserError(f"qat.embedding_group_size={cfg.qat.embedding_group_size} must be positive, or null for per-row")
     if cfg.qat.lora_merged and not (cfg.lora.enabled and cfg.qat.enabled):
         raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
     if cfg.qat.lora_merged and cfg.lora.dropout:

@@ -59,6 +59,42 @@ class Int8PerToken:
 
 
 @dataclass(frozen=True)
+class Int4Asymmetric:
+    """torchao's GPU int4 (`Int4WeightOnlyConfig`, tinygemm / mslk bf16i4bf16): per group of
+    `group_size` input features, scale = (max - min) / 15 and a floating-point zero point
+    min + 8 * scale; values are round((w - min) / scale) in 0..15, shifted by 8. Computed in fp32
+    like torchao's `Int4WeightFakeQuantizer` (bf16 activations), which it equals bit for bit."""
+    group_size: int
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wg = w.to(torch.float32).view(w.shape[0], -1, self.group_size)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = torch.clamp(hi - lo, min=1e-6) / 15
+        q = torch.round((wg - lo) / scale)
+        mask = (q >= 0) & (q <= 15)
+        wq = (q.clamp(0, 15) - 8) * scale + (lo + scale * 8)
+        return wq.view(w.shape).to(w.dtype), mask.view(w.shape)
+
+
+@dataclass(frozen=True)
+class Int4AfterFloat8:
+    """The weights of torchao's `Float8DynamicActivationInt4WeightConfig` (mslk f8i4bf16 kernels):
+    first float8 e4m3 per row, then symmetric int4 (-8..7) per group with scale absmax / 8, as
+    torchao's `Int4WeightFakeQuantizer` with float8 activations computes it."""
+    group_size: int = 128
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
+                                                           _quantize_affine_float8)
+
+        fp8_scale = _choose_scale_float8(w, (1, w.shape[-1]), torch.float8_e4m3fn, hp_value_lb=1e-12)
+        w8 = _dequantize_affine_float8(_quantize_affine_float8(w, fp8_scale, torch.float8_e4m3fn), fp8_scale, w.dtype)
+        scale = torch.clamp(w8.view(w.shape[0], -1, self.group_size).abs().amax(-1) / 8, min=1e-6)
+        wq, mask = _fake_quantize(w8, (1, self.group_size), scale, torch.zeros_like(scale), -8, 7, torch.int8)
+        return wq.to(w.dtype), mask
+
+
+@dataclass(frozen=True)
 class Float8Rowwise:
     """float8 e4m3 with one scale per row (per output channel for weights, per token for
     activations): torchao's `_choose_scale_float8` / quantize / dequantize. The values never
@@ -104,11 +140,11 @@ class MXFP4Emulated:
         return t.dequantize(x.dtype).reshape_as(x), None
 
 
-def _fake_quantize(x, block, scale, zp, qmin, qmax) -> tuple[torch.Tensor, torch.Tensor]:
+def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
     """(torchao's fake-quantized values, mask of the elements that round-then-clamp did not clip)."""
     from torchao.quantization.quant_primitives import _fake_quantize_affine
 
-    xq = _fake_quantize_affine(x, block, scale, zp, torch.int32, qmin, qmax)
+    xq = _fake_quantize_affine(x, block, scale, zp, quant_dtype, qmin, qmax)
     rows, gs = x.shape[0], block[1]
     q = torch.round(x.reshape(rows, -1, gs) * (1.0 / scale.reshape(rows, -1, 1))) + zp.reshape(rows, -1, 1)
     mask = ((q >= qmin) & (q <= qmax)).reshape_as(x)

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from qat.config import FakeQuantConfig, FSDPConfig, LoRAConfig, ModelConfig
 from qat.errors import UserError
-from qat.schemes import Scheme
+from qat.schemes import Scheme, embedding_quant
 
 # Config dtype names (training.dtype, convert --dtype) to torch dtypes.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -132,10 +132,21 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
     if cfg.lora_merged:
         _merge_lora_forward(model)
     emb = model.get_input_embeddings()
-    if cfg.embedding and isinstance(emb, nn.Embedding):  # else another rank's (sharded convert)
-        config = scheme.embedding_config(cfg.group_size)
-        scheme.check_shapes({"embed_tokens": emb}, cfg.group_size)
-        quantize_(model, AOQATConfig(config, step="prepare"), filter_fn=lambda m, fqn: m is emb)
+    equant = embedding_quant(cfg.embedding, cfg.embedding_bits, cfg.embedding_group_size, scheme)
+    if equant is not None and isinstance(emb, nn.Embedding):  # else another rank's (sharded convert)
+        check_untied(model)
+        equant.check_shapes("the input embedding", emb)
+        quantize_(model, AOQATConfig(equant.config(), step="prepare"), filter_fn=lambda m, fqn: m is emb)
+
+
+def check_untied(model: nn.Module) -> None:
+    """A tied embedding is also lm_head, which stays high precision: it cannot be quantized alone."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_output_embeddings()
+    if getattr(base.config, "tie_word_embeddings", False) or \
+            getattr(out, "weight", None) is base.get_input_embeddings().weight:
+        raise UserError("qat.embedding=true needs untied embeddings, but this model ties lm_head to the input "
+                        "embedding (tie_word_embeddings), and lm_head stays high precision; set qat.embedding=false")
 
 
 def _merge_lora_forward(model: nn.Module) -> None:

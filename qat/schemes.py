@@ -3,12 +3,14 @@
 Training (QAT prepare), convert (QAT convert), PTQ and the simulated evaluation all resolve a name
 through `get_scheme`, and everything they need to know about it is a method of its family class:
 
-    IntxScheme    8da{b}w, int{b}-weight-only   symmetric intN weights per group (or channel),
+    IntxScheme    8da{b}w, intx{b}-weight-only  symmetric intN weights per group (or channel),
                                                 optionally int8 per-token dynamic activations
+    Int4Scheme    int4-weight-only, fp8-int4    torchao's GPU int4: asymmetric per group with float
+                                                zero points; optionally float8 activations
     Float8Scheme  float8                        float8 e4m3 rowwise activations and weights
     FP4Scheme     nvfp4, mxfp4                  E2M1 values with per-block scales
 
-A family owns: its torchao base config (PTQ and QAT convert) and embedding config, its weight and
+A family owns: its torchao base config (PTQ and QAT convert), its weight and
 activation fake quantizers (numerics in qat/fake_quant.py), the shape checks that name the layer
 that fails, the hardware its real kernels need, whether the converted model must equal the
 fake-quantized forward bit for bit, and the record a checkpoint stores. Code outside this module
@@ -47,6 +49,11 @@ class Scheme:
         """The torchao PTQ config; QATConfig(base_config, step=...) derives fake quantization from it."""
         raise NotImplementedError(f"{type(self).__name__} defines no base_config")
 
+    def convert_config(self, group_size: Optional[int]):
+        """The torchao config that convert and PTQ apply: the base config, unless the family picks a
+        packing for the kernels this machine has."""
+        return self.base_config(group_size)
+
     def fake_quantizers(self, group_size: Optional[int]):
         """(weight fake quantizer, activation fake quantizer or None) for our QATLinear."""
         raise NotImplementedError(f"{type(self).__name__} defines no fake quantizers")
@@ -67,13 +74,17 @@ class Scheme:
         return self.name
 
     # --- shared behaviour ----------------------------------------------------------------------
-    def embedding_config(self, group_size: Optional[int]):
-        raise UserError(f"qat.embedding=true is only supported for intx schemes, not {self.name!r}")
+    @property
+    def default_embedding_bits(self) -> int:
+        """Bits of the input embedding when qat.embedding=true and qat.embedding_bits is unset."""
+        return 8
 
-    def record(self, group_size: Optional[int], embedding: bool) -> dict:
+    def record(self, group_size: Optional[int], embedding: Optional["EmbeddingQuant"]) -> dict:
         """What a checkpoint stores so that convert rebuilds exactly this scheme."""
         return {"scheme": self.name, "family": self.family,
-                "group_size": group_size if self.uses_group_size else None, "embedding": embedding}
+                "group_size": group_size if self.uses_group_size else None, "embedding": embedding is not None,
+                "embedding_bits": embedding.bits if embedding else None,
+                "embedding_group_size": embedding.group_size if embedding else None}
 
     def missing_kernels(self, device: torch.device) -> Optional[str]:
         """None when `device` runs this scheme's real quantized kernels, else why not (one line)."""
@@ -105,6 +116,56 @@ def _reduction_dim(mod: nn.Module) -> int:
 
 
 @dataclass(frozen=True)
+class EmbeddingQuant:
+    """The input embedding's own quantization (qat.embedding=true): symmetric intN weight-only, per
+    group of `group_size` along the embedding width, or per row when null. Its bits are its own, as
+    in the ExecuTorch recipe (8da4w linears, int8 embeddings); a lookup has no activations to quantize."""
+
+    bits: int
+    group_size: Optional[int]
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise UserError(f"qat.embedding_bits={self.bits} is outside 2..8")
+
+    def config(self):
+        from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup
+
+        gran = PerGroup(self.group_size) if self.group_size else PerAxis(0)
+        return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{self.bits}"), granularity=gran)
+
+    def check_shapes(self, name: str, emb: nn.Embedding) -> None:
+        if self.group_size and emb.embedding_dim % self.group_size:
+            raise UserError(f"qat.embedding_group_size={self.group_size} does not divide the width "
+                            f"{emb.embedding_dim} of {name}; pick a divisor or null for per-row")
+
+
+def embedding_quant(enabled: bool, bits: Optional[int], group_size: Optional[int],
+                    scheme: "Scheme") -> Optional[EmbeddingQuant]:
+    """The embedding's quantization from the qat config fields, or None when it stays high precision."""
+    return EmbeddingQuant(bits or scheme.default_embedding_bits, group_size) if enabled else None
+
+
+def embedding_from_record(rec: dict, scheme: "Scheme") -> Optional[EmbeddingQuant]:
+    """Records before embedding bits were separate used the linear scheme's bits and group size."""
+    if not rec.get("embedding"):
+        return None
+    if "embedding_bits" not in rec:
+        return EmbeddingQuant(scheme.default_embedding_bits, rec.get("group_size"))
+    return EmbeddingQuant(rec["embedding_bits"], rec["embedding_group_size"])
+
+
+def _check_groups_divide(targets: dict[str, nn.Module], group_size: Optional[int]) -> None:
+    if not group_size:
+        return
+    for fqn, mod in targets.items():
+        dim = _reduction_dim(mod)
+        if dim % group_size:
+            raise UserError(f"qat.group_size={group_size} does not divide in_features={dim} of layer "
+                            f"{fqn}; pick a divisor of {dim} or null for per-channel")
+
+
+@dataclass(frozen=True)
 class IntxScheme(Scheme):
     """Symmetric intN weights per group of `group_size` input features (per output channel when
     null), optionally with int8 asymmetric per-token dynamic activations. torchao's intx tensors
@@ -133,12 +194,9 @@ class IntxScheme(Scheme):
         from torchao.quantization import IntxWeightOnlyConfig
         return IntxWeightOnlyConfig(weight_dtype=bits, granularity=self._granularity(group_size))
 
-    def embedding_config(self, group_size):
-        """Weight-only: the activations of a lookup are not quantized."""
-        from torchao.quantization import IntxWeightOnlyConfig
-
-        return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{self.bits}"),
-                                    granularity=self._granularity(group_size))
+    @property
+    def default_embedding_bits(self) -> int:
+        return self.bits
 
     def fake_quantizers(self, group_size):
         from qat.fake_quant import Int8PerToken, IntxWeight
@@ -146,13 +204,7 @@ class IntxScheme(Scheme):
         return IntxWeight(self.bits, group_size), (Int8PerToken() if self.int8_activations else None)
 
     def check_shapes(self, targets, group_size):
-        if not group_size:
-            return
-        for fqn, mod in targets.items():
-            dim = _reduction_dim(mod)
-            if dim % group_size:
-                raise UserError(f"qat.group_size={group_size} does not divide in_features={dim} of layer "
-                                f"{fqn}; pick a divisor of {dim} or null for per-channel")
+        _check_groups_divide(targets, group_size)
 
     @property
     def convert_path(self) -> str:
@@ -193,6 +245,78 @@ class Float8Scheme(Scheme):
 
     def missing_kernels(self, device):
         return _cuda_capability_gap(self, device, (8, 9), self.hardware)
+
+
+def _has_mslk() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mslk") is not None
+
+
+@dataclass(frozen=True)
+class Int4Scheme(Scheme):
+    """torchao's GPU int4, the "int4 weight-only" of torchao's QAT table and torchtune's 4w QAT:
+    asymmetric uint4 per group with a floating-point zero point (`Int4WeightOnlyConfig`), the format
+    vLLM loads from torchao checkpoints. With `fp8_activations`, float8 rowwise dynamic activations
+    and int4 weights per group of 128 (`Float8DynamicActivationInt4WeightConfig`, Hopper serving).
+    QAT emulates both anywhere; real kernels are CUDA only, so a CPU convert is simulated."""
+
+    fp8_activations: bool = False
+    family: ClassVar[str] = "int4"
+    uses_group_size: ClassVar[bool] = True
+    GROUP_SIZES: ClassVar[tuple[int, ...]] = (32, 64, 128, 256)  # what the int4 kernels implement
+
+    def base_config(self, group_size):
+        if self.fp8_activations:
+            from torchao.quantization import Float8DynamicActivationInt4WeightConfig
+            return Float8DynamicActivationInt4WeightConfig()
+        from torchao.quantization import Int4WeightOnlyConfig
+        return Int4WeightOnlyConfig(group_size=group_size)  # "plain": what vLLM repacks after load
+
+    def convert_config(self, group_size):
+        """Plain int4 needs the mslk-cuda package; without it, PyTorch's own tinygemm packing."""
+        if self.fp8_activations or _has_mslk():
+            return self.base_config(group_size)
+        from torchao.quantization import Int4WeightOnlyConfig
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+
+    def fake_quantizers(self, group_size):
+        from qat.fake_quant import Float8Rowwise, Int4AfterFloat8, Int4Asymmetric
+
+        if self.fp8_activations:
+            return Int4AfterFloat8(128), Float8Rowwise()
+        return Int4Asymmetric(group_size), None
+
+    def check_shapes(self, targets, group_size):
+        if self.fp8_activations and group_size != 128:
+            raise UserError(f"scheme {self.name!r} quantizes weights in groups of 128 (torchao's "
+                            f"Float8DynamicActivationInt4WeightConfig); set qat.group_size=128, not {group_size}")
+        if group_size not in self.GROUP_SIZES:
+            raise UserError(f"scheme {self.name!r} needs qat.group_size in {self.GROUP_SIZES} (the int4 kernels' "
+                            f"groups), not {group_size}")
+        _check_groups_divide(targets, group_size)
+
+    @property
+    def hardware(self) -> str:
+        if self.fp8_activations:
+            return "a CUDA GPU with sm >= 9.0 (Hopper) and the mslk-cuda package"
+        return "a CUDA GPU with sm >= 8.0 (tinygemm, or plain with mslk-cuda)"
+
+    @property
+    def convert_path(self) -> str:
+        return "real int4 weights on CUDA; elsewhere simulated (fake-quantized forward, labelled)"
+
+    def describe(self, group_size):
+        if self.fp8_activations:
+            return f"{self.name} (float8 rowwise activations + int4 weights, group 128)"
+        return f"{self.name} (asymmetric int4 weights with float zero points, group {group_size})"
+
+    def missing_kernels(self, device):
+        if self.fp8_activations:
+            gap = _cuda_capability_gap(self, device, (9, 0), self.hardware)
+            return gap or (None if _has_mslk() else f"scheme {self.name!r} needs the mslk-cuda package "
+                                                     f"(pip install mslk-cuda) for its f8i4bf16 kernels")
+        return _cuda_capability_gap(self, device, (8, 0), self.hardware)
 
 
 FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
@@ -260,7 +384,9 @@ def _registry() -> dict[str, Scheme]:
     reg: dict[str, Scheme] = {}
     for b in range(2, 9):
         reg[f"8da{b}w"] = IntxScheme(f"8da{b}w", bits=b, int8_activations=True)
-        reg[f"int{b}-weight-only"] = IntxScheme(f"int{b}-weight-only", bits=b)
+        reg[f"intx{b}-weight-only"] = IntxScheme(f"intx{b}-weight-only", bits=b)
+    reg["int4-weight-only"] = Int4Scheme("int4-weight-only")
+    reg["fp8-int4"] = Int4Scheme("fp8-int4", fp8_activations=True)
     reg["float8"] = Float8Scheme("float8")
     for kind in FP4_BLOCK:
         reg[kind] = FP4Scheme(kind, kind=kind)
@@ -270,9 +396,18 @@ def _registry() -> dict[str, Scheme]:
 SCHEMES = _registry()
 
 
+# Until November 2026 the symmetric intx weight-only schemes were called int{b}-weight-only; the name
+# int4-weight-only now means torchao's GPU int4. Checkpoints that recorded the old names convert as
+# they were trained (scheme_from_record); configs get a pointer to the new name.
+RENAMED = {f"int{b}-weight-only": f"intx{b}-weight-only" for b in range(2, 9)}
+
+
 def get_scheme(name: str) -> Scheme:
     if name in SCHEMES:
         return SCHEMES[name]
+    if name in RENAMED:
+        raise UserError(f"scheme {name!r} is now called {RENAMED[name]!r} (symmetric intx weights for CPUs and "
+                        f"ExecuTorch); 'int4-weight-only' is torchao's GPU int4 format")
     close = difflib.get_close_matches(name, SCHEMES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UserError(f"unknown QAT scheme {name!r}.{hint} Known: {', '.join(SCHEMES)}")
@@ -281,8 +416,11 @@ def get_scheme(name: str) -> Scheme:
 def scheme_from_record(rec: dict) -> Scheme:
     """The scheme a checkpoint recorded (by name). A record whose family disagrees with the name's,
     or that sets a group size for a scheme without groups, is refused rather than guessed."""
-    scheme = get_scheme(rec["scheme"])
-    family = rec.get("family", scheme.family)  # records before families were named carry none
+    name, family = rec["scheme"], rec.get("family")  # records before families were named carry none
+    if name in RENAMED and family in (None, "intx"):
+        name = RENAMED[name]  # trained under the old name of the intx weight-only schemes
+    scheme = get_scheme(name)
+    family = family or scheme.family
     if family != scheme.family:
         raise UserError(f"the checkpoint records scheme {scheme.name!r} as family {family!r}, but it is "
                         f"{scheme.family!r} here; convert it with the version that trained it")
@@ -296,5 +434,6 @@ def same_record(a: Optional[dict], b: Optional[dict]) -> bool:
     """Two scheme records describe the same training (the family key is implied by the name)."""
     if a is None or b is None:
         return a is b
-    keys = ("scheme", "group_size", "embedding")
-    return all(a.get(k) == b.get(k) for k in keys)
+    sa, sb = scheme_from_record(a), scheme_from_record(b)
+    return sa is sb and a.get("group_size") == b.get("group_size") and \
+        embedding_from_record(a, sa) == embedding_from_record(b, sb)

@@ -41,7 +41,7 @@ from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, ap
                        set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.rng import seed_step
-from qat.schemes import get_scheme, same_record
+from qat.schemes import embedding_quant, get_scheme, same_record
 
 
 def parse_args(argv=None):
@@ -181,7 +181,10 @@ def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, train_ti
 
 
 def scheme_record(cfg: TrainConfig, scheme):
-    return scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None
+    if scheme is None:
+        return None
+    q = cfg.qat
+    return scheme.record(q.group_size, embedding_quant(q.embedding, q.embedding_bits, q.embedding_group_size, scheme))
 
 
 def check_resume_matches(meta: dict, cfg: TrainConfig, scheme) -> None:

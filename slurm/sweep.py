@@ -1,7 +1,7 @@
 """Submit a sweep: one Slurm array task per overrides line, then a dependent comparison job.
 
     python -m slurm.sweep --name lr-scheme --config configs/llama3_2_1b/qat.yaml \\
-        --grid optimizer.lr=1e-5,2e-5 --grid qat.scheme=8da4w,int4-weight-only \\
+        --grid optimizer.lr=1e-5,2e-5 --grid qat.scheme=8da4w,intx4-weight-only \\
         --sbatch=--partition=gpu --sbatch=--time=12:00:00 --dry-run
 
     python -m slurm.sweep --name ranks --config configs/qwen3_8b/qat_lora.yaml --list ranks.txt

@@ -14,7 +14,7 @@ ARMS = {
     "full_bf16": [],
     "full_qat": ["qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32"],
     "lora_bf16": ["lora.enabled=true", "lora.rank=8"],
-    "lora_qat": ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=int4-weight-only",
+    "lora_qat": ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=intx4-weight-only",
                  "qat.group_size=32"],
 }
 

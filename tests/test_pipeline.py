@@ -9,11 +9,11 @@ from conftest import ROOT, base_overrides, env, run_train
 
 
 def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
-    """A float8 sweep on a CPU: the bf16 run's PTQ model and the QAT run's model have no real kernels
-    here, so both are exported simulated, evaluated as the fake-quantized forward, and labelled."""
+    """A CPU has no real kernels for float8 (the bf16 run's PTQ) or for torchao's GPU int4 (the QAT
+    run): both are exported simulated, evaluated as the fake-quantized forward, and labelled."""
     sweep_dir = tmp_path / "sim"
     runs = []
-    for i, extra in enumerate([["qat.enabled=false"], ["qat.enabled=true", "qat.scheme=float8"]]):
+    for i, extra in enumerate([["qat.enabled=false"], ["qat.enabled=true", "qat.scheme=int4-weight-only"]]):
         run_dir = sweep_dir / f"run-{i:03d}"
         run_train(base_overrides(world, run_dir) + extra + ["training.steps=2"], 1)
         runs.append({"index": i, "overrides": extra, "dir": str(run_dir)})
@@ -38,7 +38,8 @@ def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
         verify = json.loads((export / "verify.json").read_text())
         assert verify["mode"] == "simulated" and not (export / "quantized").exists()
         record = json.loads((sweep_dir / run / "eval" / f"{kind}.json").read_text())
-        assert record["simulated"] is True and record["scheme"]["scheme"] == "float8"
+        assert record["simulated"] is True
+        assert record["scheme"]["scheme"] == {"ptq": "float8", "qat": "int4-weight-only"}[kind]
     # the QAT run's simulated model is exactly its training forward
     assert json.loads((sweep_dir / "run-001" / "export" / "final" / "verify.json").read_text())[
         "simulated_equals_training_forward"] is True

@@ -12,8 +12,8 @@ from qat.schemes import SCHEMES, get_scheme
 
 
 def test_registry_has_required_schemes():
-    for name in ["8da4w", "int4-weight-only", "float8", "nvfp4"] + [f"8da{b}w" for b in range(2, 9)] \
-            + [f"int{b}-weight-only" for b in range(2, 9)]:
+    for name in ["8da4w", "int4-weight-only", "fp8-int4", "float8", "nvfp4", "mxfp4"] + [f"8da{b}w" for b in range(2, 9)] \
+            + [f"intx{b}-weight-only" for b in range(2, 9)]:
         assert name in SCHEMES
 
 
@@ -38,8 +38,8 @@ def probe(vocab: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["ours", "torchao"])
-@pytest.mark.parametrize("name, group", [("8da4w", 32), ("int4-weight-only", 32), ("8da2w", 32),
-                                         ("int3-weight-only", None), ("8da8w", 64)])
+@pytest.mark.parametrize("name, group", [("8da4w", 32), ("intx4-weight-only", 32), ("8da2w", 32),
+                                         ("intx3-weight-only", None), ("8da8w", 64)])
 def test_qat_convert_equals_torchao_ptq_exactly(base, name, group, backend):
     """prepare -> convert gives bit-identical outputs to quantize_(base_config), for both backends."""
     from torchao.quantization import quantize_
@@ -52,7 +52,7 @@ def test_qat_convert_equals_torchao_ptq_exactly(base, name, group, backend):
     apply_qat(qat_model, FakeQuantConfig(enabled=True, scheme=name, group_size=group, backend=backend), scheme)
     with torch.no_grad():
         fake = qat_model(x).logits
-    qat_convert(qat_model, scheme, group, embedding=False)
+    qat_convert(qat_model, scheme, group, embedding=None)
     ptq = copy.deepcopy(base)
     targets = set(qat_targets(ptq))
     quantize_(ptq, scheme.base_config(group), filter_fn=lambda m, fqn: fqn in targets)
@@ -96,13 +96,39 @@ def test_group_size_that_does_not_divide_names_the_layer(base):
         apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=48), get_scheme("8da4w"))
 
 
-def test_embedding_fake_quant_is_optional(base):
+def test_embedding_fake_quant_has_its_own_bits_and_converts_exactly(base):
+    """The ExecuTorch recipe: 8da2w decoder Linears, int8 embedding (qat.embedding_bits=8)."""
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
 
+    from qat.convert.transforms import qat_convert, quantized_config
+    from qat.schemes import EmbeddingQuant
+
     m = copy.deepcopy(base)
-    apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", group_size=32, embedding=True), get_scheme("8da4w"))
+    cfg = FakeQuantConfig(enabled=True, scheme="8da2w", group_size=32, embedding=True, embedding_bits=8,
+                          embedding_group_size=64)
+    apply_qat(m, cfg, get_scheme("8da2w"))
     assert isinstance(m.get_input_embeddings(), FakeQuantizedEmbedding)
+    assert m.get_input_embeddings().weight_fake_quantizer.config.dtype == torch.int8
     assert type(m.get_output_embeddings()) is torch.nn.Linear  # lm_head is never fake-quantized
+    x = probe(base.config.vocab_size)
+    with torch.no_grad():
+        fake = m(x).logits
+    emb = EmbeddingQuant(8, 64)
+    qat_convert(m, get_scheme("8da2w"), 32, emb)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, fake)
+    w = m.get_input_embeddings().weight
+    assert "Intx" in type(w).__name__ and w.qdata.abs().max() > 7  # 8-bit values, not the Linears' 2
+    qcfg = quantized_config(m, get_scheme("8da2w"), 32, emb)
+    assert qcfg.include_input_output_embeddings
+
+
+def test_tied_embeddings_cannot_be_quantized_alone(base):
+    m = copy.deepcopy(base)
+    m.config.tie_word_embeddings = True
+    m.lm_head.weight = m.model.embed_tokens.weight
+    with pytest.raises(UserError, match="qat.embedding=true needs untied embeddings"):
+        apply_qat(m, FakeQuantConfig(enabled=True, scheme="8da4w", embedding=True), get_scheme("8da4w"))
 
 
 def test_lora_targets_that_match_nothing(base):

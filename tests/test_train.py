@@ -156,11 +156,13 @@ def test_lora_resume_and_only_adapters_train(world, tmp_path):
 def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path):
     import json
 
-    run_train(base_overrides(world, tmp_path) + QAT + ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2"], 1)
+    run_train(base_overrides(world, tmp_path) + QAT + ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
+                                                      "qat.embedding=true", "qat.embedding_bits=8"], 1)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-000004", "step-000006"]
     meta = json.loads((tmp_path / "checkpoints" / "step-000006" / "meta.json").read_text())
-    assert meta["qat"] == {"scheme": "8da2w", "family": "intx", "group_size": 32, "embedding": False}
+    assert meta["qat"] == {"scheme": "8da2w", "family": "intx", "group_size": 32, "embedding": True,
+                           "embedding_bits": 8, "embedding_group_size": 32}
     assert meta["step"] == 6 and meta["world_size"] == 1
     # the recipe's own completion record, for runs launched by hand as much as by compare/Slurm
     done = json.loads((tmp_path / "done.json").read_text())

@@ -9,22 +9,23 @@ import torch
 
 from conftest import ROOT, env
 from qat.errors import UserError
-from qat.schemes import SCHEMES, FP4Scheme, Float8Scheme, IntxScheme, Scheme, get_scheme, scheme_from_record
+from qat.schemes import (SCHEMES, EmbeddingQuant, FP4Scheme, Float8Scheme, Int4Scheme, IntxScheme, Scheme,
+                         embedding_from_record, embedding_quant, get_scheme, same_record, scheme_from_record)
 
 
 # --- scheme families ------------------------------------------------------------------------
 
 def test_every_scheme_belongs_to_one_family_and_round_trips_through_its_record():
-    families = {IntxScheme: "intx", Float8Scheme: "float8", FP4Scheme: "fp4"}
+    families = {IntxScheme: "intx", Int4Scheme: "int4", Float8Scheme: "float8", FP4Scheme: "fp4"}
     for name, s in SCHEMES.items():
         assert families[type(s)] == s.family
-        rec = s.record(32, False)
+        rec = s.record(128, None)
         assert rec["family"] == s.family and scheme_from_record(rec) is s
-        assert rec["group_size"] == (32 if s.uses_group_size else None)
+        assert rec["group_size"] == (128 if s.uses_group_size else None)
 
 
 def test_only_intx_converts_exactly_and_only_mxfp4_lacks_torchao_qat():
-    assert {n for n, s in SCHEMES.items() if s.exact_convert} == {n for n in SCHEMES if n[0] in "8i"}
+    assert {n for n, s in SCHEMES.items() if s.exact_convert} == {n for n in SCHEMES if n.startswith(("8da", "intx"))}
     assert [n for n, s in SCHEMES.items() if not s.torchao_qat] == ["mxfp4"]
 
 
@@ -37,6 +38,31 @@ def test_records_that_disagree_with_the_registry_are_refused():
     assert scheme_from_record({"scheme": "8da4w", "group_size": 32, "embedding": False}) is get_scheme("8da4w")
 
 
+def test_renamed_intx_schemes_still_convert_from_old_checkpoints():
+    """int4-weight-only now names torchao's GPU int4; checkpoints that recorded the old intx names
+    (with family intx, or no family) still resolve to what they were trained with."""
+    for rec in ({"scheme": "int4-weight-only", "group_size": 32, "embedding": False},
+                {"scheme": "int4-weight-only", "family": "intx", "group_size": 32, "embedding": False}):
+        assert scheme_from_record(rec) is get_scheme("intx4-weight-only")
+        assert same_record(rec, get_scheme("intx4-weight-only").record(32, None))
+    new = get_scheme("int4-weight-only").record(32, None)
+    assert new["family"] == "int4" and scheme_from_record(new) is get_scheme("int4-weight-only")
+    assert not same_record(new, get_scheme("intx4-weight-only").record(32, None))
+    with pytest.raises(UserError, match="'int3-weight-only' is now called 'intx3-weight-only'"):
+        get_scheme("int3-weight-only")
+
+
+def test_int4_group_rules():
+    lin = {"a.b": torch.nn.Linear(256, 8)}
+    get_scheme("int4-weight-only").check_shapes(lin, 64)
+    with pytest.raises(UserError, match=r"needs qat.group_size in \(32, 64, 128, 256\)"):
+        get_scheme("int4-weight-only").check_shapes(lin, 16)
+    with pytest.raises(UserError, match="groups of 128"):
+        get_scheme("fp8-int4").check_shapes(lin, 32)
+    assert get_scheme("int4-weight-only").missing_kernels(torch.device("cpu")).startswith(
+        "scheme 'int4-weight-only' needs a CUDA GPU")
+
+
 def test_unknown_combinations_raise_instead_of_falling_through():
     with pytest.raises(ValueError, match="bits=9"):
         IntxScheme("int9-weight-only", bits=9)
@@ -47,8 +73,19 @@ def test_unknown_combinations_raise_instead_of_falling_through():
         bare.base_config(None)
     with pytest.raises(NotImplementedError):
         bare.fake_quantizers(None)
-    with pytest.raises(UserError, match="only supported for intx"):
-        get_scheme("float8").embedding_config(32)
+    with pytest.raises(UserError, match="qat.embedding_bits=9 is outside 2..8"):
+        EmbeddingQuant(9, 32)
+
+
+def test_embedding_quantization_has_its_own_bits_and_old_records_keep_theirs():
+    emb = EmbeddingQuant(8, 64)
+    rec = get_scheme("8da2w").record(32, emb)
+    assert (rec["embedding"], rec["embedding_bits"], rec["embedding_group_size"]) == (True, 8, 64)
+    assert embedding_from_record(rec, get_scheme("8da2w")) == emb
+    old = {"scheme": "8da2w", "group_size": 32, "embedding": True}  # before embedding bits were separate
+    assert embedding_from_record(old, get_scheme("8da2w")) == EmbeddingQuant(2, 32)
+    assert embedding_quant(True, None, 32, get_scheme("fp8-int4")) == EmbeddingQuant(8, 32)
+    assert embedding_quant(False, 8, 32, get_scheme("8da4w")) is None
 
 
 @pytest.mark.parametrize("name, needle", [("8da4w", "group_size=32 does not divide in_features=48 of layer a.b"),

@@ -139,7 +139,7 @@ class SimulatedExporter(Exporter):
         apply_qat(sim, FakeQuantConfig(enabled=True, scheme=plan.scheme.name, group_size=plan.group_size,
                                        backend="ours"), plan.scheme)
         sim_logits = io.forward(sim, job.probe)
-        job.report.update({"mode": "simulated", "simulated": True, "scheme": plan.scheme.record(plan.group_size, False),
+        job.report.update({"mode": "simulated", "simulated": True, "scheme": plan.scheme.record(plan.group_size, None),
                            "scheme_description": plan.scheme.describe(plan.group_size)
                            + " (simulated: fake-quantized forward, no real kernels)"})
         if io.has_logits:

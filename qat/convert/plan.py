@@ -15,7 +15,7 @@ import torch
 
 from qat import checkpoint as ckpt
 from qat.errors import UserError
-from qat.schemes import Scheme, get_scheme, scheme_from_record
+from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, get_scheme, scheme_from_record
 
 QUANTIZE_MODES = ("real", "simulated", "none")
 DEFAULT_PTQ_SCHEME, DEFAULT_PTQ_GROUP = "8da4w", 32
@@ -27,7 +27,7 @@ class ConvertPlan:
     out: Path
     scheme: Scheme  # the trained scheme (QAT run), or the PTQ scheme (bf16 run)
     group_size: Optional[int]
-    embedding: bool
+    embedding: Optional[EmbeddingQuant]  # the input embedding's quantization, if it was trained with one
     trained: bool  # True for a QAT run: convert with its own scheme, and compare with its forward
     lora: bool
     dtype: str = "auto"  # export dtype: "auto" (the training compute dtype), "bf16" or "fp32"
@@ -61,9 +61,9 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int],
-                  per_channel: bool) -> tuple[Scheme, Optional[int], bool]:
-    """(scheme, group size, embedding): a QAT checkpoint's own record, refusing a disagreeing
-    request; for a bf16 checkpoint, the requested PTQ scheme."""
+                  per_channel: bool) -> tuple[Scheme, Optional[int], Optional[EmbeddingQuant]]:
+    """(scheme, group size, embedding quantization): a QAT checkpoint's own record, refusing a
+    disagreeing request; for a bf16 checkpoint, the requested PTQ scheme (decoder Linears only)."""
     rec = meta.get("qat")
     if rec is not None:
         if scheme and scheme != rec["scheme"]:
@@ -71,10 +71,11 @@ def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int],
                             f"with {scheme!r} would not match training (omit --scheme)")
         if group_size is not None and group_size != rec["group_size"]:
             raise UserError(f"this checkpoint was trained with group_size={rec['group_size']}, not {group_size}")
-        return scheme_from_record(rec), rec["group_size"], rec["embedding"]
+        trained = scheme_from_record(rec)
+        return trained, rec["group_size"], embedding_from_record(rec, trained)
     chosen = get_scheme(scheme or DEFAULT_PTQ_SCHEME)
     group = None if per_channel or not chosen.uses_group_size else (group_size or DEFAULT_PTQ_GROUP)
-    return chosen, group, False
+    return chosen, group, None
 
 
 def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str] = None,

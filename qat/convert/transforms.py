@@ -20,7 +20,7 @@ from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
 from qat.model import apply_lora, apply_qat, load_model, non_persistent_buffers, qat_targets
-from qat.schemes import Scheme, scheme_from_record
+from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, scheme_from_record
 
 
 def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
@@ -39,7 +39,10 @@ def rebuild_as_trained(model: nn.Module, cfg: TrainConfig, meta: dict) -> tuple[
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     if scheme is not None:
-        cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], rec["embedding"]
+        emb = embedding_from_record(rec, scheme)
+        cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], emb is not None
+        if emb is not None:
+            cfg.qat.embedding_bits, cfg.qat.embedding_group_size = emb.bits, emb.group_size
         apply_qat(model, cfg.qat, scheme)
     return model, scheme
 
@@ -102,7 +105,8 @@ def _set(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], embedding: bool) -> nn.Module:
+def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int],
+                embedding: Optional[EmbeddingQuant]) -> nn.Module:
     """QAT run: the checkpoint's own scheme through QATConfig(step="convert"), in place."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig as AOQATConfig
@@ -116,11 +120,11 @@ def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int], emb
     ours = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]
     for name in ours:
         _set(model, name, model.get_submodule(name).to_linear())
-    quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in set(ours))
-    quantize_(model, AOQATConfig(scheme.base_config(group_size), step="convert"),
+    quantize_(model, scheme.convert_config(group_size), filter_fn=lambda m, fqn: fqn in set(ours))
+    quantize_(model, AOQATConfig(scheme.convert_config(group_size), step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
-    if embedding:
-        quantize_(model, AOQATConfig(scheme.embedding_config(group_size), step="convert"),
+    if embedding is not None:
+        quantize_(model, AOQATConfig(embedding.config(), step="convert"),
                   filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
     return model
 
@@ -131,22 +135,23 @@ def ptq(model: nn.Module, scheme: Scheme, group_size: Optional[int]) -> nn.Modul
 
     targets = qat_targets(model)
     scheme.check_shapes(targets, group_size)
-    quantize_(model, scheme.base_config(group_size), filter_fn=lambda m, fqn: fqn in targets)
+    quantize_(model, scheme.convert_config(group_size), filter_fn=lambda m, fqn: fqn in targets)
     return model
 
 
-def quantized_config(model: nn.Module, scheme: Scheme, group_size: Optional[int], embedding: bool):
+def quantized_config(model: nn.Module, scheme: Scheme, group_size: Optional[int],
+                     embedding: Optional[EmbeddingQuant]):
     """The TorchAoConfig that describes a converted model (TorchAoConfig's default skips lm_head,
     matching our targets)."""
     from transformers import TorchAoConfig
 
-    quant_type = scheme.base_config(group_size)
-    if embedding:
+    quant_type = scheme.convert_config(group_size)
+    if embedding is not None:
         from torchao.quantization import FqnToConfig
 
         emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-        quant_type = FqnToConfig({"_default": quant_type, emb_name: scheme.embedding_config(group_size)})
-    return TorchAoConfig(quant_type=quant_type, include_input_output_embeddings=embedding)
+        quant_type = FqnToConfig({"_default": quant_type, emb_name: embedding.config()})
+    return TorchAoConfig(quant_type=quant_type, include_input_output_embeddings=embedding is not None)
 
 
 def save_quantized(model: nn.Module, tokenizer, out: Path, qcfg) -> None:
