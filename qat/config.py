@@ -56,6 +56,18 @@ class FakeQuantConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Quantization-aware distillation (qat/distill.py): a KL loss from a high-precision teacher."""
+    enabled: bool = False
+    # "base": the starting model (in a LoRA run, the student itself with adapters and fake
+    # quantization off: no second copy); or a path / hub id of an HF model with the same vocabulary
+    teacher: str = "base"
+    temperature: float = 1.0
+    weight: float = 1.0  # loss = weight * KL + (1 - weight) * cross-entropy; 1.0 = KL only
+    chunk_size: int = 512  # positions whose teacher logits exist at once
+
+
+@dataclass
 class DataSource:
     path: str = MISSING  # local .json/.jsonl/.parquet file or folder, or a hub dataset name
     kind: str = "text"  # "text" (packed plain text) or "chat" (a messages column)
@@ -141,6 +153,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     qat: FakeQuantConfig = field(default_factory=FakeQuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -221,6 +234,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
     if cfg.qat.lora_merged and cfg.lora.dropout:
         raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")
+    d = cfg.distill
+    if d.enabled and not d.temperature > 0:
+        raise UserError(f"distill.temperature={d.temperature} must be positive")
+    if d.enabled and not 0.0 <= d.weight <= 1.0:
+        raise UserError(f"distill.weight={d.weight} must be within 0..1 (the KL share of the loss)")
+    if d.chunk_size < 1:
+        raise UserError(f"distill.chunk_size={d.chunk_size} must be at least 1")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise UserError("lora.target_modules is empty")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).name.startswith("step-"):

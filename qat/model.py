@@ -58,7 +58,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     names = set(getattr(base, "_no_split_modules", None) or [])
     for mod in base.modules():
         # any(): under a sharded convert, blocks other ranks own are pass-through stand-ins
-        if isinstance(mod, nn.ModuleList) and any(type(_unwrap(b)).__name__ in names for b in mod):
+        # the MRO: fully_shard swaps a block's class for an FSDP subclass of it
+        if isinstance(mod, nn.ModuleList) and any(c.__name__ in names for b in mod for c in type(_unwrap(b)).__mro__):
             return mod
     raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
 
@@ -217,6 +218,17 @@ def non_persistent_buffers(model: nn.Module):
         for name, buf in mod._buffers.items():
             if buf is not None and name in mod._non_persistent_buffers_set:
                 yield mod, name, buf
+
+
+def cast_keep_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters and persistent buffers to `dtype`; non-persistent buffers (RoPE inv_freq) keep
+    theirs. That is the model `from_pretrained(dtype=...)` builds, and the one training runs (FSDP
+    casts parameters only): a plain .to(bf16) would round inv_freq and change every logit."""
+    keep = list(non_persistent_buffers(model))
+    model.to(dtype)
+    for mod, name, buf in keep:
+        mod._buffers[name] = buf
+    return model
 
 
 def fill_from_rank0(model: nn.Module, full_state: dict, device: torch.device) -> None:

@@ -33,12 +33,13 @@ from qat import checkpoint as ckpt
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
+from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
 from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
-                       apply_qat, cast_frozen, count_parameters, fill_from_rank0, load_model, qat_backend,
-                       set_fake_quant, trainable_parameters)
+                       apply_qat, cast_frozen, cast_keep_buffers, count_parameters, fill_from_rank0, load_model,
+                       qat_backend, set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.rng import seed_step
 from qat.schemes import embedding_quant, get_scheme, same_record
@@ -90,6 +91,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
     on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
+    check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tokenizer)
@@ -138,29 +140,52 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in lines))
 
 
-def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int) -> tuple[float, float]:
-    """Forward/backward over one step's micro-batches; returns (sum of token losses, tokens) globally.
+def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int, teacher=None,
+               distill=None) -> tuple[dict, float]:
+    """Forward/backward over one step's micro-batches; returns ({"loss", "ce", "kd"} sums of token
+    losses, tokens), both global.
 
     The loss of a step is the mean over every supervised token of the *global* batch. Each
     micro-batch contributes sum(token losses) / global_tokens; FSDP's reduce-scatter averages
     gradients over ranks, so we multiply by `world` to undo that. The result is independent of
-    world size and of how the batch is split into micro-batches.
+    world size and of how the batch is split into micro-batches. With a teacher, the token loss is
+    weight * KL + (1 - weight) * CE (qat/distill.py).
     """
     local_tokens = sum(int((batch_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro_idx)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     global_tokens = max(global_tokens, 1.0)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, ce, kd
     for m, idx in enumerate(micro_idx):
         ids, labels = batch_ids[idx].to(device), batch_labels[idx].to(device)
         # Reduce-scatter gradients only after the last micro-batch of the step.
         model.set_requires_gradient_sync(m == len(micro_idx) - 1)
+        teacher_hidden = teacher.hidden(ids) if teacher is not None else None
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                             ignore_index=IGNORE, reduction="sum")
+        loss, kd = ce, torch.zeros((), device=device)
+        if teacher is not None:
+            weight, bias = teacher.head_params()
+            kd = kd_sum(logits, teacher_hidden, weight, bias, labels, distill.temperature, distill.chunk_size,
+                        teacher.softcap)
+            loss = distill.weight * kd + (1 - distill.weight) * ce
         (loss * world / global_tokens).backward()
-        loss_sum += loss.detach().double()
-    (total,) = all_reduce_sum([loss_sum.item()], device)
-    return total, global_tokens
+        sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
+    total, ce_total, kd_total = all_reduce_sum(sums.tolist(), device)
+    return {"loss": total, "ce": ce_total, "kd": kd_total}, global_tokens
+
+
+def load_teacher_copy(path, cfg: TrainConfig, mesh, device):
+    """A frozen teacher sharded like the student, stored in the compute dtype (it needs no fp32
+    master weights). path None: the starting model."""
+    from qat.config import ModelConfig
+
+    model_cfg = cfg.model if path is None else ModelConfig(path=path, trust_remote_code=cfg.model.trust_remote_code,
+                                                           attn_implementation=cfg.model.attn_implementation)
+    teacher = load_model(model_cfg, seq_len=cfg.data.seq_len).requires_grad_(False).eval()
+    cast_keep_buffers(teacher, DTYPES[cfg.training.dtype])
+    apply_fsdp(teacher, mesh, cfg.fsdp, DTYPES[cfg.training.dtype])
+    return teacher
 
 
 def clip_gradients(params, max_norm) -> float:
@@ -212,6 +237,10 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopFlag(Path(cfg.output_dir))
     shard(model, cfg, mesh, device)
+    teacher = None
+    if cfg.distill.enabled:
+        teacher = build_teacher(cfg.distill, model, cfg.lora.enabled,
+                                lambda path: load_teacher_copy(path, cfg, mesh, device))
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
@@ -255,14 +284,14 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             t0 = time.perf_counter()
             gidx = sampler.next_step()
             micro = list(micro_batches(gidx, rank, world, t.gradient_accumulation_steps))
-            loss_sum, n_tok = train_step(model, ids, labels, micro, device, world)
+            sums, n_tok = train_step(model, ids, labels, micro, device, world, teacher, cfg.distill)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = loss_sum / n_tok
+            loss = sums["loss"] / n_tok
             (stop_votes,) = all_reduce_sum([float(stop.poll())], device)  # also syncs the device
             dt = time.perf_counter() - t0
             tps = len(gidx) * cfg.data.seq_len / dt
@@ -270,6 +299,8 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
                      "qat/fake_quant_enabled": int(fq_on), "data/epoch": sampler.pos.epoch}
+                if teacher is not None:
+                    m["train/ce_loss"], m["train/kd_loss"] = sums["ce"] / n_tok, sums["kd"] / n_tok
                 if peak:
                     m["perf/mfu"] = mfu(tps, fpt, peak, world)
                 if device.type == "cuda":

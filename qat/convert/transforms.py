@@ -19,7 +19,7 @@ import torch.nn as nn
 from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
-from qat.model import apply_lora, apply_qat, load_model, non_persistent_buffers, qat_targets
+from qat.model import apply_lora, apply_qat, cast_keep_buffers, load_model, qat_targets
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, scheme_from_record
 
 
@@ -90,14 +90,8 @@ def unfake(model: nn.Module) -> nn.Module:
 
 
 def cast_for_export(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Parameters and persistent buffers to `dtype`; non-persistent buffers (RoPE inv_freq) keep
-    theirs. That is the model `from_pretrained(dtype=...)` builds, and the one training ran (FSDP
-    casts parameters only): a plain .to(bf16) would round inv_freq and change every logit."""
-    keep = list(non_persistent_buffers(model))
-    model.to(dtype)
-    for mod, name, buf in keep:
-        mod._buffers[name] = buf
-    return model
+    """The export dtype, with RoPE's inv_freq kept as from_pretrained keeps it (cast_keep_buffers)."""
+    return cast_keep_buffers(model, dtype)
 
 
 def _set(root: nn.Module, fqn: str, new: nn.Module) -> None:
