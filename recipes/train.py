@@ -161,14 +161,16 @@ def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int, te
         model.set_requires_gradient_sync(m == len(micro_idx) - 1)
         teacher_hidden = teacher.hidden(ids) if teacher is not None else None
         logits = model(input_ids=ids, use_cache=False).logits
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                             ignore_index=IGNORE, reduction="sum")
+        # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
+        with torch.set_grad_enabled(teacher is None or distill.weight < 1):
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
         loss, kd = ce, torch.zeros((), device=device)
         if teacher is not None:
             weight, bias = teacher.head_params()
             kd = kd_sum(logits, teacher_hidden, weight, bias, labels, distill.temperature, distill.chunk_size,
                         teacher.softcap)
-            loss = distill.weight * kd + (1 - distill.weight) * ce
+            loss = kd if distill.weight == 1 else distill.weight * kd + (1 - distill.weight) * ce
         (loss * world / global_tokens).backward()
         sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
     total, ce_total, kd_total = all_reduce_sum(sums.tolist(), device)
