@@ -15,7 +15,14 @@ from typing import Optional
 from eval.metrics import METRICS, Metric
 
 MODELS = ["bf16", "ptq", "qat"]
-LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT"}
+# Quantization-aware arms, in table order: plain QAT, and QAT with distillation (QAD).
+ARMS = ["qat", "qad"]
+LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT", "qad": "QAD"}
+
+
+def models(results: dict) -> list[str]:
+    """The rows present: bf16 and PTQ, then every quantization-aware arm that was evaluated."""
+    return ["bf16", "ptq"] + [a for a in ARMS if a in results]
 
 
 def labels(simulated: bool = False) -> dict[str, str]:
@@ -46,29 +53,36 @@ def stderr(results: dict, model: str, m: Metric) -> Optional[float]:
 
 
 def rows(results: dict, simulated: bool = False) -> dict[str, dict[str, Optional[float]]]:
-    """{row label: {metric label: number}} for the table, the plot and W&B."""
+    """{row label: {metric label: number}} for the table, the plot and W&B: one row per model, then
+    the degradation of PTQ and of each arm, then the share of PTQ's degradation each arm recovered."""
     names = labels(simulated)
-    table = {names[k]: {m.label: value(results, k, m) for m in METRICS} for k in MODELS}
-    deg_ptq, deg_qat, rec = {}, {}, {}
+    keys = models(results)
+    table = {names[k]: {m.label: value(results, k, m) for m in METRICS} for k in keys}
+    deg = {k: {} for k in keys[1:]}
+    rec = {a: {} for a in keys[2:]}
     for m in METRICS:
-        b, p, q = (value(results, k, m) for k in MODELS)
-        if None in (b, p, q):
+        b, p = value(results, "bf16", m), value(results, "ptq", m)
+        if None in (b, p):
             continue
-        deg_ptq[m.label] = degradation(b, p, m.higher_is_better)
-        deg_qat[m.label] = degradation(b, q, m.higher_is_better)
         errs = [e for e in (stderr(results, "bf16", m), stderr(results, "ptq", m)) if e is not None]
         se = (sum(e * e for e in errs)) ** 0.5 if errs else None
-        rec[m.label] = recovered(b, p, q, m.higher_is_better, se)
-    table["PTQ degradation"] = deg_ptq
-    table["QAT degradation"] = deg_qat
-    table["recovered by QAT"] = rec
+        deg["ptq"][m.label] = degradation(b, p, m.higher_is_better)
+        for a in keys[2:]:
+            q = value(results, a, m)
+            if q is not None:
+                deg[a][m.label] = degradation(b, q, m.higher_is_better)
+                rec[a][m.label] = recovered(b, p, q, m.higher_is_better, se)
+    for k in keys[1:]:
+        table[f"{LABELS[k]} degradation"] = deg[k]
+    for a in keys[2:]:
+        table[f"recovered by {LABELS[a]}"] = rec[a]
     return table
 
 
 def _fmt(x: Optional[float], row: str, results: dict, m: Metric, names: dict) -> str:
     if x is None:
         return "n/a"
-    if row == "recovered by QAT":
+    if row.startswith("recovered by "):
         return f"{100 * x:.0f}%"
     s = f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
     key = next((k for k, v in names.items() if v == row), None)
@@ -78,7 +92,8 @@ def _fmt(x: Optional[float], row: str, results: dict, m: Metric, names: dict) ->
 
 def markdown(results: dict, header: dict, simulated: bool = False) -> str:
     """The report: what was run, then the table in the form torchao's README uses."""
-    lines = [f"# bf16 vs PTQ vs QAT: {header.get('title', '')}".rstrip(": "), ""]
+    names = " vs ".join(["bf16"] + [LABELS[k] for k in models(results)[1:]])
+    lines = [f"# {names}: {header.get('title', '')}".rstrip(": "), ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
     lines += ["", "| | " + " | ".join(m.label for m in METRICS) + " |",
               "|---|" + "---|" * len(METRICS)]
@@ -86,25 +101,26 @@ def markdown(results: dict, header: dict, simulated: bool = False) -> str:
     for row, vals in rows(results, simulated).items():
         lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m, names) for m in METRICS) + " |")
     lines += ["", "Degradation is in each metric's bad direction (accuracy lost, perplexity gained). "
-              "Recovered = (PTQ degradation - QAT degradation) / PTQ degradation; n/a where PTQ's "
+              "Recovered = (PTQ degradation - arm degradation) / PTQ degradation; n/a where PTQ's "
               "degradation is not above two standard errors. ± is lm-eval's standard error."]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None:
-    """One panel per metric (their scales differ), three bars each, with standard-error whiskers."""
+    """One panel per metric (their scales differ), a bar per model, with standard-error whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868"}
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.8))
+    colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868", "qad": "#8172B3"}
+    keys = models(results)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(3.2, 1.1 * len(keys)) * len(METRICS), 3.8))
     for ax, m in zip(axes, METRICS):
-        vals = [value(results, k, m) or 0.0 for k in MODELS]
-        errs = [stderr(results, k, m) or 0.0 for k in MODELS]
-        bars = ax.bar([labels(simulated)[k].replace(" (", "\n(") for k in MODELS], vals, yerr=errs, capsize=3,
-                      color=[colors[k] for k in MODELS])
+        vals = [value(results, k, m) or 0.0 for k in keys]
+        errs = [stderr(results, k, m) or 0.0 for k in keys]
+        bars = ax.bar([labels(simulated)[k].replace(" (", "\n(") for k in keys], vals, yerr=errs, capsize=3,
+                      color=[colors[k] for k in keys])
         for bar, v, e in zip(bars, vals, errs):
             ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v + e), ha="center", va="bottom",
                         fontsize=8, xytext=(0, 2), textcoords="offset points")

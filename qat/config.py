@@ -186,6 +186,8 @@ class CompareConfig:
     full: bool = True  # bf16 and QAT arms with full fine-tuning
     lora: bool = False  # bf16-LoRA and QAT+LoRA arms
     lora_merged: bool = False  # the QAT+LoRA arm fake-quantizes W + s*B@A (qat.lora_merged)
+    # Also a QAD arm: QAT trained on the KL from the fine-tuned bf16 arm's export (distill.teacher)
+    qad: bool = False
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
     title: str = ""
     data_description: str = ""

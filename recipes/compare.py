@@ -35,18 +35,28 @@ from qat.errors import UserError, exit_on_user_error
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def arms(cfg: CompareConfig) -> dict[str, list[str]]:
-    """Arm name -> training overrides. Every arm shares the base config, data, steps and seed."""
+def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
+    """Arm name -> training overrides, in training order. Every arm shares the base config, data,
+    steps and seed. A QAD arm distils the fine-tuned bf16 arm of its kind, so it trains after it."""
     qat = ["qat.enabled=true", f"qat.scheme={cfg.scheme}", f"qat.group_size={_null(cfg.group_size)}"]
-    out = {}
-    if cfg.full:
-        out["bf16"], out["qat"] = ["qat.enabled=false", "lora.enabled=false"], qat + ["lora.enabled=false"]
-    if cfg.lora:
-        merged = [f"qat.lora_merged={str(cfg.lora_merged).lower()}"]
-        out["bf16_lora"], out["qat_lora"] = ["qat.enabled=false", "lora.enabled=true"], qat + ["lora.enabled=true"] + merged
-    if not out:
+    arms = {}
+    for kind, suffix, lora in (("full", "", ["lora.enabled=false"]), ("lora", "_lora", ["lora.enabled=true"])):
+        if not getattr(cfg, kind):
+            continue
+        merged = [f"qat.lora_merged={str(cfg.lora_merged).lower()}"] if kind == "lora" else []
+        arms[f"bf16{suffix}"] = ["qat.enabled=false"] + lora
+        arms[f"qat{suffix}"] = qat + lora + merged
+        if cfg.qad:
+            arms[f"qad{suffix}"] = qat + lora + merged + ["distill.enabled=true",
+                                                         f"distill.teacher={teacher_of(out, suffix)}"]
+    if not arms:
         raise UserError("compare has no arms: set full=true and/or lora=true")
-    return out
+    return arms
+
+
+def teacher_of(out: Path, suffix: str) -> Path:
+    """The QAD teacher: the fine-tuned bf16 arm's hf/ export (LoRA merged)."""
+    return out / f"bf16{suffix}" / "export" / "hf"
 
 
 def _null(v):
@@ -74,11 +84,13 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
 
 
 def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dict, Optional[dict]]:
-    """{bf16, ptq, qat} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
+    """{bf16, ptq, qat[, qad]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
     targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log)),
                **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log))}
+    if cfg.qad:  # a QAT run too, so its model comes back under "qat"
+        targets["qad"] = run_models(export_run(out / f"qad{suffix}", out / f"qad{suffix}" / "export", ptq, log=log))["qat"]
     results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
     simulated = next((t.simulate for t in targets.values() if t.simulated), None)
     return results, simulated
@@ -96,7 +108,10 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
             "steps": f"{t.steps} x {t.batch_size * cfg.nproc_per_node * t.gradient_accumulation_steps}"
                      f" sequences of {train.data.seq_len} tokens, lr {train.optimizer.lr}, seed {t.seed}",
             "data": cfg.data_description or ", ".join(s.path for s in train.data.sources),
-            "eval": f"lm-eval tasks={cfg.eval.tasks}" + (f", limit={cfg.eval.limit}" if cfg.eval.limit else "")}
+            "eval": f"lm-eval tasks={cfg.eval.tasks}" + (f", limit={cfg.eval.limit}" if cfg.eval.limit else ""),
+            "arms": "PTQ: the bf16 arm quantized after training; QAT: fake quantization, cross-entropy"
+                    + ("; QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at T=1"
+                       if cfg.qad else "")}
 
 
 def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> str:
@@ -125,7 +140,11 @@ def main(argv=None) -> None:
     get_scheme(cfg.scheme)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for arm, overrides in arms(cfg).items():
+    for arm, overrides in arms(cfg, out).items():
+        if arm.startswith("qad"):  # its teacher is the bf16 arm's export
+            suffix = arm[len("qad"):]
+            export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", PTQRequest(cfg.scheme, cfg.group_size),
+                       log=log)
         train_arm(cfg, arm, overrides, out)
     for kind in ("full", "lora"):
         if not getattr(cfg, kind):
@@ -142,13 +161,13 @@ def main(argv=None) -> None:
 
 def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> None:
     """W&B: an eval run per model and a comparison run, in the compare folder's group."""
-    from eval.report import MODELS, labels, rows
+    from eval.report import labels, models, rows
     from eval.wandb_report import ModelRow, log_models
 
     names = labels(simulated)
     models = [ModelRow(run_name=f"{out.name}-{kind}-{k}" + ("-simulated" if simulated and k != "bf16" else ""),
                        label=names[k], columns={"kind": kind, "scheme": head.get("scheme", "")},
-                       results=results.get(k, {})) for k in MODELS]
+                       results=results.get(k, {})) for k in models(results)]
     summary = {f"compare/{label}/{metric}": v for label, vals in rows(results, simulated).items()
                for metric, v in vals.items() if v is not None}
     suffix = "" if kind == "full" else "_lora"

@@ -52,7 +52,7 @@ def demo_tree(world, tmp_path):
 
 
 REDUCED = ["train_overrides=[training.steps=30,training.batch_size=8,data.seq_len=64,"
-           "logging.wandb.enabled=false]", "eval.limit=60", "wandb.enabled=false"]
+           "logging.wandb.enabled=false]", "eval.limit=60", "wandb.enabled=false", "qad=true"]
 
 
 def run_demo(tree, extra=(), pretrain_steps=60, **popen):
@@ -86,8 +86,26 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     assert bpb["ptq"] > bpb["bf16"] * 1.05, bpb  # int2 PTQ clearly hurts
     assert bpb["qat"] < bpb["ptq"], bpb  # and QAT recovers part of it
     assert "| recovered by QAT |" in (cmp / "report.md").read_text()
+    # the QAD arm distilled the fine-tuned bf16 arm's export, and has its own row and share
+    qad_cfg = (cmp / "qad" / "config.yaml").read_text()
+    assert "enabled: true" in qad_cfg.split("distill:")[1] and str(cmp / "bf16" / "export" / "hf") in qad_cfg
+    assert results["qad"]["wikitext"]["bits_per_byte"] < bpb["ptq"]
+    assert "| recovered by QAD |" in (cmp / "report.md").read_text()
+    kd = [json.loads(l)["train/kd_loss"] for l in (cmp / "qad" / "metrics.jsonl").read_text().splitlines()]
+    assert len(kd) == 30 and kd[-1] < kd[0]
     assert (cmp / "comparison.png").stat().st_size > 10_000
     assert "8da2w (int8 dynamic activations + int2 weights, group 32)" in out
+
+
+def test_report_rows_for_a_qad_arm():
+    res = {"bf16": {"wikitext": {"bits_per_byte": 1.0}}, "ptq": {"wikitext": {"bits_per_byte": 1.4}},
+           "qat": {"wikitext": {"bits_per_byte": 1.1}}, "qad": {"wikitext": {"bits_per_byte": 1.04}}}
+    r = rows(res)
+    assert r["recovered by QAT"]["wikitext bits/byte"] == pytest.approx(0.75)
+    assert r["recovered by QAD"]["wikitext bits/byte"] == pytest.approx(0.9)
+    assert r["QAD degradation"]["wikitext bits/byte"] == pytest.approx(0.04)
+    md = markdown(res, {"title": "t"})
+    assert md.startswith("# bf16 vs PTQ vs QAT vs QAD: t") and "| QAD | n/a | n/a | n/a | n/a | 1.0400 |" in md
 
 
 def test_simulated_rows_are_labelled():
