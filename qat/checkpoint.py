@@ -94,11 +94,12 @@ def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, ad
     dist.barrier()
     if rank == 0:
         write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            old = final.with_name(f".old-{final.name}")
+        old = final.with_name(f".old-{final.name}")
+        if final.exists():  # re-saving a step: two renames, so a kill in between loses nothing complete
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            shutil.rmtree(old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(Path(root))
         prune(root, keep_last)
     dist.barrier()

@@ -24,6 +24,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `torchrun recipes/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch's seconds of imports: a torchrun worker dies with torchrun
+    from qat.lifeline import exit_with_launcher
+
+    exit_with_launcher()
 
 import torch
 import torch.distributed as dist
