@@ -66,8 +66,15 @@ def read_meta(path: Path) -> dict:
 
 
 def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
-    """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path."""
+    """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path.
+
+    A fresh start into a folder that already holds checkpoints is refused: it would prune them.
+    Training calls this on rank 0 only and shares the answer (qat.distributed.decide_on_rank0).
+    """
     if resume is None:
+        if list_checkpoints(root):
+            raise UserError(f"{root} already holds checkpoints; set checkpoint.resume=auto to continue that run, "
+                            f"or choose another output_dir")
         return None
     if resume == "auto":
         found = list_checkpoints(root)

@@ -16,6 +16,7 @@ every rank finish the current step, save a checkpoint and exit (Slurm preemption
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -34,10 +35,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from qat import checkpoint as ckpt
+from qat import runlock
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
-from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
+from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
 from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
@@ -80,16 +82,36 @@ class StopFlag:
         self.file.unlink(missing_ok=True)
 
 
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+
+
+def claim_run_dir(cfg: TrainConfig):
+    """Rank 0 takes the run lock of output_dir (qat/runlock.py), then picks the checkpoint to resume.
+
+    Both before anything is written, and both decided once: every rank receives rank 0's answer,
+    or raises rank 0's UserError. Returns (the lock on rank 0 / a no-op elsewhere, resume path).
+    """
+    held = []
+
+    def on_rank0():
+        held.append(runlock.acquire(Path(cfg.output_dir)))
+        return ckpt.resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+
+    try:
+        resume_from = decide_on_rank0(on_rank0)
+    except UserError:
+        for lock in held:
+            lock.release()
+        raise
+    return (held[0] if held else contextlib.nullcontext()), resume_from
+
+
 def prepare(cfg: TrainConfig, device: torch.device):
-    """Everything that can fail on user input, done before the process group exists."""
+    """Everything that can fail on user input; every rank does it alike, so all raise together."""
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
-    ckpt_root = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    if cfg.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
-        raise UserError(f"{ckpt_root} already holds checkpoints; set checkpoint.resume=auto to continue "
-                        f"that run, or choose another output_dir")
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
@@ -103,7 +125,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
         model = apply_lora(model, cfg.lora)
     if scheme is not None:
         apply_qat(model, cfg.qat, scheme)
-    return model, tokenizer, data, scheme, ckpt_root, resume_from
+    return model, tokenizer, data, scheme
 
 
 def shard(model, cfg: TrainConfig, mesh, device) -> None:
@@ -195,16 +217,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = pick_device(cfg.fsdp.device)
-    model, tokenizer, (ids, labels), scheme, ckpt_root, resume_from = prepare(cfg, device)
+    mesh = init_distributed(device)
     try:
-        run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from)
+        lock, resume_from = claim_run_dir(cfg)
+        with lock:  # released when training ends in any way; SIGKILL: by the kernel
+            model, tokenizer, (ids, labels), scheme = prepare(cfg, device)
+            run(cfg, device, mesh, model, ids, labels, scheme, resume_from)
     finally:
         cleanup()
 
 
-def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None:
-    mesh = init_distributed(device)
+def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_root = checkpoint_root(cfg)
     stop = StopFlag(Path(cfg.output_dir))
     shard(model, cfg, mesh, device)
     params = trainable_parameters(model)
