@@ -225,9 +225,9 @@ class Stages:
     """A tqdm bar over convert's stages, on rank 0: with a large model each takes minutes."""
 
     def __init__(self, total: int):
-        from tqdm import tqdm
+        from qat.progress import progress_bar
 
-        self.bar = tqdm(total=total, desc="convert", unit="stage", disable=not is_rank0(), dynamic_ncols=True)
+        self.bar = progress_bar(total, "convert", unit="stage", disable=not is_rank0())
         self.started = False
 
     def __call__(self, name: str) -> None:

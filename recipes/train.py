@@ -46,6 +46,7 @@ from qat.model import (apply_activation_checkpointing, apply_compile, apply_fsdp
                        apply_qat, cast_frozen, count_parameters, fill_from_rank0, load_model, qat_backend,
                        set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
+from qat.progress import progress_bar
 from qat.schemes import get_scheme
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -255,8 +256,7 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
         logger.summary({"params/total": n_all, "params/trainable": n_train,
                         "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
         if cfg.logging.progress_bar:
-            from tqdm import tqdm
-            bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+            bar = progress_bar(t.steps, "train", initial=start)
     hf_cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     emb = hf_cfg.vocab_size * hf_cfg.hidden_size
     fpt = flops_per_token(n_all - emb if not hf_cfg.tie_word_embeddings else n_all, hf_cfg.num_hidden_layers,
