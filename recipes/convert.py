@@ -175,7 +175,7 @@ def convert(loaded, path: Path, scheme, group, embedding, args, tmp: Path, io, s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     probe = probe_batch(tokenizer, cfg)
-    base = {"checkpoint": str(path), "step": meta["step"]}
+    base = {"checkpoint": str(path), "step": meta["step"], "qat_coverage": meta.get("qat_coverage")}
     tail = 0 if args.only_hf else 1 + (1 if simulate else 2 + (not args.no_reload_check))
     stage = Stages(2 + cfg.lora.enabled + tail)
     with torch.no_grad():

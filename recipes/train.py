@@ -38,6 +38,8 @@ from qat import checkpoint as ckpt
 from qat import runlock
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
+from qat.coverage import coverage as qat_coverage
+from qat.coverage import describe as describe_coverage
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
@@ -198,9 +200,10 @@ def clip_gradients(params, max_norm) -> float:
     return float(norm)
 
 
-def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss) -> dict:
+def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, coverage) -> dict:
     return {"step": step, "data": sampler.state_dict(), "scheduler": scheduler.state_dict(),
             "qat": scheme.record(cfg.qat.group_size, cfg.qat.embedding) if scheme else None,
+            "qat_coverage": coverage,
             "lora": to_dict(cfg.lora) if cfg.lora.enabled else None, "model_path": cfg.model.path,
             "world_size": world, "seed": cfg.training.seed, "loss": loss, "config": to_dict(cfg)}
 
@@ -232,6 +235,9 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_root = checkpoint_root(cfg)
     stop = StopFlag(Path(cfg.output_dir))
+    coverage = qat_coverage(model) if scheme is not None else None
+    if rank == 0 and coverage is not None:
+        print(describe_coverage(coverage), flush=True)
     shard(model, cfg, mesh, device)
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.optimizer)
@@ -300,7 +306,7 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             every = cfg.checkpoint.every_n_steps
             if stop_votes > 0 or step == end or (every and step % every == 0):
-                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss)
+                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, coverage)
                 path = ckpt.save(ckpt_root, step, model, optimizer, meta, cfg.checkpoint.keep_last,
                                  adapter_only=cfg.lora.enabled)
                 if rank == 0 and bar is not None:
