@@ -1,5 +1,6 @@
 """The defaults work on any HF causal LM: tiny random configs of several architectures go through
-train (QAT 8da4w + LoRA, default targets and attention) and convert; MoE experts are refused in
+train (QAT 8da4w + LoRA, default targets and attention) and convert (Gemma 2 also through
+evaluate); MoE experts are refused in
 one line unless qat.allow_unquantized=true."""
 
 import json
@@ -12,6 +13,7 @@ from conftest import ROOT, base_overrides
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import convert as convert_recipe  # noqa: E402
+import evaluate as evaluate_recipe  # noqa: E402
 import train as train_recipe  # noqa: E402
 
 # Dimensions are multiples of 32 so that group size 32 divides every in_features.
@@ -96,7 +98,11 @@ def test_defaults_train_and_convert(kind, world, tmp_path, capsys):
     else:
         assert cov["share"] == 1.0 and cov["unquantized"] == {}
     out = tmp_path / "export"
-    convert_recipe.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--no-reload-check"])
+    convert_recipe.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
     verify = json.loads((out / "verify.json").read_text())
     assert verify["qat_coverage"] == cov
-    assert verify["converted_equals_fake_quant"] is True
+    assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
+    if kind == "gemma2":  # lm-eval loads the folder itself: the attention choice must hold there too
+        res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
+                                    str(world / "eval"), "--limit", "4", "--dtype", "float32"])
+        assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1
