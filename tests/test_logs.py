@@ -2,7 +2,6 @@
 filtered, every other warning kept."""
 
 import io
-import os
 import subprocess
 import sys
 import time

@@ -54,7 +54,7 @@ def test_second_holder_refused_then_dead_holders_lock_taken_over(tmp_path, flock
         kill(holder)
     # SIGKILL runs no cleanup: the record still says held, yet the holder is dead, so the lock is stale
     assert json.loads((tmp_path / "run.lock").read_text())["released"] is False
-    with runlock.acquire(tmp_path, use_flock=flock) as lock:
+    with runlock.acquire(tmp_path, use_flock=flock):
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
     assert json.loads((tmp_path / "run.lock").read_text())["released"] is True
     runlock.acquire(tmp_path, use_flock=flock).release()  # a released lock is free
