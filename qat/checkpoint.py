@@ -83,6 +83,30 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     return Path(resume)
 
 
+def clean_partial(root: Path) -> list[str]:
+    """Remove what a save killed midway left behind; returns what it did, for the log.
+
+    Only the holder of the run lock may call it (qat/runlock.py): another live writer's .tmp-
+    folder would look just the same. A `.old-step-N` is a complete checkpoint that was being
+    replaced; if the kill came between the two renames, there is no `step-N` and it goes back.
+    """
+    root, done = Path(root), []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = re.match(r"^\.(tmp|old)-(step-\d{6,})$", p.name)
+        if not (m and p.is_dir()):
+            continue
+        final = root / m.group(2)
+        if m.group(1) == "old" and not final.exists() and (p / META).is_file() and (p / ".metadata").is_file():
+            os.replace(p, final)
+            done.append(f"restored {final.name} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
+
+
 def _options(adapter_only: bool) -> StateDictOptions:
     # For LoRA the frozen base weights come from model.path again; only adapters are saved.
     return StateDictOptions(ignore_frozen_params=adapter_only, strict=not adapter_only)

@@ -99,6 +99,8 @@ def claim_run_dir(cfg: TrainConfig):
 
     def on_rank0():
         held.append(runlock.acquire(Path(cfg.output_dir)))
+        for line in ckpt.clean_partial(checkpoint_root(cfg)):  # safe now: no other writer
+            print(f"checkpoints: {line} (left by a save that was killed)", flush=True)
         return ckpt.resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
 
     try:

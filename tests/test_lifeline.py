@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_overrides, env, train_cmd
+from conftest import ROOT, base_overrides, env, run_train, train_cmd
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -103,7 +103,8 @@ def test_plain_python_is_not_tied_to_its_parent():
 
 
 def test_sigkill_of_torchrun_ends_training_workers_without_partial_checkpoints(world, tmp_path):
-    """The real thing: 2-rank torchrun training that saves every step; SIGKILL torchrun mid-run."""
+    """The real thing: 2-rank torchrun training that saves every step; SIGKILL torchrun mid-run,
+    then relaunch on the same folder."""
     overrides = base_overrides(world, tmp_path) + ["training.steps=100000", "checkpoint.every_n_steps=1",
                                                    "checkpoint.keep_last=2", "scheduler.warmup_steps=0"]
     log = open(tmp_path / "torchrun.log", "w")
@@ -129,3 +130,8 @@ def test_sigkill_of_torchrun_ends_training_workers_without_partial_checkpoints(w
 
     steps = sorted(ckpts.glob("step-*"))
     assert steps and all(is_complete(p) for p in steps), [sorted(q.name for q in p.iterdir()) for p in steps]
+    # the relaunch: the dead run's lock is free, leftovers go, training continues from its newest step
+    newest = int(steps[-1].name.split("-")[1])
+    proc = run_train(overrides + ["checkpoint.resume=auto", "training.stop_after_steps=1"], nproc=1)
+    assert f"resumed at step {newest}" in proc.stdout
+    assert not list(ckpts.glob(".tmp-*")) and (ckpts / f"step-{newest + 1:06d}").is_dir()

@@ -120,3 +120,56 @@ def test_second_training_launch_on_one_output_dir_is_refused(world, tmp_path):
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and len(losses(tmp_path)) == len(steps)
     assert json.loads((tmp_path / "run.lock").read_text())["released"] is True
+
+
+def test_lock_holder_cleans_what_a_killed_save_left(tmp_path):
+    from qat.checkpoint import clean_partial, list_checkpoints
+
+    def ckpt_dir(name, complete=True):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "meta.json").write_text("{}")
+            (tmp_path / name / ".metadata").write_text("")
+
+    ckpt_dir("step-000004")
+    ckpt_dir(".tmp-step-000006", complete=False)  # killed while writing shards
+    ckpt_dir(".old-step-000004")  # killed after the re-save landed: step-000004 exists
+    ckpt_dir(".old-step-000008")  # killed between the two renames: the only copy of step 8
+    done = clean_partial(tmp_path)
+    assert done == ["removed .old-step-000004", "restored step-000008 from .old-step-000008",
+                    "removed .tmp-step-000006"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "step-000008"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000008"]
+
+
+DECIDE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from qat.distributed import decide_on_rank0
+from qat.errors import UserError
+dist.init_process_group("gloo")
+print("pid", decide_on_rank0(os.getpid), flush=True)
+def refuse():
+    raise UserError("rank 0 says no")
+try:
+    decide_on_rank0(refuse)
+except UserError as e:
+    print("raised", e, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_rank0_decides_once_for_every_rank(tmp_path):
+    """Two gloo ranks: both get rank 0's value (its pid), and both raise rank 0's UserError."""
+    from conftest import _free_port
+
+    script = tmp_path / "decide.py"
+    script.write_text(DECIDE.format(root=str(ROOT)))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)})
+             for port in [_free_port()] for r in range(2)]
+    outs = [p.communicate(timeout=120)[0].splitlines() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] == [f"pid {procs[0].pid}", "raised rank 0 says no"]
