@@ -11,6 +11,10 @@ Plain `python recipes/train.py ...` runs as a world of one.
 Resume: `checkpoint.resume=auto` continues from the newest complete checkpoint under
 `checkpoint.dir` (default <output_dir>/checkpoints), at any world size. SIGUSR1 or SIGTERM makes
 every rank finish the current step, save a checkpoint and exit (Slurm preemption).
+
+One writer per run folder: rank 0 holds <output_dir>/run.lock for the whole run, and a second run
+on the same folder stops with one line naming the holder (qat/runlock.py). Under torchrun each
+worker exits as soon as torchrun itself dies, even by SIGKILL (qat/lifeline.py).
 """
 
 from __future__ import annotations
