@@ -161,7 +161,10 @@ def _flock(path: Path, me: dict, requeue_wait_s: float) -> Optional[int]:
 
     deadline = None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot open the run lock {path}: {e.strerror}; output_dir must be writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

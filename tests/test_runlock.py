@@ -173,3 +173,9 @@ def test_rank0_decides_once_for_every_rank(tmp_path):
     outs = [p.communicate(timeout=120)[0].splitlines() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] == [f"pid {procs[0].pid}", "raised rank 0 says no"]
+
+
+def test_unopenable_lock_file_is_one_line(tmp_path):
+    (tmp_path / "run.lock").mkdir()  # as root, the one way to make open() fail (EISDIR)
+    with pytest.raises(UserError, match=r"cannot open the run lock .*run\.lock: Is a directory; output_dir must"):
+        runlock.acquire(tmp_path)
