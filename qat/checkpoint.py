@@ -65,14 +65,45 @@ def read_meta(path: Path) -> dict:
 
 
 def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
-    """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path."""
+    """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path.
+
+    A fresh start into a folder that already holds checkpoints is refused: it would prune them.
+    Training calls this on rank 0 only and shares the answer (qat.distributed.decide_on_rank0).
+    """
     if resume is None:
+        if list_checkpoints(root):
+            raise UserError(f"{root} already holds checkpoints; set checkpoint.resume=auto to continue that run, "
+                            f"or choose another output_dir")
         return None
     if resume == "auto":
         found = list_checkpoints(root)
         return found[-1] if found else None
     read_meta(Path(resume))
     return Path(resume)
+
+
+def clean_partial(root: Path) -> list[str]:
+    """Remove what a save killed midway left behind; returns what it did, for the log.
+
+    Only the holder of the run lock may call it (qat/runlock.py): another live writer's .tmp-
+    folder would look just the same. A `.old-step-N` is a complete checkpoint that was being
+    replaced; if the kill came between the two renames, there is no `step-N` and it goes back.
+    """
+    root, done = Path(root), []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = re.match(r"^\.(tmp|old)-(step-\d{6,})$", p.name)
+        if not (m and p.is_dir()):
+            continue
+        final = root / m.group(2)
+        if m.group(1) == "old" and not final.exists() and (p / META).is_file() and (p / ".metadata").is_file():
+            os.replace(p, final)
+            done.append(f"restored {final.name} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
 
 
 def _options(adapter_only: bool) -> StateDictOptions:
@@ -93,11 +124,12 @@ def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, ad
     dist.barrier()
     if rank == 0:
         write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            old = final.with_name(f".old-{final.name}")
+        old = final.with_name(f".old-{final.name}")
+        if final.exists():  # re-saving a step: two renames, so a kill in between loses nothing complete
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            shutil.rmtree(old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(Path(root))
         prune(root, keep_last)
     dist.barrier()

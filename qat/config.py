@@ -20,16 +20,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qat.errors import UserError
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local HF folder or hub id (resolved through the HF cache)
     revision: Optional[str] = None
     trust_remote_code: bool = False
     init: str = "pretrained"  # "pretrained" loads weights; "random" is for benchmarks only
-    attn_implementation: str = "sdpa"
+    # null: transformers picks (sdpa where the architecture supports it; eager for Gemma 2)
+    attn_implementation: Optional[str] = None
 
 
 @dataclass
@@ -38,7 +36,9 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    # null: every nn.Linear inside the decoder blocks, resolved per model and logged
+    # (q_proj ... down_proj on Llama, qkv_proj and gate_up_proj on Phi-3, ...)
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -53,6 +53,9 @@ class FakeQuantConfig:
     fake_quant_after_n_steps: int = 0  # train this many steps in bf16 before fake quantization
     backend: str = "auto"  # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours for intx
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
+    # Weight tensors of the decoder blocks that are not nn.Linear (MoE experts stored as fused 3D
+    # parameters) get no fake quantization; training refuses unless this is true.
+    allow_unquantized: bool = False
 
 
 @dataclass
@@ -243,8 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"distill.weight={d.weight} must be within 0..1 (the KL share of the loss)")
     if d.chunk_size < 1:
         raise UserError(f"distill.chunk_size={d.chunk_size} must be at least 1")
-    if cfg.lora.enabled and not cfg.lora.target_modules:
-        raise UserError("lora.target_modules is empty")
+    if cfg.lora.enabled and cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+        raise UserError("lora.target_modules is empty; null targets every Linear of the decoder blocks")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).name.startswith("step-"):
         raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected null, 'auto' or a step-NNNNNN folder")
 

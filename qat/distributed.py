@@ -57,3 +57,23 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def decide_on_rank0(fn, *args):
+    """Call fn on rank 0 alone and return its result on every rank.
+
+    For decisions that must be taken once (the run lock, the checkpoint to resume): if every rank
+    looked for itself, two ranks could see a folder at different instants and decide differently.
+    A UserError raised by fn is raised on every rank, so rank 0 prints one line and all exit 2.
+    """
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn(*args))]
+        except UserError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value

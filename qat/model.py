@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from qat.config import FakeQuantConfig, FSDPConfig, LoRAConfig, ModelConfig
-from qat.errors import UserError
+from qat.coverage import refuse_uncovered
+from qat.errors import UserError, is_rank0
 from qat.schemes import Scheme, embedding_quant
 
 # Config dtype names (training.dtype, convert --dtype) to torch dtypes.
@@ -74,17 +75,43 @@ def _unwrap(block: nn.Module) -> nn.Module:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap with peft LoRA; the base model is frozen, only adapters train."""
+    """Wrap with peft LoRA; the base model is frozen, only adapters train.
+
+    target_modules=None (the default) targets every nn.Linear inside the decoder blocks, whatever
+    the architecture calls them (Phi-3 fuses qkv_proj and gate_up_proj, Starcoder2 has c_fc).
+    """
     from peft import LoraConfig, get_peft_model
 
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in cfg.target_modules if t not in linear_names]
-    if missing:
-        raise UserError(f"lora.target_modules {missing} match no Linear layer of the model; "
-                        f"available: {sorted(linear_names)}")
+    if cfg.target_modules is None:
+        target, names = block_linear_targets(model)
+        if is_rank0():
+            print(f"lora: every Linear of the decoder blocks: {', '.join(names)}", flush=True)
+    else:
+        linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in cfg.target_modules if t not in linear_names]
+        if missing:
+            raise UserError(f"lora.target_modules {missing} match no Linear layer of the model; "
+                            f"available: {sorted(linear_names)} (or null for every Linear of the decoder blocks)")
+        target = list(cfg.target_modules)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=target, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def block_linear_targets(model: nn.Module) -> tuple[str, list[str]]:
+    """(a peft target regex, the Linears' leaf names) for every nn.Linear inside the decoder blocks.
+
+    A regex anchored at the blocks list, not bare leaf names: a leaf name such as q_proj may
+    also name a Linear outside the decoder (a vision tower), which must not get an adapter.
+    """
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in blocks.named_modules()
+                    if isinstance(m, nn.Linear) and "." in n})
+    if not names:
+        raise UserError(f"the decoder blocks of {type(model).__name__} hold no nn.Linear for LoRA to target")
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{alternatives})", names
 
 
 def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
@@ -120,6 +147,7 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
     from qat.fake_quant import QATLinear
 
     targets = qat_targets(model)
+    refuse_uncovered(model, targets, cfg.allow_unquantized)
     scheme.check_shapes(targets, cfg.group_size)
     if qat_backend(cfg, scheme) == "ours":
         wfq, afq = scheme.fake_quantizers(cfg.group_size)

@@ -28,6 +28,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch's seconds of imports: a torchrun worker dies with torchrun
+    from qat.lifeline import exit_with_launcher
+
+    exit_with_launcher()
 
 from qat.errors import exit_on_user_error, is_rank0
 

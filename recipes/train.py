@@ -11,11 +11,16 @@ Plain `python recipes/train.py ...` runs as a world of one.
 Resume: `checkpoint.resume=auto` continues from the newest complete checkpoint under
 `checkpoint.dir` (default <output_dir>/checkpoints), at any world size. SIGUSR1 or SIGTERM makes
 every rank finish the current step, save a checkpoint and exit (Slurm preemption).
+
+One writer per run folder: rank 0 holds <output_dir>/run.lock for the whole run, and a second run
+on the same folder stops with one line naming the holder (qat/runlock.py). Under torchrun each
+worker exits as soon as torchrun itself dies, even by SIGKILL (qat/lifeline.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -24,23 +29,31 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `torchrun recipes/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch's seconds of imports: a torchrun worker dies with torchrun
+    from qat.lifeline import exit_with_launcher
+
+    exit_with_launcher()
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from qat import checkpoint as ckpt
+from qat import runlock
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
+from qat.coverage import coverage as qat_coverage
+from qat.coverage import describe as describe_coverage
 from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
 from qat.distill import build_teacher, check_teacher, kd_sum
-from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
+from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
 from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
                        apply_qat, cast_frozen, cast_keep_buffers, count_parameters, fill_from_rank0, load_model,
                        qat_backend, set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
+from qat.progress import progress_bar
 from qat.rng import seed_step
 from qat.schemes import embedding_quant, get_scheme, same_record
 
@@ -76,16 +89,38 @@ class StopFlag:
         self.file.unlink(missing_ok=True)
 
 
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
+
+
+def claim_run_dir(cfg: TrainConfig):
+    """Rank 0 takes the run lock of output_dir (qat/runlock.py), then picks the checkpoint to resume.
+
+    Both before anything is written, and both decided once: every rank receives rank 0's answer,
+    or raises rank 0's UserError. Returns (the lock on rank 0 / a no-op elsewhere, resume path).
+    """
+    held = []
+
+    def on_rank0():
+        held.append(runlock.acquire(Path(cfg.output_dir)))
+        for line in ckpt.clean_partial(checkpoint_root(cfg)):  # safe now: no other writer
+            print(f"checkpoints: {line} (left by a save that was killed)", flush=True)
+        return ckpt.resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+
+    try:
+        resume_from = decide_on_rank0(on_rank0)
+    except UserError:
+        for lock in held:
+            lock.release()
+        raise
+    return (held[0] if held else contextlib.nullcontext()), resume_from
+
+
 def prepare(cfg: TrainConfig, device: torch.device):
-    """Everything that can fail on user input, done before the process group exists."""
+    """Everything that can fail on user input; every rank does it alike, so all raise together."""
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
-    ckpt_root = Path(cfg.checkpoint.dir or Path(cfg.output_dir) / "checkpoints")
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    if cfg.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
-        raise UserError(f"{ckpt_root} already holds checkpoints; set checkpoint.resume=auto to continue "
-                        f"that run, or choose another output_dir")
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
@@ -100,7 +135,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
         model = apply_lora(model, cfg.lora)
     if scheme is not None:
         apply_qat(model, cfg.qat, scheme)
-    return model, tokenizer, data, scheme, ckpt_root, resume_from
+    return model, tokenizer, data, scheme
 
 
 def shard(model, cfg: TrainConfig, mesh, device) -> None:
@@ -199,10 +234,10 @@ def clip_gradients(params, max_norm) -> float:
     return float(norm)
 
 
-def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, train_time_s) -> dict:
+def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, train_time_s, coverage) -> dict:
     return {"step": step, "data": sampler.state_dict(), "scheduler": scheduler.state_dict(),
             "train_time_s": round(train_time_s, 3),
-            "qat": scheme_record(cfg, scheme),
+            "qat": scheme_record(cfg, scheme), "qat_coverage": coverage,
             "lora": to_dict(cfg.lora) if cfg.lora.enabled else None, "model_path": cfg.model.path,
             "world_size": world, "seed": cfg.training.seed, "loss": loss, "config": to_dict(cfg)}
 
@@ -227,17 +262,23 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = pick_device(cfg.fsdp.device)
-    model, tokenizer, (ids, labels), scheme, ckpt_root, resume_from = prepare(cfg, device)
+    mesh = init_distributed(device)
     try:
-        run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from)
+        lock, resume_from = claim_run_dir(cfg)
+        with lock:  # released when training ends in any way; SIGKILL: by the kernel
+            model, tokenizer, (ids, labels), scheme = prepare(cfg, device)
+            run(cfg, device, mesh, model, ids, labels, scheme, resume_from)
     finally:
         cleanup()
 
 
-def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None:
-    mesh = init_distributed(device)
+def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_root = checkpoint_root(cfg)
     stop = StopFlag(Path(cfg.output_dir))
+    coverage = qat_coverage(model) if scheme is not None else None
+    if rank == 0 and coverage is not None:
+        print(describe_coverage(coverage), flush=True)
     shard(model, cfg, mesh, device)
     teacher = None
     if cfg.distill.enabled:
@@ -266,8 +307,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
         logger.summary({"params/total": n_all, "params/trainable": n_train,
                         "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
         if cfg.logging.progress_bar:
-            from tqdm import tqdm
-            bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+            bar = progress_bar(t.steps, "train", initial=start)
     hf_cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     emb = hf_cfg.vocab_size * hf_cfg.hidden_size
     fpt = flops_per_token(n_all - emb if not hf_cfg.tie_word_embeddings else n_all, hf_cfg.num_hidden_layers,
@@ -314,7 +354,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             every = cfg.checkpoint.every_n_steps
             if stop_votes > 0 or step == end or (every and step % every == 0):
                 meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss,
-                                       time_before + time.perf_counter() - launched)
+                                       time_before + time.perf_counter() - launched, coverage)
                 path = ckpt.save(ckpt_root, step, model, optimizer, meta, cfg.checkpoint.keep_last,
                                  adapter_only=cfg.lora.enabled)
                 if rank == 0 and bar is not None:

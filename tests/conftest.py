@@ -42,15 +42,19 @@ def env() -> dict:
     return e
 
 
-def run_train(overrides: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def train_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
     """The real entry point: torchrun for nproc > 1, plain python for a world of one."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), str(ROOT / "recipes" / "train.py")]
     else:
         cmd = [sys.executable, str(ROOT / "recipes" / "train.py")]
-    cmd += ["--config", str(ROOT / "configs" / "tiny" / "full.yaml"), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    return cmd + ["--config", str(ROOT / "configs" / "tiny" / "full.yaml"), *overrides]
+
+
+def run_train(overrides: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(overrides, nproc), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -66,7 +66,7 @@ def convert(loaded, plan: ConvertPlan, io: ConvertIO, tmp: Path) -> dict:
     job = Job(plan=plan, model=model, cfg=cfg, trained_scheme=trained_scheme, tokenizer=tokenizer,
               probe=probe_batch(tokenizer, cfg), dtype=dtype,
               report={"checkpoint": str(plan.checkpoint), "step": meta["step"], "mode": "hf-only",
-                      "training": "qat" if trained_scheme else "bf16"})
+                      "training": "qat" if trained_scheme else "bf16", "qat_coverage": meta.get("qat_coverage")})
     exporters = [EXPORTERS[name] for name in plan.artifacts]
     stage = Stages(["trained forward", "merge, cast"] + [s for e in exporters for s in e.stages(job)])
     with torch.no_grad():
@@ -118,10 +118,10 @@ class Stages:
     """A tqdm bar over convert's named stages, on rank 0: with a large model each takes minutes."""
 
     def __init__(self, names: list[str]):
-        from tqdm import tqdm
+        from qat.progress import progress_bar
 
         self.names = names
-        self.bar = tqdm(total=len(names), desc="convert", unit="stage", disable=not is_rank0(), dynamic_ncols=True)
+        self.bar = progress_bar(len(names), "convert", unit="stage", disable=not is_rank0())
         self.started = False
 
     def __call__(self, name: str) -> None:

@@ -1,0 +1,92 @@
+"""Which weights of the decoder blocks QAT fake-quantizes, and which it cannot.
+
+QAT swaps `nn.Linear` modules. Every architecture keeps most of its decoder weights in Linears,
+but not all: MoE models (Qwen3-MoE, Mixtral, gpt-oss in transformers 5) store their experts as
+fused 3D parameters such as `mlp.experts.gate_up_proj [E, 2I, H]`, and GPT-2-style models use
+`Conv1D`. On a tiny Qwen3-MoE only 20% of the decoder's weight parameters are in Linears, and a
+run that fake-quantizes just those trains and exports mostly high-precision experts while its
+name says "QAT". So training names what is left out and refuses unless `qat.allow_unquantized`
+is set; the share that is covered is logged and recorded in the checkpoint and verify.json.
+
+A "decoder weight" is a parameter with two or more dimensions inside the decoder blocks (norms
+and biases are vectors), excluding LoRA adapters, which stay high precision by design.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+
+def decoder_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """{name relative to the blocks list: (owning module, parameter)} of every decoder weight."""
+    from qat.model import decoder_blocks
+
+    out = {}
+    for mod_name, mod in decoder_blocks(model).named_modules():
+        if re.search(r"(^|\.)lora_[AB](\.|$)", mod_name):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.ndim >= 2:
+                out[f"{mod_name}.{pname}"] = (mod, p)
+    return out
+
+
+def pattern(name: str) -> str:
+    """`3.mlp.experts.down_proj` -> `*.mlp.experts.down_proj`: one entry for all blocks."""
+    return re.sub(r"^\d+\.", "*.", name)
+
+
+def uncovered(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """{pattern: shape} of the decoder weights that no fake-quantization target owns."""
+    ids = {id(m) for m in targets.values()}
+    return {pattern(n): list(p.shape) for n, (mod, p) in decoder_weights(model).items() if id(mod) not in ids}
+
+
+def refuse_uncovered(model: nn.Module, targets: dict[str, nn.Module], allow: bool) -> None:
+    from qat.errors import UserError
+
+    left = uncovered(model, targets)
+    if left and not allow:
+        ids = {id(m) for m in targets.values()}
+        share = coverage(model, lambda m: id(m) in ids)["share"]
+        names = ", ".join(f"{k} {v}" for k, v in left.items())
+        raise UserError(f"QAT would fake-quantize only {share:.0%} of the decoder's weight parameters: "
+                        f"{names} are not nn.Linear, so no scheme covers them (MoE experts are fused 3D "
+                        f"parameters). Set qat.allow_unquantized=true to train with them in high precision")
+
+
+def is_fake_quantized(mod: nn.Module) -> bool:
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from qat.fake_quant import QATLinear
+
+    return isinstance(mod, (QATLinear, FakeQuantizedLinear))
+
+
+def coverage(model: nn.Module, covered=is_fake_quantized) -> dict:
+    """The share of the decoder's weight parameters that `covered(module)` says are fake-quantized.
+
+    Parameter counts are global: under FSDP2 a DTensor's numel is that of the whole tensor.
+    """
+    total = done = n_done = 0
+    left = {}
+    weights = decoder_weights(model)
+    for name, (mod, p) in weights.items():
+        total += p.numel()
+        if covered(mod):
+            done, n_done = done + p.numel(), n_done + 1
+        else:
+            left[pattern(name)] = list(p.shape)
+    return {"share": done / total if total else 0.0, "weight_tensors": len(weights),
+            "fake_quantized_tensors": n_done, "parameters": total, "fake_quantized_parameters": done,
+            "unquantized": left}
+
+
+def describe(cov: dict) -> str:
+    text = (f"QAT fake-quantizes {cov['fake_quantized_tensors']} of {cov['weight_tensors']} weight tensors of "
+            f"the decoder blocks, {cov['share']:.1%} of their parameters")
+    if cov["unquantized"]:
+        text += f"; left in high precision (qat.allow_unquantized): {', '.join(cov['unquantized'])}"
+    return text
