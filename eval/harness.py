@@ -99,7 +99,8 @@ def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], d
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     scheme = get_scheme(scheme_name)
-    apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours"), scheme)
+    apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours",
+                                     allow_unquantized=True), scheme)  # coverage was decided in training
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 

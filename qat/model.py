@@ -58,9 +58,11 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     for mod in base.modules():
-        # any(): under a sharded convert, blocks other ranks own are pass-through stand-ins
-        # the MRO: fully_shard swaps a block's class for an FSDP subclass of it
-        if isinstance(mod, nn.ModuleList) and any(c.__name__ in names for b in mod for c in type(_unwrap(b)).__mro__):
+        if not isinstance(mod, nn.ModuleList):
+            continue
+        # Any block will do: under a sharded convert, blocks other ranks own are pass-through
+        # stand-ins. The MRO: fully_shard swaps a block's class for an FSDP subclass of it.
+        if names & {c.__name__ for b in mod for c in type(_unwrap(b)).__mro__}:
             return mod
     raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
 

@@ -136,8 +136,9 @@ class SimulatedExporter(Exporter):
         plain_logits = job.forward("plain", job.plain, io)
         stage("simulated forward")
         sim = copy.deepcopy(job.plain)
+        # allow_unquantized: what training covered was decided (and recorded) when it ran
         apply_qat(sim, FakeQuantConfig(enabled=True, scheme=plan.scheme.name, group_size=plan.group_size,
-                                       backend="ours"), plan.scheme)
+                                       backend="ours", allow_unquantized=True), plan.scheme)
         sim_logits = io.forward(sim, job.probe)
         job.report.update({"mode": "simulated", "simulated": True, "scheme": plan.scheme.record(plan.group_size, None),
                            "scheme_description": plan.scheme.describe(plan.group_size)
