@@ -55,8 +55,9 @@ def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
 
 
 def teacher_of(out: Path, suffix: str) -> Path:
-    """The QAD teacher: the fine-tuned bf16 arm's hf/ export (LoRA merged)."""
-    return out / f"bf16{suffix}" / "export" / "hf"
+    """The QAD teacher: the fine-tuned bf16 arm's hf/ export (LoRA merged), as an absolute path so
+    the run's config.yaml stays valid from any directory."""
+    return (out / f"bf16{suffix}" / "export" / "hf").resolve()
 
 
 def _null(v):
