@@ -61,7 +61,9 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
            *cfg.train_overrides, *overrides, f"output_dir={out / arm}", "checkpoint.resume=auto",
            f"logging.wandb.group={cfg.wandb.group or out.name}", f"logging.wandb.name={out.name}-{arm}"]
     print(f"[compare] train {arm}: {' '.join(cmd[3:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    from qat.lifeline import stops_with_me
+
+    if subprocess.run(cmd, preexec_fn=stops_with_me()).returncode != 0:  # torchrun must not outlive compare
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
     done.write_text("ok\n")
 
