@@ -61,13 +61,17 @@ def exit_with_launcher(poll_s: float = 1.0, parent_death_signal: bool = True) ->
 
 def set_parent_death_signal(sig: int) -> bool:
     """prctl(PR_SET_PDEATHSIG, sig) on Linux; False where the call is unavailable or refused."""
+    prctl = _libc_prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _libc_prctl():
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def _watch(parent: int, poll_s: float) -> None:
@@ -81,3 +85,14 @@ def _exit_orphaned(parent: int) -> None:
     print(f"rank {rank}: the launcher (pid {parent}) is gone; exiting so that a relaunch does not "
           f"race this worker", file=sys.stderr, flush=True)
     os._exit(1)
+
+
+def stops_with_me():
+    """A `preexec_fn` for a launcher we start ourselves (compare starts torchrun), or None off
+    Linux: the child gets SIGTERM when we die, and torchrun passes it on to its workers, which
+    checkpoint and exit. prctl is looked up here, in the parent: between fork and exec the child
+    only makes the system call (no dlopen, which could deadlock if another thread held its lock)."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)

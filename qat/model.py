@@ -45,12 +45,18 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = 
         raise UserError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     kw = dict(dtype=torch.float32, attn_implementation=cfg.attn_implementation,
               trust_remote_code=cfg.trust_remote_code)
-    if on_meta:
-        with torch.device("meta"):
+    try:
+        if on_meta:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(hf_config, **kw)
+        if cfg.init == "random":
             return AutoModelForCausalLM.from_config(hf_config, **kw)
-    if cfg.init == "random":
-        return AutoModelForCausalLM.from_config(hf_config, **kw)
-    return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
+        return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
+    except (ValueError, ImportError) as e:
+        if cfg.attn_implementation is None or "attn" not in str(e).lower() and "attention" not in str(e).lower():
+            raise
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation!r} does not work here: "
+                        f"{str(e).splitlines()[0][:300]} (null lets transformers pick)") from None
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

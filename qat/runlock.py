@@ -11,7 +11,8 @@ When is a lock stale (taken over without a word)?
 1. Where the filesystem supports `flock` (local filesystems, NFSv4, Lustre mounted with `flock`,
    GPFS): the lock *is* the flock on run.lock. The kernel, or the NFS lock manager, releases it
    when its holder exits in any way, SIGKILL and the OOM killer included. So a lock is stale
-   exactly when nobody holds the flock, whatever the record says.
+   exactly when nobody holds the flock, whatever the record says. (Lustre's `localflock` mount
+   option makes flocks node-local: there only runs on one node are kept apart.)
 2. Where `flock` is unsupported: the record alone decides. It is stale when it says released, or
    when its host is this host and its pid is not running (or is another process by now). A live
    holder on another host cannot be told from a dead one: the run is refused, and the message says

@@ -80,7 +80,10 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
            *cfg.train_overrides, *overrides, f"output_dir={out / arm}", "checkpoint.resume=auto",
            f"logging.wandb.group={cfg.wandb.group or out.name}", f"logging.wandb.name={out.name}-{arm}"]
     log(f"train {arm}: {' '.join(cmd[3:])}")
-    if subprocess.run(cmd).returncode != 0 or not finished(out / arm):
+    from qat.lifeline import stops_with_me
+
+    # torchrun must not outlive compare
+    if subprocess.run(cmd, preexec_fn=stops_with_me()).returncode != 0 or not finished(out / arm):
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
 
 

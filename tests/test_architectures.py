@@ -106,3 +106,13 @@ def test_defaults_train_and_convert(kind, world, tmp_path, capsys):
         res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
                                     str(world / "eval"), "--limit", "4", "--dtype", "float32"])
         assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1
+
+
+@pytest.mark.parametrize("impl, needle", [("foo", 'attn_implementation="foo"` is not supported'),
+                                          ("flash_attention_2", "FlashAttention2 has been toggled on")])
+def test_unusable_attention_implementation_is_one_line(world, tmp_path, capsys, impl, needle):
+    code, logs = train(capsys, world, world / "model", tmp_path, [f"model.attn_implementation={impl}"])
+    err = logs.err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: model.attn_implementation='{impl}' does not work here: ")
+    assert needle in err[-1] and "null lets transformers pick" in err[-1]
+    assert [l for l in logs.err.splitlines() if l.startswith("error:")] == [err[-1]]

@@ -135,3 +135,26 @@ def test_sigkill_of_torchrun_ends_training_workers_without_partial_checkpoints(w
     proc = run_train(overrides + ["checkpoint.resume=auto", "training.stop_after_steps=1"], nproc=1)
     assert f"resumed at step {newest}" in proc.stdout
     assert not list(ckpts.glob(".tmp-*")) and (ckpts / f"step-{newest + 1:06d}").is_dir()
+
+
+def test_a_launcher_started_by_compare_stops_when_compare_dies():
+    """compare starts torchrun with preexec_fn=stops_with_me(): SIGKILL compare, torchrun gets SIGTERM."""
+    parent = textwrap.dedent(f"""
+        import subprocess, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from qat.lifeline import stops_with_me
+        child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+                                  "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); print('up', flush=True); "
+                                  "time.sleep(600)"], preexec_fn=stops_with_me())
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        assert p.stdout.readline().strip() == "up"
+        p.kill()
+        p.wait()
+        assert wait_dead([child], timeout=10) < 2 and not alive(child)
+    finally:
+        kill_all([child])
