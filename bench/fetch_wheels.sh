@@ -7,7 +7,7 @@
 # so every package the code imports and the device lacks is named here, one version each.
 # docs/gpu.md lists them with their sizes and says why each one is here.
 #
-#   bash bench/fetch_wheels.sh          # -> .whl/, about 27 MiB; the working tree must stay under 64 MiB
+#   bash bench/fetch_wheels.sh          # -> .whl/, about 15.4 MiB; the working tree must stay under 64 MiB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +21,13 @@ WHEELS=(
     fsspec==2026.9.0         # datasets: <=2026.9.0 (the device's own fsspec may be newer)
     lm_eval==0.4.13          # evaluate: hellaswag / wikitext task logic on local files
     evaluate==0.4.6          # lm-eval's metric registry
+    # `python -m lm_eval` prints its results table with pytablewriter; these are its dependencies
+    pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5
+    tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1 pytz==2026.6
 )
 # Not carried, on purpose: wandb (imported only when logging.wandb.enabled and WANDB_MODE is not
-# "disabled"; gpu_check.sh disables it), and lm-eval's extras for tasks we do not run (rouge-score,
-# sqlitedict, word2number, pytablewriter: imported lazily by other tasks and by the table printer).
+# "disabled"; gpu_check.sh disables it), lm-eval's dependencies for tasks we do not run (rouge-score,
+# sqlitedict, word2number: imported lazily by those tasks), and mslk-cuda (42 MiB; see docs/gpu.md).
 
 rm -rf .whl
 mkdir -p .whl

@@ -2,9 +2,10 @@
 # The whole GPU check (issue "On the GPU"), one stage per device call. docs/gpu.md has the calls.
 #
 #   bash bench/gpu_check.sh prepare      # HERE, before the calls: .whl/ wheels + .bench/ anchor scripts
-#   bash bench/gpu_check.sh tests        # device call 1 (~7 min): versions, pytest -m gpu, torchao scheme probe
-#   bash bench/gpu_check.sh bench-1b     # device call 2 (~8 min): Llama-3.2-1B 4x2048, ours and the anchor
-#   bash bench/gpu_check.sh bench-8b     # device call 3 (~8 min): Llama-3.1-8B 2x2048 LoRA r16
+#   bash bench/gpu_check.sh tests           # device call 1: versions, pytest -m gpu, torchao scheme probe
+#   bash bench/gpu_check.sh bench-eager     # device call 2: ours next to the anchor, eager, 1B then 8B
+#   bash bench/gpu_check.sh bench-compiled  # device call 3: the same, compiled
+#   ONLY="ours_8b_compiled anchor_8b_compiled" bash bench/gpu_check.sh bench-compiled   # rerun what was cut
 #
 # Each device stage installs the carried wheels into /tmp/site (skipped when a warm machine already
 # has them), builds the tiny world when it is missing, and writes everything under $OUT, flat:
@@ -13,7 +14,7 @@
 # tool's 10-minute limit with the results so far, and what was skipped for time is recorded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: bench/gpu_check.sh prepare|tests|bench-1b|bench-8b}
+STAGE=${1:?usage: bench/gpu_check.sh prepare|tests|bench-eager|bench-compiled}
 ROOT=$PWD
 SHARED_BENCH=${SHARED_BENCH:-$ROOT/../shared/bench}
 
@@ -37,9 +38,11 @@ STATUS=$OUT/$STAGE.status.jsonl   # one line per step: name, rc, seconds (124 = 
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# step NAME MAX_S CMD...: run CMD under min(MAX_S, time left); skip it when under 20 s are left.
+# step NAME MAX_S CMD...: run CMD under min(MAX_S, time left); skip it when under 20 s are left,
+# or when ONLY (a space-separated list of step names) is set and does not name it.
 step() {
     local name=$1 max=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     local l; l=$(left)
     local t=$((l < max ? l : max)) t0; t0=$(date +%s)
     if [ "$t" -lt 20 ]; then
@@ -71,7 +74,7 @@ setup() {
 }
 
 versions() {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
     python3 - <<'EOF' >"$OUT/env.json"
 import importlib.metadata as md, json, platform, torch
 names = ["torch", "torchao", "transformers", "peft", "accelerate", "datasets", "lm_eval", "omegaconf",
@@ -81,8 +84,10 @@ def version(n):
         return md.version(n)
     except md.PackageNotFoundError:
         return None
+gpu = torch.cuda.is_available()
 print(json.dumps({"python": platform.python_version(), "cuda": torch.version.cuda,
-                  "device": torch.cuda.get_device_name(0), "capability": torch.cuda.get_device_capability(0),
+                  "device": torch.cuda.get_device_name(0) if gpu else None,
+                  "capability": torch.cuda.get_device_capability(0) if gpu else None,
                   "packages": {n: version(n) for n in names}}, indent=1))
 EOF
     cat "$OUT/env.json"
@@ -98,29 +103,27 @@ tests)
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 60 python3 .bench/gpu_scheme_check.py
     ;;
-bench-1b)
+bench-eager | bench-compiled)
     setup
     versions >/dev/null
-    # Side by side, in the order of the bars: eager first (both), then compiled (both).
-    M=full-bf16,full-qat-8da4w,lora-bf16,lora-qat-8da4w
-    step ours_1b_eager 200 python3 bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --modes $M --out "$OUT"
-    step anchor_1b_eager 90 python3 .bench/anchor_bench_gpu.py --shape llama3.2-1b --modes $M --out "$OUT"
-    step ours_1b_compiled 260 python3 bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --modes $M --compile --out "$OUT"
-    step anchor_1b_compiled 260 python3 .bench/anchor_bench_gpu.py --shape llama3.2-1b --modes $M --compile model --out "$OUT"
-    ;;
-bench-8b)
-    setup
-    versions >/dev/null
-    # 8B LoRA r16 at 2x2048. On an 80 GB H100 the anchor's QAT mode needed 81 GiB on an H200 (eager):
-    # expect an OOM row there; ours keeps no fake-quantized copies. Add --ac full if ours does not fit.
-    M=lora-bf16,lora-qat-8da4w
-    step ours_8b_eager 170 python3 bench/bench_train.py --shape llama3.1-8b --batch 2 --seq 2048 --modes $M --out "$OUT"
-    step anchor_8b_eager 80 python3 .bench/anchor_bench_gpu.py --shape llama3.1-8b --batch 2 --modes $M --out "$OUT"
-    step ours_8b_compiled 200 python3 bench/bench_train.py --shape llama3.1-8b --batch 2 --seq 2048 --modes $M --compile --out "$OUT"
-    step anchor_8b_compiled 200 python3 .bench/anchor_bench_gpu.py --shape llama3.1-8b --batch 2 --modes $M --compile model --out "$OUT"
+    # Ours next to the anchor, in one call per execution mode, so every ratio of the bars comes from
+    # one machine and one call. 1B: the modes the bars need (LoRA QAT at 1B is in no bar).
+    M1=full-bf16,full-qat-8da4w,lora-bf16
+    M8=lora-bf16,lora-qat-8da4w
+    if [ "$STAGE" = bench-eager ]; then
+        OURS=(); ANCHOR=(); TAG=eager
+    else
+        OURS=(--compile); ANCHOR=(--compile model); TAG=compiled
+    fi
+    step ours_1b_$TAG 300 python3 bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --modes $M1 "${OURS[@]}" --out "$OUT"
+    step anchor_1b_$TAG 300 python3 .bench/anchor_bench_gpu.py --shape llama3.2-1b --batch 4 --modes $M1 "${ANCHOR[@]}" --out "$OUT"
+    # 8B LoRA r16 at 2x2048. The anchor's QAT mode took 81 GiB on an H200 (eager): on an 80 GB H100
+    # expect its OOM row. Ours keeps no fake-quantized copies; add --ac full if it does not fit.
+    step ours_8b_$TAG 300 python3 bench/bench_train.py --shape llama3.1-8b --batch 2 --seq 2048 --modes $M8 "${OURS[@]}" --out "$OUT"
+    step anchor_8b_$TAG 300 python3 .bench/anchor_bench_gpu.py --shape llama3.1-8b --batch 2 --modes $M8 "${ANCHOR[@]}" --out "$OUT"
     ;;
 *)
-    echo "error: unknown stage '$STAGE'; use prepare, tests, bench-1b or bench-8b"
+    echo "error: unknown stage '$STAGE'; use prepare, tests, bench-eager or bench-compiled"
     exit 2
     ;;
 esac
