@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check (issue "On the GPU"), one stage per device call. docs/gpu.md has the calls.
 #
-#   bash bench/gpu_check.sh prepare      # HERE, before the calls: .whl/ wheels + .bench/ anchor scripts
+#   bash bench/gpu_check.sh prepare         # HERE, before the calls: .whl/ wheels + .bench/ anchor scripts
 #   bash bench/gpu_check.sh tests           # device call 1: versions, pytest -m gpu, torchao scheme probe
 #   bash bench/gpu_check.sh bench-eager     # device call 2: ours next to the anchor, eager, 1B then 8B
 #   bash bench/gpu_check.sh bench-compiled  # device call 3: the same, compiled
@@ -10,8 +10,9 @@
 # Each device stage installs the carried wheels into /tmp/site (skipped when a warm machine already
 # has them), builds the tiny world when it is missing, and writes everything under $OUT, flat:
 # a stage's JSON results plus one log, never more than 8 files. Every step runs under `timeout`
-# against the stage's deadline (STAGE_BUDGET_S, default 480 s), so the call ends inside the device
-# tool's 10-minute limit with the results so far, and what was skipped for time is recorded.
+# against the stage's deadline (STAGE_BUDGET_S: 450 s for tests, 420 s for a bench stage, setup
+# included), so the call ends inside the device tool's 10-minute limit with the results so far,
+# and what was skipped for time is recorded in $OUT/<stage>.status.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: bench/gpu_check.sh prepare|tests|bench-eager|bench-compiled}
@@ -33,7 +34,9 @@ mkdir -p "$OUT"
 LOG=$OUT/$STAGE.log
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
-BUDGET=${STAGE_BUDGET_S:-480}
+# Default budgets fit three calls into a session's 30 device minutes, with ~2.5 min per call
+# for the machine's start, the transfers and the 30 s it stays warm afterwards.
+if [ "$STAGE" = tests ]; then BUDGET=${STAGE_BUDGET_S:-450}; else BUDGET=${STAGE_BUDGET_S:-420}; fi
 STATUS=$OUT/$STAGE.status.jsonl   # one line per step: name, rc, seconds (124 = cut by the deadline)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -98,10 +101,11 @@ tests)
     setup
     versions
     # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
-    step pytest 400 python3 -m pytest -m gpu tests/test_gpu.py -q -rs --durations=15 -p no:cacheprovider \
+    # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
+    step pytest 400 python3 -m pytest -m gpu tests/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
         --timeout 300 --junitxml="$OUT/pytest.xml"
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
-    step scheme_check 60 python3 .bench/gpu_scheme_check.py
+    step scheme_check 45 python3 .bench/gpu_scheme_check.py
     ;;
 bench-eager | bench-compiled)
     setup

@@ -79,57 +79,6 @@ def final_weights(run_dir: Path, step: int) -> dict:
     return load_checkpoint_tensors(run_dir / "checkpoints" / f"step-{step:06d}")["model"]
 
 
-# --- training: four modes, loss decreases, bitwise resume ------------------------------------
-
-@pytest.fixture(scope="module")
-def trained(world, tmp_path_factory) -> dict[str, Path]:
-    """Each mode trains STEPS steps with a checkpoint at MID (one process, one GPU, NCCL)."""
-    root = tmp_path_factory.mktemp("gpu_train")
-    for mode, extra in MODES.items():
-        run_train(gpu_overrides(world, root / mode) + extra + [f"checkpoint.every_n_steps={MID}"])
-    return {mode: root / mode for mode in MODES}
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_bf16_training_decreases_the_loss(trained, mode):
-    ls = losses(trained[mode])
-    assert len(ls) == STEPS and all(l == l for l in ls), ls  # no NaN
-    assert tail_mean(ls) < 0.97 * ls[0], ls
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode):
-    """Resume from the mid-run checkpoint in a fresh process: the same losses and weights, bit for bit."""
-    straight = trained[mode]
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copytree(straight / "checkpoints" / f"step-{MID:06d}", tmp_path / "checkpoints" / f"step-{MID:06d}")
-    run_train(gpu_overrides(world, tmp_path) + MODES[mode] + [f"checkpoint.every_n_steps={MID}",
-                                                             "checkpoint.resume=auto"])
-    assert losses(tmp_path) == losses(straight)[MID:]
-    ref, got = final_weights(straight, STEPS), final_weights(tmp_path, STEPS)
-    assert ref.keys() == got.keys()
-    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
-
-
-# --- emulated float formats train like bf16 ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def trained_float(world, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gpu_float")
-    for scheme in FLOAT_SCHEMES:
-        run_train(gpu_overrides(world, root / scheme) + FULL + ["qat.enabled=true", f"qat.scheme={scheme}"])
-    return {scheme: root / scheme for scheme in FLOAT_SCHEMES}
-
-
-@pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
-def test_float_format_qat_trains_like_bf16(trained, trained_float, scheme):
-    """Emulated QAT runs on any GPU (NVFP4 through torchao's own kernels fails on Hopper)."""
-    ref, ls = losses(trained["full_bf16"]), losses(trained_float[scheme])
-    assert len(ls) == STEPS and all(l == l for l in ls), ls
-    assert abs(ls[0] - ref[0]) <= 0.05 * ref[0], (ls, ref)  # same data and init: close at step 1
-    assert ls[0] - tail_mean(ls) >= 0.7 * (ref[0] - tail_mean(ref)), (ls, ref)  # and learns about as much
-
-
 # --- fake-quantizer numerics: CUDA against the CPU reference ----------------------------------
 
 def sample(shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
@@ -332,6 +281,59 @@ def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant():
     with torch.no_grad():
         assert rel_error(real(x), fake(x)) < 2e-2  # tinygemm dequantizes and accumulates in bf16
 
+
+# --- training through the recipe (each run is a process: these come after the unit checks) ----
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory) -> dict[str, Path]:
+    """Each mode trains STEPS steps with a checkpoint at MID (one process, one GPU, NCCL)."""
+    root = tmp_path_factory.mktemp("gpu_train")
+    for mode, extra in MODES.items():
+        run_train(gpu_overrides(world, root / mode) + extra + [f"checkpoint.every_n_steps={MID}"])
+    return {mode: root / mode for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_gpu_bf16_training_decreases_the_loss(trained, mode):
+    ls = losses(trained[mode])
+    assert len(ls) == STEPS and all(l == l for l in ls), ls  # no NaN
+    assert tail_mean(ls) < 0.97 * ls[0], ls
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode):
+    """Resume from the mid-run checkpoint in a fresh process: the same losses and weights, bit for bit."""
+    straight = trained[mode]
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(straight / "checkpoints" / f"step-{MID:06d}", tmp_path / "checkpoints" / f"step-{MID:06d}")
+    run_train(gpu_overrides(world, tmp_path) + MODES[mode] + [f"checkpoint.every_n_steps={MID}",
+                                                             "checkpoint.resume=auto"])
+    assert losses(tmp_path) == losses(straight)[MID:]
+    ref, got = final_weights(straight, STEPS), final_weights(tmp_path, STEPS)
+    assert ref.keys() == got.keys()
+    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
+
+
+# --- emulated float formats train like bf16 ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_float(world, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpu_float")
+    for scheme in FLOAT_SCHEMES:
+        run_train(gpu_overrides(world, root / scheme) + FULL + ["qat.enabled=true", f"qat.scheme={scheme}"])
+    return {scheme: root / scheme for scheme in FLOAT_SCHEMES}
+
+
+@pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
+def test_float_format_qat_trains_like_bf16(trained, trained_float, scheme):
+    """Emulated QAT runs on any GPU (NVFP4 through torchao's own kernels fails on Hopper)."""
+    ref, ls = losses(trained["full_bf16"]), losses(trained_float[scheme])
+    assert len(ls) == STEPS and all(l == l for l in ls), ls
+    assert abs(ls[0] - ref[0]) <= 0.05 * ref[0], (ls, ref)  # same data and init: close at step 1
+    assert ls[0] - tail_mean(ls) >= 0.7 * (ref[0] - tail_mean(ref)), (ls, ref)  # and learns about as much
+
+
+# --- issue 13's torchao int4 schemes: real-kernel convert once they are registered -----------
 
 def schemes_using(config_name: str) -> list[str]:
     """Registered scheme names whose torchao base config is `config_name` (whatever they are called)."""
