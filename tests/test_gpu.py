@@ -282,6 +282,28 @@ def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant():
         assert rel_error(real(x), fake(x)) < 2e-2  # tinygemm dequantizes and accumulates in bf16
 
 
+@pytest.mark.skipif(capability() < (9, 0), reason="torchao's fp8-int4 kernels need sm >= 9.0")
+def test_torchao_fp8_int4_converts_and_matches_its_fake_quant():
+    """torchao's `Float8DynamicActivationInt4WeightConfig`, the Hopper serving format. Its `plain`
+    packing runs through mslk-cuda, which is carried only with WITH_MSLK=1 (docs/gpu.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mslk") is None:
+        pytest.skip("fp8-int4 needs mslk-cuda: WITH_MSLK=1 bash bench/fetch_wheels.sh (42 MiB, docs/gpu.md)")
+    from torchao.quantization import Float8DynamicActivationInt4WeightConfig, quantize_
+    from torchao.quantization.qat import QATConfig
+
+    base = Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain")
+    ref = linear_stack()
+    x = sample((64, 1024), 14, 1.0, torch.bfloat16).cuda()
+    fake, real = copy.deepcopy(ref), copy.deepcopy(ref)
+    quantize_(fake, QATConfig(base, step="prepare"))
+    quantize_(real, base)
+    with torch.no_grad():
+        # int4 alone moves the output by ~7.5%; a different grid would show far above this bound
+        assert rel_error(real(x), fake(x)) < 3e-2
+
+
 # --- training through the recipe (each run is a process: these come after the unit checks) ----
 
 @pytest.fixture(scope="module")
