@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
     if proc.returncode != 0:
         return {"shape": a.shape, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:500]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][a.warmup:]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B full: ~15 GB of weights + Adam state
     step = statistics.median(r["perf/step_time_s"] for r in rows)
     tokens = a.batch * a.seq
     flops = (4 if mode.startswith("lora") else 6) * dense_params(a.shape) * tokens
