@@ -90,13 +90,10 @@ def sample(shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.T
 
 
 def fake_quantizers(name: str):
-    """(weight, activation) fake quantizers of a scheme, built from the qat.fake_quant classes."""
-    from qat.fake_quant import FP4Emulated, Float8Rowwise, Int8PerToken, IntxWeight
+    """(weight, activation) fake quantizers of a scheme, as QAT builds them (group 32)."""
+    from qat.schemes import get_scheme
 
-    table = {"8da4w": (IntxWeight(4, 32), Int8PerToken()), "8da2w": (IntxWeight(2, 32), Int8PerToken()),
-             "int4-weight-only": (IntxWeight(4, 32), None), "float8": (Float8Rowwise(), Float8Rowwise()),
-             "nvfp4": (FP4Emulated("nvfp4"), FP4Emulated("nvfp4")), "mxfp4": (FP4Emulated("mxfp4"), FP4Emulated("mxfp4"))}
-    return table[name]
+    return get_scheme(name).fake_quantizers(32)
 
 
 def compare_float_format(got: torch.Tensor, ref: torch.Tensor, rel_step: float) -> tuple[float, bool]:
@@ -158,7 +155,8 @@ def ste_grads(name: str, device: str, dtype=torch.float32):
     return x.grad.cpu(), w.grad.cpu()
 
 
-@pytest.mark.parametrize("name", ["8da4w", "8da2w", "int4-weight-only", "float8", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("name", ["8da4w", "8da2w", "intx4-weight-only", "int4-weight-only", "float8", "nvfp4",
+                                  "mxfp4"])
 def test_straight_through_gradients_on_cuda_match_cpu(name):
     (gx_ref, gw_ref), (gx, gw) = ste_grads(name, "cpu"), ste_grads(name, "cuda")
     # fp32 matmuls (TF32 is off by default) in another reduction order: close, not bitwise
@@ -386,7 +384,7 @@ def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_pat
     from qat.schemes import get_scheme
 
     real = linear_stack()
-    quantize_(real, get_scheme(names[0]).base_config(128))
+    quantize_(real, get_scheme(names[0]).convert_config(128))  # the packing convert uses here
     with torch.no_grad():
         assert real(sample((64, 1024), 13, 1.0, torch.bfloat16).cuda()).isfinite().all()
     run_train(gpu_overrides(world, tmp_path, steps=4) + FULL + ["qat.enabled=true", f"qat.scheme={names[0]}",
