@@ -11,6 +11,7 @@ whole config.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,14 +19,15 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qat.errors import UserError
+from qat.constraints import check_fields, rule
+from qat.errors import UserError, is_rank0
 
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local HF folder or hub id (resolved through the HF cache)
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    init: str = "pretrained"  # "pretrained" loads weights; "random" is for benchmarks only
+    init: str = rule("pretrained", choices=("pretrained", "random"))  # "random" is for benchmarks only
     # null: transformers picks (sdpa where the architecture supports it; eager for Gemma 2)
     attn_implementation: Optional[str] = None
 
@@ -33,9 +35,9 @@ class ModelConfig:
 @dataclass
 class LoRAConfig:
     enabled: bool = False
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: int = rule(16, ge=1)
+    alpha: float = rule(32.0, gt=0, why="the adapter output is scaled by alpha / rank; 0 trains adapters that do nothing")
+    dropout: float = rule(0.0, ge=0, lt=1)
     # null: every nn.Linear inside the decoder blocks, resolved per model and logged
     # (q_proj ... down_proj on Llama, qkv_proj and gate_up_proj on Phi-3, ...)
     target_modules: Optional[list[str]] = None
@@ -46,12 +48,13 @@ class FakeQuantConfig:
     """The `qat` section (named apart from torchao's QATConfig, which convert also uses)."""
     enabled: bool = False
     scheme: str = "8da4w"  # a name from qat.schemes (`qat schemes` lists them)
-    group_size: Optional[int] = 32  # null = per output channel
+    group_size: Optional[int] = rule(32, ge=1, why="null for per output channel")
     embedding: bool = False  # also fake-quantize the input embedding (intx weight-only, untied models)
-    embedding_bits: Optional[int] = None  # default: the scheme's weight bits (intx), else 8
-    embedding_group_size: Optional[int] = 32  # along the embedding width; null = per row
-    fake_quant_after_n_steps: int = 0  # train this many steps in bf16 before fake quantization
-    backend: str = "auto"  # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours for intx
+    embedding_bits: Optional[int] = rule(None, ge=2, le=8, why="null: the scheme's weight bits (intx), else 8")
+    embedding_group_size: Optional[int] = rule(32, ge=1, why="along the embedding width; null for per row")
+    fake_quant_after_n_steps: int = rule(0, ge=0)  # train this many steps in bf16 before fake quantization
+    # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours
+    backend: str = rule("auto", choices=("auto", "ours", "torchao"))
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
     # Weight tensors of the decoder blocks that are not nn.Linear (MoE experts stored as fused 3D
     # parameters) get no fake quantization; training refuses unless this is true.
@@ -65,9 +68,10 @@ class DistillConfig:
     # "base": the starting model (in a LoRA run, the student itself with adapters and fake
     # quantization off: no second copy); or a path / hub id of an HF model with the same vocabulary
     teacher: str = "base"
-    temperature: float = 1.0
-    weight: float = 1.0  # loss = weight * KL + (1 - weight) * cross-entropy; 1.0 = KL only
-    chunk_size: int = 512  # positions whose teacher logits exist at once
+    temperature: float = rule(1.0, gt=0)
+    # loss = weight * KL + (1 - weight) * cross-entropy; 1.0 = KL only
+    weight: float = rule(1.0, ge=0, le=1, why="the KL share of the loss")
+    chunk_size: int = rule(512, ge=1)  # positions whose teacher logits exist at once
 
 
 @dataclass
@@ -84,41 +88,42 @@ class DataSource:
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
-    seq_len: int = 2048
+    seq_len: int = rule(2048, ge=1)
     shuffle: bool = True
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    lr: float = rule(2e-5, gt=0)
+    weight_decay: float = rule(0.0, ge=0)
+    betas: list[float] = rule(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    eps: float = rule(1e-8, gt=0)
 
 
 @dataclass
 class SchedulerConfig:
-    warmup_steps: int = 0
-    decay: str = "cosine"  # "cosine", "linear" or "constant"
-    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    warmup_steps: int = rule(0, ge=0)
+    decay: str = rule("cosine", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = rule(0.0, ge=0, le=1)  # final lr = lr * min_lr_ratio
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 1000
-    batch_size: int = 1  # per rank, per micro-step
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0  # null disables clipping
-    seed: int = 0
-    dtype: str = "bf16"  # compute dtype: "bf16" or "fp32" (CPU tests); master weights are fp32
-    stop_after_steps: Optional[int] = None  # checkpoint and exit early; the schedule is unchanged
+    steps: int = rule(1000, ge=1)
+    batch_size: int = rule(1, ge=1)  # per rank, per micro-step
+    gradient_accumulation_steps: int = rule(1, ge=1)
+    max_grad_norm: Optional[float] = rule(1.0, gt=0, why="null disables clipping")
+    seed: int = rule(0, ge=0)
+    # compute dtype: "bf16" or "fp32" (CPU tests); master weights are fp32
+    dtype: str = rule("bf16", choices=("bf16", "fp32"))
+    stop_after_steps: Optional[int] = rule(None, ge=1)  # checkpoint and exit early; the schedule is unchanged
 
 
 @dataclass
 class FSDPConfig:
-    device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
+    device: str = rule("auto", choices=("auto", "cuda", "cpu"))  # auto: cuda if available
     reshard_after_forward: bool = True
-    activation_checkpointing: str = "none"  # "none" or "full"
+    activation_checkpointing: str = rule("none", choices=("none", "full"))
     compile: bool = False  # torch.compile each decoder block
     # Ranks > 0 build the model on the meta device and receive rank 0's weights after sharding:
     # one full copy in host memory per job instead of one per rank (8 per node).
@@ -128,8 +133,8 @@ class FSDPConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <output_dir>/checkpoints
-    every_n_steps: int = 0  # 0: only at the end
-    keep_last: int = 2
+    every_n_steps: int = rule(0, ge=0)  # 0: only at the end
+    keep_last: int = rule(2, ge=1)
     resume: Optional[str] = None  # null, "auto" (newest complete checkpoint) or a step-NNNNNN path
 
 
@@ -145,7 +150,7 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = rule(1, ge=1)
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -170,11 +175,11 @@ class TrainConfig:
 class EvalConfig:
     tasks: str = "hub"  # "hub", "local" or a comma list of lm-eval task names
     data_dir: Optional[str] = None  # local task files (tasks=local)
-    limit: Optional[float] = None
-    batch_size: int = 8
-    num_fewshot: Optional[int] = None
-    device: str = "auto"
-    dtype: str = "auto"
+    limit: Optional[float] = rule(None, gt=0, why="examples per task, or a fraction below 1")
+    batch_size: int = rule(8, ge=1)
+    num_fewshot: Optional[int] = rule(None, ge=0)
+    device: str = rule("auto", choices=("auto", "cuda", "cpu"))
+    dtype: str = rule("auto", choices=("auto", "bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -183,9 +188,9 @@ class CompareConfig:
     output_dir: str = MISSING
     train_config: str = MISSING  # the training YAML both arms start from
     train_overrides: list[str] = field(default_factory=list)  # applied to every arm
-    nproc_per_node: int = 1
+    nproc_per_node: int = rule(1, ge=1)
     scheme: str = "8da4w"  # QAT scheme of the QAT arms, and PTQ scheme of the bf16 arms
-    group_size: Optional[int] = 32
+    group_size: Optional[int] = rule(32, ge=1, why="null for per output channel")
     full: bool = True  # bf16 and QAT arms with full fine-tuning
     lora: bool = False  # bf16-LoRA and QAT+LoRA arms
     lora_merged: bool = False  # the QAT+LoRA arm fake-quantizes W + s*B@A (qat.lora_merged)
@@ -198,58 +203,43 @@ class CompareConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CHOICES = {
-    "model.init": ("pretrained", "random"),
-    "training.dtype": ("bf16", "fp32"),
-    "scheduler.decay": ("cosine", "linear", "constant"),
-    "fsdp.device": ("auto", "cuda", "cpu"),
-    "fsdp.activation_checkpointing": ("none", "full"),
-    "qat.backend": ("auto", "ours", "torchao"),
-}
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field rules; each field's own range or choices is declared on the field (rule(...))."""
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind not in ("text", "chat"):
+            raise UserError(f"data.sources[{i}].kind={src.kind!r} is not one of text, chat")
+    if not cfg.data.sources:
+        raise UserError("data.sources is empty: give at least one dataset")
+    if cfg.qat.enabled:
+        from qat.schemes import get_scheme
+
+        get_scheme(cfg.qat.scheme)
+    if cfg.qat.lora_merged and not (cfg.lora.enabled and cfg.qat.enabled):
+        raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
+    if cfg.qat.lora_merged and cfg.lora.dropout:
+        raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")
+    if cfg.lora.enabled and cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+        raise UserError("lora.target_modules is empty; null targets every Linear of the decoder blocks")
+    if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).name.startswith("step-"):
+        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected null, 'auto' or a step-NNNNNN folder")
+    if cfg.scheduler.warmup_steps >= cfg.training.steps:
+        warn(f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} >= training.steps={cfg.training.steps}: the "
+             f"learning rate never reaches optimizer.lr")
+    if cfg.qat.enabled and cfg.qat.fake_quant_after_n_steps >= cfg.training.steps:
+        warn(f"qat.fake_quant_after_n_steps={cfg.qat.fake_quant_after_n_steps} >= training.steps="
+             f"{cfg.training.steps}: no step trains with fake quantization")
+
+
+def warn(msg: str) -> None:
+    """A legal value that is surely unintended: one line, and the run goes on."""
+    if is_rank0():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _get(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need more than a type: choices, ranges and cross-field rules."""
-    for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise UserError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}")
-    for i, src in enumerate(cfg.data.sources):
-        if src.kind not in ("text", "chat"):
-            raise UserError(f"data.sources[{i}].kind={src.kind!r} is not one of text, chat")
-    if not cfg.data.sources:
-        raise UserError("data.sources is empty: give at least one dataset")
-    positive = ["training.steps", "training.batch_size", "training.gradient_accumulation_steps",
-                "data.seq_len", "checkpoint.keep_last", "lora.rank"]
-    for key in positive:
-        if _get(cfg, key) < 1:
-            raise UserError(f"{key}={_get(cfg, key)} must be at least 1")
-    if cfg.qat.group_size is not None and cfg.qat.group_size < 1:
-        raise UserError(f"qat.group_size={cfg.qat.group_size} must be positive, or null for per-channel")
-    if cfg.qat.embedding_bits is not None and not 2 <= cfg.qat.embedding_bits <= 8:
-        raise UserError(f"qat.embedding_bits={cfg.qat.embedding_bits} is outside 2..8 (or null: the scheme's bits)")
-    if cfg.qat.embedding_group_size is not None and cfg.qat.embedding_group_size < 1:
-        raise UserError(f"qat.embedding_group_size={cfg.qat.embedding_group_size} must be positive, or null for per-row")
-    if cfg.qat.lora_merged and not (cfg.lora.enabled and cfg.qat.enabled):
-        raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
-    if cfg.qat.lora_merged and cfg.lora.dropout:
-        raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")
-    d = cfg.distill
-    if d.enabled and not d.temperature > 0:
-        raise UserError(f"distill.temperature={d.temperature} must be positive")
-    if d.enabled and not 0.0 <= d.weight <= 1.0:
-        raise UserError(f"distill.weight={d.weight} must be within 0..1 (the KL share of the loss)")
-    if d.chunk_size < 1:
-        raise UserError(f"distill.chunk_size={d.chunk_size} must be at least 1")
-    if cfg.lora.enabled and cfg.lora.target_modules is not None and not cfg.lora.target_modules:
-        raise UserError("lora.target_modules is empty; null targets every Linear of the decoder blocks")
-    if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).name.startswith("step-"):
-        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: expected null, 'auto' or a step-NNNNNN folder")
 
 
 def _merge(schema, path: Optional[str], overrides: list[str]):
@@ -281,6 +271,7 @@ def _describe(e: OmegaConfBaseException, path: Optional[str]) -> str:
 def load_config(path: Optional[str], overrides: list[str] = (), schema=TrainConfig):
     """YAML file, then `key=value` overrides, merged onto the schema and validated."""
     cfg = _merge(schema, path, overrides)
+    check_fields(cfg)
     if schema is TrainConfig:
         validate(cfg)
     return cfg
