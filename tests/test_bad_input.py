@@ -28,7 +28,7 @@ def fails_with(capsys, argv, needle):
     (["lora.enabled=true", "lora.target_modules=[query,value]"], "lora.target_modules ['query', 'value'] match no Linear"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings=512"),
     (["optimizer.betas1=0.9"], "unknown config key 'optimizer.betas1'"),
-    (["distill.enabled=true", "distill.weight=2"], "distill.weight=2.0 must be within 0..1"),
+    (["distill.enabled=true", "distill.weight=2"], "distill.weight=2.0 must be at most 1"),
     (["distill.enabled=true", "distill.teacher=/nonexistent/teacher"],
      "distill.teacher='/nonexistent/teacher' is not a loadable HF model"),
     (["qat.enabled=true", "qat.scheme=float8", "qat.backend=torchao"],
