@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qat.constraints import check_fields, rule
@@ -247,14 +247,46 @@ def _merge(schema, path: Optional[str], overrides: list[str]):
     try:
         layers = [base]
         if path is not None:
-            if not Path(path).is_file():
-                raise UserError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_load_yaml(path))
+        layers.append(_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(_describe(e, path)) from None
+
+
+def _dotlist(overrides) -> DictConfig:
+    """key=value arguments; a value that does not parse as YAML names its key."""
+    import yaml
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-4)")
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"override {key}: the value {value!r} does not parse (quote it, or close its brackets)") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _load_yaml(path: str):
+    """The YAML file as a mapping, or one line saying where it does not parse."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"{path} must hold a mapping of config keys (key: value), not a {type(loaded).__name__}")
+    return loaded
 
 
 def _describe(e: OmegaConfBaseException, path: Optional[str]) -> str:

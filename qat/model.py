@@ -15,6 +15,7 @@ Each function takes only the sub-config it needs. The order matters:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -33,8 +34,11 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = 
     """An HF causal LM in fp32 master weights, from a local folder or the HF cache.
 
     on_meta: only the skeleton, without memory (see fill_from_rank0)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if cfg.path.startswith(("/", ".", "~")) and not Path(cfg.path).expanduser().exists():
+        raise UserError(f"model.path={cfg.path!r}: no such folder")
     try:
         hf_config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision,
                                                trust_remote_code=cfg.trust_remote_code)
@@ -52,6 +56,9 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = 
         if cfg.init == "random":
             return AutoModelForCausalLM.from_config(hf_config, **kw)
         return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
+    except (SafetensorError, OSError) as e:  # a truncated or corrupt weights file, missing shards
+        raise UserError(f"model.path={cfg.path!r}: its weights do not load ({str(e).splitlines()[0][:200]}); "
+                        f"copy or download the model again") from None
     except (ValueError, ImportError) as e:
         if cfg.attn_implementation is None or "attn" not in str(e).lower() and "attention" not in str(e).lower():
             raise

@@ -97,3 +97,26 @@ def test_wrong_scheme_on_resume_is_refused(capsys, world, trained):
     fails_with(capsys, base_overrides(world, trained) + [
         "checkpoint.resume=auto", "training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"],
                "the checkpoint was trained with qat=None")
+
+
+def test_malformed_yaml_and_overrides(capsys, world, tmp_path):
+    cases = {"a: [1,\n": "is not valid YAML at line 2, column 1", "- a\n- b\n": "must hold a mapping of config keys"}
+    for text, needle in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            train_recipe.main(["--config", str(bad)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.lr"], "override 'optimizer.lr' is not key=value")
+    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.betas=[0.9,"], "override optimizer.betas: the value")
+
+
+def test_missing_and_corrupt_model_folders(capsys, world, tmp_path):
+    fails_with(capsys, base_overrides(world, tmp_path / "a") + [f"model.path={tmp_path}/nowhere"], "no such folder")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(world / "model", corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    fails_with(capsys, base_overrides(world, tmp_path / "b") + [f"model.path={corrupt}"],
+               f"model.path='{corrupt}': its weights do not load")
