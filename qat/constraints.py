@@ -70,17 +70,19 @@ def rule_of(f: dataclasses.Field) -> Optional[Rule]:
     return f.metadata.get("rule")
 
 
-def check_fields(cfg: Any, prefix: str = "") -> None:
-    """Raise UserError for the first field of `cfg` (recursively) whose value breaks its rule."""
+def check_fields(cfg: Any, prefix: str = "", as_flags: bool = False) -> None:
+    """Raise UserError for the first field of `cfg` (recursively) whose value breaks its rule.
+    as_flags: name the field as the command-line flag it came from (--batch-size)."""
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         r = rule_of(f)
         problem = r.violation(value) if r else None
         if problem:
-            raise UserError(f"{key}={value!r} {problem}" + (f" ({r.why})" if r.why else ""))
+            name = "--" + key.replace("_", "-") if as_flags else key
+            raise UserError(f"{name}={value!r} {problem}" + (f" ({r.why})" if r.why else ""))
         if dataclasses.is_dataclass(value):
-            check_fields(value, f"{key}.")
+            check_fields(value, f"{key}.", as_flags)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
-                    check_fields(item, f"{key}[{i}].")
+                    check_fields(item, f"{key}[{i}].", as_flags)

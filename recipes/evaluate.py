@@ -47,6 +47,11 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from qat.config import EvalConfig
+    from qat.constraints import check_fields
+
+    check_fields(EvalConfig(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
+                            num_fewshot=args.num_fewshot, device=args.device, dtype=args.dtype), as_flags=True)
     from eval.harness import evaluate, simulated_model
     from qat.distributed import pick_device
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
 from qat.atomic import write_text_atomic
 from qat.config import EvalConfig, WandbConfig
+from qat.constraints import check_fields
 from qat.errors import exit_on_user_error
 from slurm.summarize import load_sweep, markdown_table, run_rows
 
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
     sweep = load_sweep(args.sweep_dir)
     eval_cfg = EvalConfig(tasks=args.tasks, data_dir=str(args.data_dir) if args.data_dir else None, limit=args.limit,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    check_fields(eval_cfg, as_flags=True)
     report_runs(sweep, PTQRequest(args.ptq_scheme, args.ptq_group_size or None), eval_cfg)
     rows = run_rows(sweep)
     table = markdown_table(sweep, rows)

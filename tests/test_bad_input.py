@@ -120,3 +120,14 @@ def test_missing_and_corrupt_model_folders(capsys, world, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
     fails_with(capsys, base_overrides(world, tmp_path / "b") + [f"model.path={corrupt}"],
                f"model.path='{corrupt}': its weights do not load")
+
+
+@pytest.mark.parametrize("args, needle", [(["--limit", "-3"], "--limit=-3.0 must be greater than 0"),
+                                          (["--batch-size", "0"], "--batch-size=0 must be at least 1"),
+                                          (["--dtype", "fp8"], "--dtype='fp8' is not one of auto")])
+def test_evaluate_options_out_of_range(world, tmp_path, args, needle):
+    p = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model", str(world / "model"), *args,
+                        "--out", str(tmp_path / "r.json")], env=env(), capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: " + needle), p.stderr[-2000:]
+    assert not (tmp_path / "r.json").exists()
