@@ -6,6 +6,7 @@
     qat evaluate --model runs/x/export/step-000100/quantized --tasks hub
     qat compare --config configs/llama3_2_1b/compare.yaml
     qat schemes
+    qat data prepare --config configs/llama3_2_1b/qat.yaml   # tokenize into the cache ahead of the job
 
 `qat train` (and `qat convert --nproc N`) execs `torchrun --nproc_per_node N recipes/train.py ...`; plain torchrun always works too.
 """
@@ -30,6 +31,8 @@ def main(argv=None) -> None:
         for name, s in SCHEMES.items():
             print(f"{name:20s} {s.describe(32 if s.uses_group_size else None):60s} {s.hardware}")
         return
+    if cmd == "data":
+        os.execv(sys.executable, [sys.executable, "-m", "qat.data", *rest])
     if cmd == "train" or (cmd == "convert" and rest[:1] == ["--nproc"]):
         nproc = "1"
         if rest[:1] == ["--nproc"]:
@@ -38,7 +41,7 @@ def main(argv=None) -> None:
                                   "--nproc_per_node", nproc, str(RECIPES / f"{cmd}.py"), *rest])
     if cmd in ("convert", "evaluate", "compare"):
         os.execv(sys.executable, [sys.executable, str(RECIPES / f"{cmd}.py"), *rest])
-    print(f"qat: unknown command {cmd!r} (train, convert, evaluate, compare, schemes)", file=sys.stderr)
+    print(f"qat: unknown command {cmd!r} (train, convert, evaluate, compare, schemes, data)", file=sys.stderr)
     sys.exit(2)
 
 

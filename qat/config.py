@@ -61,6 +61,8 @@ class DataSource:
     split: str = "train"
     max_rows: Optional[int] = None  # use only the first N rows (before tokenization)
     max_samples: Optional[int] = None  # cap on packed sequences taken from this source
+    revision: Optional[str] = None  # hub dataset revision (part of the cache key; pin it)
+    weight: Optional[float] = None  # sampling proportion; set on every source or on none
 
 
 @dataclass
@@ -68,6 +70,11 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     seq_len: int = 2048
     shuffle: bool = True
+    # "documents": positions restart and attention stops at each document; "concat": plain
+    # concatenation; "pad": one sample per row, padded (chat SFT)
+    packing: str = "documents"
+    cache_dir: Optional[str] = None  # tokenized cache; default $QAT_DATA_CACHE or ~/.cache/qat-recipes/data
+    num_proc: Optional[int] = None  # tokenizer processes of a cache build; default: the usable CPUs
 
 
 @dataclass
@@ -184,6 +191,7 @@ CHOICES = {
     "fsdp.device": ("auto", "cuda", "cpu"),
     "fsdp.activation_checkpointing": ("none", "full"),
     "qat.backend": ("auto", "ours", "torchao"),
+    "data.packing": ("documents", "concat", "pad"),
 }
 
 
@@ -201,6 +209,14 @@ def validate(cfg: TrainConfig) -> None:
     for i, src in enumerate(cfg.data.sources):
         if src.kind not in ("text", "chat"):
             raise UserError(f"data.sources[{i}].kind={src.kind!r} is not one of text, chat")
+        if src.weight is not None and not src.weight > 0:
+            raise UserError(f"data.sources[{i}].weight={src.weight} must be positive")
+    weighted = [src.weight is not None for src in cfg.data.sources]
+    if any(weighted) and not all(weighted):
+        raise UserError(f"data.sources: weight is set on sources {[i for i, w in enumerate(weighted) if w]} "
+                        f"only; set it on every source (proportions) or on none (concatenation)")
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
+        raise UserError(f"data.num_proc={cfg.data.num_proc} must be at least 1, or null for the usable CPUs")
     if not cfg.data.sources:
         raise UserError("data.sources is empty: give at least one dataset")
     positive = ["training.steps", "training.batch_size", "training.gradient_accumulation_steps",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from qat import checkpoint as ckpt
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
-from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
+from qat.data import IGNORE, build_dataset, build_sampler, check_attention, micro_batches
 from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
@@ -86,6 +86,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     if cfg.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
         raise UserError(f"{ckpt_root} already holds checkpoints; set checkpoint.resume=auto to continue "
                         f"that run, or choose another output_dir")
+    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    data = build_dataset(cfg.data, tokenizer)
+    data = build_dataset(cfg.data, tokenizer)  # tokenizes only what the cache lacks
     torch.manual_seed(cfg.training.seed)  # identical LoRA init on every rank, at any world size
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
@@ -137,7 +138,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in lines))
 
 
-def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int) -> tuple[float, float]:
+def train_step(model, data, micro_idx, device, world: int) -> tuple[float, float]:
     """Forward/backward over one step's micro-batches; returns (sum of token losses, tokens) globally.
 
     The loss of a step is the mean over every supervised token of the *global* batch. Each
@@ -145,15 +146,17 @@ def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int) ->
     gradients over ranks, so we multiply by `world` to undo that. The result is independent of
     world size and of how the batch is split into micro-batches.
     """
-    local_tokens = sum(int((batch_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro_idx)
+    batches = [data.batch(idx) for idx in micro_idx]  # (ids, labels, position_ids or None)
+    local_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in batches)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     global_tokens = max(global_tokens, 1.0)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for m, idx in enumerate(micro_idx):
-        ids, labels = batch_ids[idx].to(device), batch_labels[idx].to(device)
+    for m, (ids, labels, pos) in enumerate(batches):
+        ids, labels = ids.to(device), labels.to(device)
+        pos = pos.to(device) if pos is not None else None
         # Reduce-scatter gradients only after the last micro-batch of the step.
         model.set_requires_gradient_sync(m == len(micro_idx) - 1)
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=IGNORE, reduction="sum")
         (loss * world / global_tokens).backward()
@@ -191,14 +194,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = pick_device(cfg.fsdp.device)
-    model, tokenizer, (ids, labels), scheme, ckpt_root, resume_from = prepare(cfg, device)
+    model, tokenizer, data, scheme, ckpt_root, resume_from = prepare(cfg, device)
     try:
-        run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from)
+        run(cfg, device, model, data, scheme, ckpt_root, resume_from)
     finally:
         cleanup()
 
 
-def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None:
+def run(cfg, device, model, data, scheme, ckpt_root, resume_from) -> None:
     mesh = init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     stop = StopFlag(Path(cfg.output_dir))
@@ -207,7 +210,8 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
     t = cfg.training
-    sampler = StepSampler(len(ids), t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
+    sampler = build_sampler(data.sizes, [s.weight for s in cfg.data.sources],
+                            t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
     start = 0
     if resume_from is not None:
         meta = ckpt.load(resume_from, model, optimizer, adapter_only=cfg.lora.enabled)
@@ -246,7 +250,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             t0 = time.perf_counter()
             gidx = sampler.next_step()
             micro = list(micro_batches(gidx, rank, world, t.gradient_accumulation_steps))
-            loss_sum, n_tok = train_step(model, ids, labels, micro, device, world)
+            loss_sum, n_tok = train_step(model, data, micro, device, world)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -260,7 +264,7 @@ def run(cfg, device, model, ids, labels, scheme, ckpt_root, resume_from) -> None
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
-                     "qat/fake_quant_enabled": int(fq_on), "data/epoch": sampler.pos.epoch}
+                     "qat/fake_quant_enabled": int(fq_on), **sampler.epochs()}
                 if peak:
                     m["perf/mfu"] = tps * fpt / (peak * world)
                 if device.type == "cuda":

@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One tokenized-data cache per test session (qat.data.cache), never the user's ~/.cache.
+os.environ.setdefault("QAT_DATA_CACHE", tempfile.mkdtemp(prefix="qat-data-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
