@@ -62,6 +62,7 @@ class DataSource:
     max_rows: Optional[int] = None  # use only the first N rows (before tokenization)
     max_samples: Optional[int] = None  # cap on packed sequences taken from this source
     revision: Optional[str] = None  # hub dataset revision (part of the cache key; pin it)
+    data_files: list[str] = field(default_factory=list)  # hub: only these files/globs, e.g. a few C4 shards
     weight: Optional[float] = None  # sampling proportion; set on every source or on none
 
 

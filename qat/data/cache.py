@@ -115,6 +115,8 @@ def open_entry(entry: Path, key: dict, build: Callable[[Path], dict], builder: b
                     return manifest
                 if entry.exists():
                     log(f"cache entry {entry} is incomplete or corrupt: rebuilding it")
+                for stale in entry.parent.glob(f".{entry.name}-*"):  # a build killed mid-way
+                    shutil.rmtree(stale, ignore_errors=True)
                 return _build_atomically(entry, key, build, log)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

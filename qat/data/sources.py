@@ -50,8 +50,12 @@ def source_identity(src: DataSource, index: int) -> dict:
     """What identifies a source's content without reading it: files by path, size and mtime;
     hub datasets by name, config, revision and split (pin `revision` to notice upstream changes)."""
     files = local_files(src, index)
+    if files is not None and src.data_files:
+        raise UserError(f"data.sources[{index}].data_files selects files of a hub dataset; "
+                        f"for local files, point path at the file or folder")
     if files is None:
-        return {"hub": src.path, "name": src.name, "revision": src.revision, "split": src.split}
+        return {"hub": src.path, "name": src.name, "revision": src.revision, "split": src.split,
+                "data_files": list(src.data_files)}
     return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
@@ -68,7 +72,8 @@ def load_source(src: DataSource, index: int, cache_dir: Optional[str] = None):
         ds = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
                                    split="train", cache_dir=cache_dir)
     else:
-        ds = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision)
+        ds = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                   data_files=list(src.data_files) or None)
     column = default_column(src)
     if column not in ds.column_names:
         raise UserError(f"data.sources[{index}]: {src.path} has no column {column!r} "
