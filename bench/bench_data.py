@@ -13,8 +13,8 @@ Reported per launch:
 - first step s: from the launch to the first line of metrics.jsonl (so it excludes the final
   checkpoint save);
 - rank RSS GB: the largest peak RSS (VmHWM) of the two rank processes;
-- worker RSS GB: the largest peak of any other process of the launch (the tokenizer workers
-  that datasets.map forks, and torchrun's agent);
+- worker RSS GB: the largest peak of the other processes under the ranks (the tokenizer
+  workers that datasets.map forks);
 - build tok/s: the builder's tokens/s, parsed from its log line.
 Peaks are sampled from /proc every 50 ms; VmHWM is monotonic, so the last sample of a process
 is its peak unless it grows in the last 50 ms of its life.
@@ -68,12 +68,11 @@ def vm_hwm_kb(pid: int) -> int:
     return 0
 
 
-def is_rank(pid: int) -> bool:
+def parent(pid: int) -> int:
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(c.endswith(b"recipes/train.py") for c in cmd) and b"torch.distributed.run" not in cmd
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def launch(tree: Path, world: Path, data: Path, run_dir: Path, cache: Path, num_proc: int) -> dict:
@@ -99,7 +98,7 @@ def launch(tree: Path, world: Path, data: Path, run_dir: Path, cache: Path, num_
         for pid in descendants(proc.pid):
             hwm = vm_hwm_kb(pid)
             if hwm:
-                peaks[pid] = (peaks.get(pid, (is_rank(pid), 0))[0], hwm)
+                peaks[pid] = (peaks.get(pid, (parent(pid) == proc.pid, 0))[0], hwm)  # ranks: torchrun's children
         if first_step is None and metrics.exists() and metrics.read_text().strip():
             first_step = time.perf_counter() - t0
         time.sleep(0.05)
