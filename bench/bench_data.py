@@ -15,7 +15,9 @@ Reported per launch:
 - rank RSS GB: the largest peak RSS (VmHWM) of the two rank processes;
 - worker RSS GB: the largest peak of the other processes under the ranks (the tokenizer
   workers that datasets.map forks);
-- build tok/s: the builder's tokens/s, parsed from its log line.
+- build tok/s: the builder's tokens/s, parsed from its log line;
+- 1-proc tok/s: the fast tokenizer alone, in one process, on the 1x text, measured just before
+  the size's first launch. On a shared machine this is the yardstick for the build's rate.
 Peaks are sampled from /proc every 50 ms; VmHWM is monotonic, so the last sample of a process
 is its peak unless it grows in the last 50 ms of its life.
 """
@@ -114,6 +116,18 @@ def launch(tree: Path, world: Path, data: Path, run_dir: Path, cache: Path, num_
             "cache_hit": "cache hit" in log, "num_ranks_seen": len(ranks)}
 
 
+def tokenizer_alone(world: Path) -> int:
+    """Tokens/s of the bare fast tokenizer in one process (best of two passes over the 1x text)."""
+    code = ("import json,sys,time\nfrom transformers import AutoTokenizer\n"
+            "tok=AutoTokenizer.from_pretrained(sys.argv[1]+'/model')\n"
+            "texts=[json.loads(l)['text'] for l in open(sys.argv[1]+'/data/pretrain.jsonl')]\nbest=0\n"
+            "for _ in range(2):\n t=time.perf_counter(); n=sum(map(len,tok(texts)['input_ids']))\n"
+            " best=max(best,n/(time.perf_counter()-t))\nprint(int(best))\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return int(subprocess.run([sys.executable, "-c", code, str(world)], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", default=str(ROOT / "assets" / "world"))
@@ -130,7 +144,7 @@ def main() -> None:
         data, size = corpus(world, times, out)
         cache = out / "cache"
         shutil.rmtree(cache, ignore_errors=True)
-        row = {"size": f"{times}x", "mb": round(size / 1e6, 1)}
+        row = {"size": f"{times}x", "mb": round(size / 1e6, 1), "one_proc_tok_s": tokenizer_alone(world)}
         row["new_first"] = launch(ROOT, world, data, out / "run", cache, a.num_proc)
         row["new_second"] = launch(ROOT, world, data, out / "run", cache, a.num_proc)
         tokens = json.loads(next(cache.glob("*/manifest.json")).read_text())["num_tokens"]
@@ -141,14 +155,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     (out / "bench_data.json").write_text(json.dumps(rows, indent=1))
     print("\n| corpus | tokens | new: first launch s | build tok/s | new: cache hit s | new rank RSS GB "
-          "(first / hit) | build worker RSS GB | old: first step s | old rank RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(first / hit) | build worker RSS GB | old: first step s | old rank RSS GB | 1-proc tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         f, s, o = r["new_first"], r["new_second"], r.get("old")
         old = f"{o['first_step_s']} | {o['rank_rss_gb']}" if o else "not run | not run"
         print(f"| {r['size']} ({r['mb']} MB) | {r['tokens'] / 1e6:.1f} M | {f['first_step_s']} | "
               f"{f['build_tok_s']:,} | {s['first_step_s']} | {f['rank_rss_gb']} / {s['rank_rss_gb']} | "
-              f"{f['worker_rss_gb']} | {old} |")
+              f"{f['worker_rss_gb']} | {old} | {r['one_proc_tok_s']:,} |")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class DataConfig:
     # concatenation; "pad": one sample per row, padded (chat SFT)
     packing: str = "documents"
     cache_dir: Optional[str] = None  # tokenized cache; default $QAT_DATA_CACHE or ~/.cache/qat-recipes/data
-    num_proc: Optional[int] = None  # tokenizer processes of a cache build; default: the usable CPUs
+    num_proc: Optional[int] = None  # tokenizer processes of a cache build; default: the usable CPUs, at most 32
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from qat import checkpoint as ckpt
 from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
-from qat.data import IGNORE, build_dataset, build_sampler, check_attention, micro_batches
+from qat.data import IGNORE, Prefetcher, build_dataset, build_sampler, check_attention
 from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb
@@ -138,7 +138,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in lines))
 
 
-def train_step(model, data, micro_idx, device, world: int) -> tuple[float, float]:
+def train_step(model, batches, device, world: int) -> tuple[float, float]:
     """Forward/backward over one step's micro-batches; returns (sum of token losses, tokens) globally.
 
     The loss of a step is the mean over every supervised token of the *global* batch. Each
@@ -146,16 +146,13 @@ def train_step(model, data, micro_idx, device, world: int) -> tuple[float, float
     gradients over ranks, so we multiply by `world` to undo that. The result is independent of
     world size and of how the batch is split into micro-batches.
     """
-    batches = [data.batch(idx) for idx in micro_idx]  # (ids, labels, position_ids or None)
     local_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in batches)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     global_tokens = max(global_tokens, 1.0)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for m, (ids, labels, pos) in enumerate(batches):
-        ids, labels = ids.to(device), labels.to(device)
-        pos = pos.to(device) if pos is not None else None
+    for m, (ids, labels, pos) in enumerate(batches):  # on the device already (Prefetcher)
         # Reduce-scatter gradients only after the last micro-batch of the step.
-        model.set_requires_gradient_sync(m == len(micro_idx) - 1)
+        model.set_requires_gradient_sync(m == len(batches) - 1)
         logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=IGNORE, reduction="sum")
@@ -239,6 +236,7 @@ def run(cfg, device, model, data, scheme, ckpt_root, resume_from) -> None:
     peak = device_peak_flops(device)
     end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
     step, loss = start, float("nan")
+    prefetch = Prefetcher(data, device, rank, world, t.gradient_accumulation_steps)
     try:
         while step < end:
             ckpt.seed_step(t.seed, step, rank)
@@ -249,8 +247,8 @@ def run(cfg, device, model, data, scheme, ckpt_root, resume_from) -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             gidx = sampler.next_step()
-            micro = list(micro_batches(gidx, rank, world, t.gradient_accumulation_steps))
-            loss_sum, n_tok = train_step(model, data, micro, device, world)
+            batches = prefetch.step_batches(gidx, sampler)
+            loss_sum, n_tok = train_step(model, batches, device, world)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -286,6 +284,7 @@ def run(cfg, device, model, data, scheme, ckpt_root, resume_from) -> None:
                     print(f"stop requested: checkpoint at step {step} saved, exiting", flush=True)
                 break
     finally:
+        prefetch.close()
         if bar is not None:
             bar.close()
         if logger is not None:

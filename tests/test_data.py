@@ -205,3 +205,36 @@ def test_a_document_inside_a_packed_row_has_its_logits_alone(world, tok, tmp_pat
                 assert (crossing[r, s:e] - alone).abs().max() > 1e-2  # the test can tell
                 checked += 1
     assert checked >= 2
+
+
+def test_prefetcher_gives_the_step_its_own_rows_and_leaves_the_sampler_alone(world, tok, tmp_path):
+    from qat.data import Prefetcher
+
+    data = build_dataset(text_cfg(world, tmp_path), tok)
+    sampler, ref = StepSampler(len(data), 8, 1, True), StepSampler(len(data), 8, 1, True)
+    pre = Prefetcher(data, torch.device("cpu"), rank=1, world=2, accum=2)
+    try:
+        for _ in range(len(data) // 8 + 3):  # crosses an epoch boundary
+            got = pre.step_batches(sampler.next_step(), sampler)
+            want = [data.batch(i) for i in micro_batches(ref.next_step(), 1, 2, 2)]
+            assert sampler.state_dict() == ref.state_dict()  # the look-ahead did not move it
+            assert len(got) == 2 and all(torch.equal(g, w) for gb, wb in zip(got, want) for g, w in zip(gb, wb))
+        assert pre._pending is not None and pre._pending[1].result()  # the next step is already loaded
+    finally:
+        pre.close()
+
+
+def test_prepare_command_builds_the_cache_ahead_of_training(world, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, env
+
+    cmd = [sys.executable, "-m", "qat.data", "prepare", "--config", str(ROOT / "configs/tiny/full.yaml"),
+           f"model.path={world}/model", f"data.cache_dir={tmp_path}", "data.seq_len=64",
+           f"data.sources=[{{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 200}}]"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: sources[0] built" in out.stderr and "tokens/s)" in out.stderr
+    assert "sources[0]" in out.stdout and "rows of 64 tokens (documents)" in out.stdout
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 1

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qat.config import DataConfig
+from qat.data.loader import Prefetcher
 from qat.data.cache import build_source, default_cache_dir, entry_dir, entry_key, open_entry, tokenizer_fingerprint
 from qat.data.packed import PackedData, SourceRows, check_attention, document_positions
 from qat.data.sampler import DataPosition, MixSampler, StepSampler, build_sampler, micro_batches
 from qat.data.sources import IGNORE, load_source, source_identity, tokenize_chat, tokenize_text, usable_cpus
 from qat.errors import UserError
 
-__all__ = ["IGNORE", "DataPosition", "MixSampler", "PackedData", "StepSampler", "build_dataset", "build_sampler",
+__all__ = ["IGNORE", "DataPosition", "Prefetcher", "MixSampler", "PackedData", "StepSampler", "build_dataset", "build_sampler",
            "check_attention", "document_positions", "load_source", "micro_batches", "tokenize_chat",
            "tokenize_text"]
 
@@ -42,7 +43,7 @@ def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
     builder = is_builder() if builder is None else builder
     layout = "pad" if cfg.packing == "pad" else "stream"
     tok_hash = tokenizer_fingerprint(tokenizer)
-    num_proc = cfg.num_proc or usable_cpus()
+    num_proc = cfg.num_proc or min(usable_cpus(), 32)  # each worker holds a tokenizer and a batch
     rows = []
     for i, src in enumerate(cfg.sources):
         key = entry_key(src, i, tok_hash, layout, cfg.seq_len)
