@@ -91,13 +91,15 @@ def read_manifest(entry: Path, key: dict) -> Optional[dict]:
         manifest = json.loads((entry / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("key") != key:
-        return None
-    for name in FILES:
-        f = entry / name
-        want = manifest["files"].get(name, {})
-        if not f.is_file() or f.stat().st_size != want.get("size") or checksum(f) != want.get("xxh3"):
+    try:
+        if manifest["key"] != key:
             return None
+        for name in FILES:
+            f, want = entry / name, manifest["files"][name]
+            if not f.is_file() or f.stat().st_size != want["size"] or checksum(f) != want["xxh3"]:
+                return None
+    except (KeyError, TypeError):  # a manifest of another shape: not ours, rebuild
+        return None
     return manifest
 
 
