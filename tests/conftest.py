@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,7 +14,9 @@ from pathlib import Path
 import pytest
 
 # One tokenized-data cache per test session (qat.data.cache), never the user's ~/.cache.
-os.environ.setdefault("QAT_DATA_CACHE", tempfile.mkdtemp(prefix="qat-data-cache-"))
+if "QAT_DATA_CACHE" not in os.environ:
+    os.environ["QAT_DATA_CACHE"] = tempfile.mkdtemp(prefix="qat-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["QAT_DATA_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
