@@ -6,6 +6,7 @@
     qat evaluate --model runs/x/export/step-000100/quantized --tasks hub
     qat compare --config configs/llama3_2_1b/compare.yaml
     qat schemes
+    qat data prepare --config configs/llama3_2_1b/qat.yaml   # tokenize into the cache ahead of the job
 
 `qat train` (and `qat convert --nproc N`) execs `torchrun --nproc_per_node N recipes/train.py ...`; plain torchrun always works too.
 """
@@ -28,6 +29,8 @@ def main(argv=None) -> None:
     if cmd == "schemes":
         print_schemes()
         return
+    if cmd == "data":
+        os.execv(sys.executable, [sys.executable, "-m", "qat.data", *rest])
     if cmd == "train" or (cmd == "convert" and rest[:1] == ["--nproc"]):
         nproc = "1"
         if rest[:1] == ["--nproc"]:
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
                                   "--nproc_per_node", nproc, str(RECIPES / f"{cmd}.py"), *rest])
     if cmd in ("convert", "evaluate", "compare"):
         os.execv(sys.executable, [sys.executable, str(RECIPES / f"{cmd}.py"), *rest])
-    print(f"error: unknown command {cmd!r}: use one of train, convert, evaluate, compare, schemes (qat --help)",
+    print(f"error: unknown command {cmd!r}: use one of train, convert, evaluate, compare, schemes, data (qat --help)",
           file=sys.stderr)
     sys.exit(2)
 

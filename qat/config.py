@@ -77,12 +77,15 @@ class DistillConfig:
 @dataclass
 class DataSource:
     path: str = MISSING  # local .json/.jsonl/.parquet file or folder, or a hub dataset name
-    kind: str = "text"  # "text" (packed plain text) or "chat" (a messages column)
+    kind: str = rule("text", choices=("text", "chat"))  # packed plain text, or a messages column
     column: Optional[str] = None  # default: "text" for text, "messages" for chat
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
-    max_rows: Optional[int] = None  # use only the first N rows (before tokenization)
-    max_samples: Optional[int] = None  # cap on packed sequences taken from this source
+    max_rows: Optional[int] = rule(None, ge=1)  # use only the first N rows (before tokenization)
+    max_samples: Optional[int] = rule(None, ge=1)  # cap on packed sequences taken from this source
+    revision: Optional[str] = None  # hub dataset revision (part of the cache key; pin it)
+    data_files: list[str] = field(default_factory=list)  # hub: only these files/globs, e.g. a few C4 shards
+    weight: Optional[float] = rule(None, gt=0, why="a sampling proportion; set it on every source or on none")
 
 
 @dataclass
@@ -90,6 +93,12 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     seq_len: int = rule(2048, ge=1)
     shuffle: bool = True
+    # "documents": positions restart and attention stops at each document; "concat": plain
+    # concatenation; "pad": one sample per row, padded (chat SFT)
+    packing: str = rule("documents", choices=("documents", "concat", "pad"))
+    cache_dir: Optional[str] = None  # tokenized cache; default $QAT_DATA_CACHE or ~/.cache/qat-recipes/data
+    # tokenizer processes of a cache build; null: the usable CPUs, at most 32
+    num_proc: Optional[int] = rule(None, ge=1)
 
 
 @dataclass
@@ -205,9 +214,10 @@ class CompareConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field rules; each field's own range or choices is declared on the field (rule(...))."""
-    for i, src in enumerate(cfg.data.sources):
-        if src.kind not in ("text", "chat"):
-            raise UserError(f"data.sources[{i}].kind={src.kind!r} is not one of text, chat")
+    weighted = [src.weight is not None for src in cfg.data.sources]
+    if any(weighted) and not all(weighted):
+        raise UserError(f"data.sources: weight is set on sources {[i for i, w in enumerate(weighted) if w]} "
+                        f"only; set it on every source (proportions) or on none (concatenation)")
     if not cfg.data.sources:
         raise UserError("data.sources is empty: give at least one dataset")
     if cfg.qat.enabled:
@@ -234,12 +244,6 @@ def warn(msg: str) -> None:
     """A legal value that is surely unintended: one line, and the run goes on."""
     if is_rank0():
         print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _merge(schema, path: Optional[str], overrides: list[str]):

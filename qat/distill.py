@@ -117,12 +117,13 @@ class Teacher:
                 fq.enabled = on
 
     @torch.no_grad()
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The teacher's final hidden states; position_ids keep packed documents apart, as for the student."""
         captured = {}
         handle = self.norm.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
         try:
             with self._as_teacher():
-                self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                self.model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
         return captured["h"]

@@ -44,7 +44,7 @@ from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import coverage as qat_coverage
 from qat.coverage import describe as describe_coverage
-from qat.data import IGNORE, StepSampler, build_dataset, micro_batches
+from qat.data import IGNORE, Prefetcher, build_dataset, build_sampler, check_attention
 from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
@@ -121,6 +121,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
+    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
@@ -129,7 +130,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    data = build_dataset(cfg.data, tokenizer)
+    data = build_dataset(cfg.data, tokenizer)  # tokenizes only what the cache lacks
     torch.manual_seed(cfg.training.seed)  # identical LoRA init on every rank, at any world size
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
@@ -175,8 +176,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in lines))
 
 
-def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int, teacher=None,
-               distill=None) -> tuple[dict, float]:
+def train_step(model, batches, device, world: int, teacher=None, distill=None) -> tuple[dict, float]:
     """Forward/backward over one step's micro-batches; returns ({"loss", "ce", "kd"} sums of token
     losses, tokens), both global.
 
@@ -186,16 +186,15 @@ def train_step(model, batch_ids, batch_labels, micro_idx, device, world: int, te
     world size and of how the batch is split into micro-batches. With a teacher, the token loss is
     weight * KL + (1 - weight) * CE (qat/distill.py).
     """
-    local_tokens = sum(int((batch_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro_idx)
+    local_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in batches)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     global_tokens = max(global_tokens, 1.0)
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, ce, kd
-    for m, idx in enumerate(micro_idx):
-        ids, labels = batch_ids[idx].to(device), batch_labels[idx].to(device)
+    for m, (ids, labels, pos) in enumerate(batches):  # on the device already (Prefetcher)
         # Reduce-scatter gradients only after the last micro-batch of the step.
-        model.set_requires_gradient_sync(m == len(micro_idx) - 1)
-        teacher_hidden = teacher.hidden(ids) if teacher is not None else None
-        logits = model(input_ids=ids, use_cache=False).logits
+        model.set_requires_gradient_sync(m == len(batches) - 1)
+        teacher_hidden = teacher.hidden(ids, pos) if teacher is not None else None
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
         with torch.set_grad_enabled(teacher is None or distill.weight < 1):
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -266,13 +265,13 @@ def main(argv=None) -> None:
     try:
         lock, resume_from = claim_run_dir(cfg)
         with lock:  # released when training ends in any way; SIGKILL: by the kernel
-            model, tokenizer, (ids, labels), scheme = prepare(cfg, device)
-            run(cfg, device, mesh, model, ids, labels, scheme, resume_from)
+            model, tokenizer, data, scheme = prepare(cfg, device)
+            run(cfg, device, mesh, model, data, scheme, resume_from)
     finally:
         cleanup()
 
 
-def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
+def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_root = checkpoint_root(cfg)
     stop = StopFlag(Path(cfg.output_dir))
@@ -288,7 +287,8 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
     t = cfg.training
-    sampler = StepSampler(len(ids), t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
+    sampler = build_sampler(data.sizes, [s.weight for s in cfg.data.sources],
+                            t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
     start, loss, time_before = 0, float("nan"), 0.0
     if resume_from is not None:
         meta = ckpt.load(resume_from, model, optimizer, adapter_only=cfg.lora.enabled)
@@ -315,6 +315,7 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
     peak = device_peak_flops(device)
     end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
     step, launched = start, time.perf_counter()
+    prefetch = Prefetcher(data, device, rank, world, t.gradient_accumulation_steps)
     try:
         while step < end:
             seed_step(t.seed, step, rank)
@@ -325,8 +326,8 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             gidx = sampler.next_step()
-            micro = list(micro_batches(gidx, rank, world, t.gradient_accumulation_steps))
-            sums, n_tok = train_step(model, ids, labels, micro, device, world, teacher, cfg.distill)
+            batches = prefetch.step_batches(gidx, sampler)
+            sums, n_tok = train_step(model, batches, device, world, teacher, cfg.distill)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -340,7 +341,7 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
-                     "qat/fake_quant_enabled": int(fq_on), "data/epoch": sampler.pos.epoch}
+                     "qat/fake_quant_enabled": int(fq_on), **sampler.epochs()}
                 if teacher is not None:
                     m["train/ce_loss"], m["train/kd_loss"] = sums["ce"] / n_tok, sums["kd"] / n_tok
                 if peak:
@@ -369,6 +370,7 @@ def run(cfg, device, mesh, model, ids, labels, scheme, resume_from) -> None:
                                       "train_time_s": round(time_before + time.perf_counter() - launched, 3),
                                       "world_size": world})
     finally:
+        prefetch.close()
         if bar is not None:
             bar.close()
         if logger is not None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One tokenized-data cache per test session (qat.data.cache), never the user's ~/.cache.
+if "QAT_DATA_CACHE" not in os.environ:
+    os.environ["QAT_DATA_CACHE"] = tempfile.mkdtemp(prefix="qat-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["QAT_DATA_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

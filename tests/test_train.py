@@ -92,13 +92,14 @@ def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_
     from transformers import AutoTokenizer
 
     cfg = load_config("configs/tiny/full.yaml", base_overrides(world, tmp_path) + QAT)
-    ids, labels = build_dataset(cfg.data, AutoTokenizer.from_pretrained(cfg.model.path))
-    idx = StepSampler(len(ids), 8, cfg.training.seed, True).next_step()
+    data = build_dataset(cfg.data, AutoTokenizer.from_pretrained(cfg.model.path))
+    idx = StepSampler(len(data), 8, cfg.training.seed, True).next_step()
     model = load_model(cfg.model)
     apply_qat(model, cfg.qat, get_scheme("8da2w"))
+    ids, labels, pos = data.batch(idx)
     with torch.no_grad():
-        logits = model(ids[idx]).logits
-    lab = labels[idx][:, 1:]
+        logits = model(ids, position_ids=pos, use_cache=False).logits  # a cache disables packed masks
+    lab = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
     expected = float(loss) / int((lab != IGNORE).sum())
     assert abs(losses(tmp_path)[0] - expected) <= 1e-6 * expected

@@ -1,0 +1,60 @@
+"""Data: sources tokenized once into an on-disk cache, memory-mapped, packed, sampled by global step.
+
+    data = build_dataset(cfg.data, tokenizer)        # builds missing cache entries, maps them
+    sampler = build_sampler(data.sizes, weights, global_batch, seed, shuffle)
+    ids, labels, position_ids = data.batch(idx)       # rows read by index from the memory map
+
+Ahead of a GPU job, on a CPU node: `python -m qat.data prepare --config X` (or `qat data prepare`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from qat.config import DataConfig
+from qat.data.loader import Prefetcher
+from qat.data.cache import build_source, default_cache_dir, entry_dir, entry_key, open_entry, tokenizer_fingerprint
+from qat.data.packed import PackedData, SourceRows, check_attention, document_positions
+from qat.data.sampler import DataPosition, MixSampler, StepSampler, build_sampler, micro_batches
+from qat.data.sources import IGNORE, load_source, source_identity, tokenize_chat, tokenize_text, usable_cpus
+from qat.errors import UserError
+
+__all__ = ["IGNORE", "DataPosition", "Prefetcher", "MixSampler", "PackedData", "StepSampler", "build_dataset",
+           "build_sampler", "check_attention", "document_positions", "load_source", "micro_batches", "source_identity",
+           "tokenize_chat", "tokenize_text"]
+
+
+def is_builder() -> bool:
+    """One builder per node: local rank 0 (a plain `python` run is its own builder)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _log(msg: str) -> None:
+    print(f"data: {msg}", file=sys.stderr, flush=True)
+
+
+def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
+                  log: Callable[[str], None] = _log) -> PackedData:
+    """Every source's cache entry (built if missing, by this node's builder), mapped as rows."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    builder = is_builder() if builder is None else builder
+    layout = "pad" if cfg.packing == "pad" else "stream"
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    num_proc = cfg.num_proc or min(usable_cpus(), 32)  # each worker holds a tokenizer and a batch
+    rows = []
+    for i, src in enumerate(cfg.sources):
+        key = entry_key(src, i, tok_hash, layout, cfg.seq_len)
+        entry = entry_dir(cache_dir, src, key)
+
+        def build(tmp, src=src, i=i):
+            return build_source(tmp, src, i, tokenizer, layout, cfg.seq_len, num_proc)
+
+        manifest = open_entry(entry, key, build, builder, log=lambda m, i=i: log(f"sources[{i}] {m}"))
+        r = SourceRows(entry, manifest, cfg.seq_len, src.max_samples)
+        if r.num_rows == 0:
+            raise UserError(f"data.sources[{i}] ({src.path}) yields no sequence of seq_len={cfg.seq_len}")
+        rows.append(r)
+    return PackedData(rows, cfg.seq_len, cfg.packing)

@@ -1,0 +1,104 @@
+"""Fixed-length rows read by index from the memory-mapped cache, in one of three packings.
+
+- documents (default): documents are concatenated and cut into rows of seq_len, and each row
+  carries position ids that restart at every document start (and at the row start, where a
+  document cut by the previous row continues as a fresh segment). Given `position_ids` and no
+  attention mask, transformers (5.x, `masking_utils.find_packed_sequence_indices`) builds a
+  block-causal mask for sdpa, eager and flex attention, so no token attends to another
+  document. The first token of a document is not predicted from the previous document: its
+  label is ignored.
+- concat: the same rows without position ids: plain causal attention across documents.
+- pad: one sample per row, truncated or padded; padding carries no loss (causal attention means
+  real tokens never see the padding after them).
+
+Rows are gathered with fancy indexing on np.memmap views: only the pages of the requested rows
+are read, so a rank's memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from qat.data.cache import DOC_START, SUPERVISED
+from qat.data.sources import IGNORE
+from qat.errors import UserError
+
+# transformers derives per-document masks from position_ids for these (masking_utils).
+MASKED_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
+
+
+class SourceRows:
+    """The [num_rows, seq_len] views of one cache entry (its ragged tail dropped, max_samples applied)."""
+
+    def __init__(self, entry: Path, manifest: dict, seq_len: int, max_samples: Optional[int]):
+        n_tok = manifest["num_tokens"]
+        tokens = np.memmap(entry / "tokens.bin", dtype=manifest["dtype"], mode="r", shape=(n_tok,))
+        flags = np.memmap(entry / "flags.bin", dtype=np.uint8, mode="r", shape=(n_tok,))
+        rows = n_tok // seq_len
+        if max_samples is not None:
+            rows = min(rows, max_samples)
+        self.tokens = tokens[: rows * seq_len].reshape(rows, seq_len)
+        self.flags = flags[: rows * seq_len].reshape(rows, seq_len)
+        self.num_rows = rows
+
+
+class PackedData:
+    """All sources' rows under one global index: source 0's rows, then source 1's, ..."""
+
+    def __init__(self, sources: list[SourceRows], seq_len: int, packing: str):
+        self.sources, self.seq_len, self.packing = sources, seq_len, packing
+        self.sizes = [s.num_rows for s in sources]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, flags) of the global rows `idx`, as [len(idx), seq_len] arrays."""
+        idx = np.asarray(idx, dtype=np.int64)
+        src = np.searchsorted(self.offsets, idx, side="right") - 1
+        tokens = np.empty((len(idx), self.seq_len), np.int64)
+        flags = np.empty((len(idx), self.seq_len), np.uint8)
+        for s in np.unique(src):
+            sel = src == s
+            local = idx[sel] - self.offsets[s]
+            tokens[sel] = self.sources[s].tokens[local]
+            flags[sel] = self.sources[s].flags[local]
+        return tokens, flags
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(input_ids, labels, position_ids or None) for the global rows `idx`."""
+        tokens, flags = self.rows(idx)
+        ids = torch.from_numpy(tokens)
+        flags = torch.from_numpy(flags)
+        labels = torch.where((flags & SUPERVISED).bool(), ids, IGNORE)
+        if self.packing != "documents":
+            return ids, labels, None
+        start = (flags & DOC_START).bool()
+        labels[start] = IGNORE  # the first token of a document is not predicted from the previous one
+        return ids, labels, document_positions(start)
+
+
+def document_positions(start: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at each True of `start` and at each row start."""
+    col = torch.arange(start.shape[1]).expand_as(start)
+    start = start.clone()
+    start[:, 0] = True
+    last_start = torch.where(start, col, 0).cummax(dim=1).values
+    return col - last_start
+
+
+def check_attention(packing: str, attn_implementation: str, batch_size: int) -> None:
+    """Documents packing needs an attention that honours per-document position ids."""
+    if packing != "documents" or attn_implementation in MASKED_FROM_POSITIONS:
+        return
+    if "flash" in attn_implementation and batch_size == 1:
+        return  # transformers turns one packed row's position_ids into cu_seqlens (varlen kernel)
+    raise UserError(f"data.packing=documents needs model.attn_implementation in "
+                    f"{', '.join(MASKED_FROM_POSITIONS)} (or a flash attention at training.batch_size=1); "
+                    f"{attn_implementation!r} with batch_size={batch_size} would attend across documents: "
+                    f"change one of them or set data.packing=concat")

@@ -1,0 +1,138 @@
+"""Where samples come from: local files or hub datasets, and how one sample becomes tokens.
+
+Two kinds of source:
+- text: a plain-text column (C4-like); each document is followed by EOS;
+- chat: a `messages` column rendered with the tokenizer's chat template; only assistant tokens
+  carry a loss.
+
+The tokenize functions are batched `datasets.map` functions: they return, per sample, the
+token ids and (chat only) a 0/1 "supervised" flag per token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from qat.config import DataSource
+from qat.errors import UserError
+
+IGNORE = -100
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in BUILDERS or Path(path).exists()
+
+
+def default_column(src: DataSource) -> str:
+    return src.column or ("text" if src.kind == "text" else "messages")
+
+
+def local_files(src: DataSource, index: int) -> Optional[list[Path]]:
+    """The files of a local source (sorted), None for a hub dataset; bad paths fail here."""
+    if not _looks_local(src.path):
+        return None
+    where = f"data.sources[{index}]"
+    p = Path(src.path).expanduser()
+    if not p.exists():
+        raise UserError(f"{where}.path: no such file or folder: {src.path}")
+    files = sorted(f for f in p.iterdir() if f.suffix in BUILDERS) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"{where}.path: no .json/.jsonl/.parquet/.csv files in {src.path}")
+    if files[0].suffix not in BUILDERS:
+        raise UserError(f"{where}.path: unsupported file type {files[0].suffix!r} ({', '.join(BUILDERS)})")
+    return [f.resolve() for f in files]
+
+
+def source_identity(src: DataSource, index: int) -> dict:
+    """What identifies a source's content without reading it: files by path, size and mtime;
+    hub datasets by name, config, revision and split (pin `revision` to notice upstream changes)."""
+    files = local_files(src, index)
+    if files is not None and src.data_files:
+        raise UserError(f"data.sources[{index}].data_files selects files of a hub dataset; "
+                        f"for local files, point path at the file or folder")
+    if files is None:
+        return {"hub": src.path, "name": src.name, "revision": src.revision, "split": src.split,
+                "data_files": list(src.data_files)}
+    return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def load_source(src: DataSource, index: int, cache_dir: Optional[str] = None):
+    """A `datasets.Dataset` from a local file/folder or a hub dataset name (same code path).
+
+    `cache_dir` receives the Arrow copy of local files (a build's scratch folder); hub datasets
+    keep the HF cache, where the download lives.
+    """
+    import datasets
+
+    files = local_files(src, index)
+    if files is not None:
+        ds = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                   split="train", cache_dir=cache_dir)
+    else:
+        ds = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                   data_files=list(src.data_files) or None)
+    column = default_column(src)
+    if column not in ds.column_names:
+        raise UserError(f"data.sources[{index}]: {src.path} has no column {column!r} "
+                        f"(columns: {', '.join(ds.column_names)})")
+    return ds, column
+
+
+def tokenize_text_batch(batch: dict, column: str, tokenizer) -> dict:
+    eos = tokenizer.eos_token_id
+    tail = [eos] if eos is not None else []
+    ids = tokenizer(batch[column], add_special_tokens=True, verbose=False)["input_ids"]
+    return {"ids": [list(x) + tail for x in ids]}
+
+
+def tokenize_chat_batch(batch: dict, column: str, tokenizer) -> dict:
+    out = tokenize_chat(batch[column], tokenizer)
+    return {"ids": [ids for ids, _ in out], "sup": [[int(l != IGNORE) for l in labels] for _, labels in out]}
+
+
+def tokenize_text(texts: list[str], tokenizer) -> list[tuple[list[int], list[int]]]:
+    ids = tokenize_text_batch({"text": texts}, "text", tokenizer)["ids"]
+    return [(x, x) for x in ids]
+
+
+def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and find the character span of each assistant reply.
+
+    Works for any template with the prefix property: the rendering of the first k turns is a
+    prefix of the full rendering. The span of assistant turn i runs from the end of the
+    rendering of turns < i plus the generation prompt, to the end of the rendering of turns <= i.
+    """
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
+        if not full.startswith(render(messages[: i + 1])):
+            raise UserError("the tokenizer's chat template does not render conversations "
+                            "prefix-consistently; cannot locate assistant tokens")
+        spans.append((start, end))
+    return full, spans
+
+
+def tokenize_chat(conversations: list[list[dict]], tokenizer) -> list[tuple[list[int], list[int]]]:
+    if tokenizer.chat_template is None:
+        raise UserError("data kind 'chat' needs a tokenizer with a chat template")
+    out = []
+    for messages in conversations:
+        text, spans = _assistant_spans(messages, tokenizer)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
+                  for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+        out.append((list(enc["input_ids"]), labels))
+    return out
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
