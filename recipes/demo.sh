@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# make demo: the whole bf16 vs PTQ vs QAT experiment on the tiny offline world, 2 CPU processes.
+# make demo: the whole bf16 vs PTQ vs QAT vs QAD experiment on the tiny offline world, 2 CPU processes.
 #   1. generate the world (corpus, tokenizer, eval sets, tiny Llama)   -> assets/world
 #   2. pretrain the tiny base model                                      -> runs/demo/pretrain, runs/demo/base/hf
-#   3. compare: fine-tune bf16 and QAT arms, convert, evaluate, report  -> runs/demo/compare/report.md
+#   3. compare: fine-tune bf16, QAT and QAD arms, convert, evaluate, report -> runs/demo/compare/report.md
 # Every stage skips work that is already done, so rerunning after an interruption resumes.
 # Extra arguments are key=value overrides of configs/tiny/compare.yaml; PRETRAIN_OVERRIDES holds
 # overrides of configs/tiny/pretrain.yaml (the tests use both to run a reduced demo).
@@ -17,5 +17,5 @@ echo "== pretrain the tiny base model"
 $PY -m torch.distributed.run --standalone --nproc_per_node 2 recipes/train.py \
     --config configs/tiny/pretrain.yaml "${pretrain_overrides[@]}"
 [ -f runs/demo/base/verify.json ] || $PY recipes/convert.py --checkpoint runs/demo/pretrain --out runs/demo/base --only-hf >/dev/null
-echo "== compare bf16 / PTQ / QAT"
+echo "== compare bf16 / PTQ / QAT / QAD"
 $PY recipes/compare.py --config configs/tiny/compare.yaml "$@"
