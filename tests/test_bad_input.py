@@ -137,3 +137,19 @@ def test_evaluate_options_out_of_range(world, tmp_path, args, needle):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: " + needle), p.stderr[-2000:]
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("name, content, kind, needle", [
+    ("broken.jsonl", '{"text": "a b c"}\n{"text": broken\n', "text",
+     "does not parse: JSON parse error: Invalid value. in row 1 (line 2)"),
+    ("numbers.jsonl", '{"text": 3}\n{"text": 4}\n', "text", "column 'text' holds int64, not text"),
+    ("nulls.jsonl", '{"text": "a"}\n{"text": null}\n', "text",
+     "1 row(s) of column 'text' are null, the first at row 1"),
+    ("empty.jsonl", "", "text", "empty.jsonl is empty"),
+    ("chat.jsonl", '{"messages": "hello"}\n', "chat", "column 'messages' holds string, not conversations"),
+])
+def test_malformed_data_files(capsys, world, tmp_path, name, content, kind, needle):
+    (tmp_path / name).write_text(content)
+    fails_with(capsys, base_overrides(world, tmp_path / "out") + [
+        f"data.sources=[{{path: {tmp_path / name}, kind: {kind}}}]"], needle)
+    assert not (tmp_path / "out" / "checkpoints").exists()

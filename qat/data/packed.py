@@ -92,9 +92,10 @@ def document_positions(start: torch.Tensor) -> torch.Tensor:
     return col - last_start
 
 
-def check_attention(packing: str, attn_implementation: str, batch_size: int) -> None:
-    """Documents packing needs an attention that honours per-document position ids."""
-    if packing != "documents" or attn_implementation in MASKED_FROM_POSITIONS:
+def check_attention(packing: str, attn_implementation: Optional[str], batch_size: int) -> None:
+    """Documents packing needs an attention that honours per-document position ids. None lets
+    transformers pick, and it picks sdpa, or eager where sdpa is unsupported: both qualify."""
+    if packing != "documents" or attn_implementation is None or attn_implementation in MASKED_FROM_POSITIONS:
         return
     if "flash" in attn_implementation and batch_size == 1:
         return  # transformers turns one packed row's position_ids into cu_seqlens (varlen kernel)

@@ -68,17 +68,61 @@ def load_source(src: DataSource, index: int, cache_dir: Optional[str] = None):
     import datasets
 
     files = local_files(src, index)
-    if files is not None:
-        ds = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                   split="train", cache_dir=cache_dir)
-    else:
-        ds = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
-                                   data_files=list(src.data_files) or None)
+    try:
+        if files is not None:
+            ds = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                       split="train", cache_dir=cache_dir)
+        else:
+            ds = datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                       data_files=list(src.data_files) or None)
+    except StopIteration:  # datasets' json builder on a file with no rows at all
+        raise UserError(f"data.sources[{index}]: {src.path} is empty") from None
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
+        raise UserError(f"data.sources[{index}]: {src.path} does not parse: {_parse_problem(e)}") from None
     column = default_column(src)
     if column not in ds.column_names:
         raise UserError(f"data.sources[{index}]: {src.path} has no column {column!r} "
                         f"(columns: {', '.join(ds.column_names)})")
+    check_column(ds, column, src, index)
     return ds, column
+
+
+def _parse_problem(e: BaseException) -> str:
+    """The library's own reason, one line, with pyarrow's 0-based 'row N' given as a file line too."""
+    import re
+
+    cause = e.__cause__ or e.__context__ or e
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    row = re.search(r"in row (\d+)", msg)
+    return msg + (f" (line {int(row.group(1)) + 1})" if row else "")
+
+
+def check_column(ds, column: str, src: DataSource, index: int) -> None:
+    """Rows the tokenizer can take: text is a string column without nulls; chat is a list of
+    {role, content} messages. Checked on the Arrow schema and null counts, not row by row."""
+    where = f"data.sources[{index}]: {src.path}"
+    if len(ds) == 0:
+        raise UserError(f"{where} has no rows")
+    feature = ds.features[column]
+    if src.kind == "text" and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"{where}: column {column!r} holds {_describe_feature(feature)}, not text; "
+                        f"point data.sources[{index}].column at a text column")
+    if src.kind == "chat":
+        inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+        if not (isinstance(inner, dict) and {"role", "content"} <= set(inner)):
+            raise UserError(f"{where}: column {column!r} holds {_describe_feature(feature)}, not conversations "
+                            f"(lists of {{role, content}} messages)")
+    nulls = ds.data.column(column).null_count
+    if nulls:
+        import pyarrow.compute as pc
+
+        first = pc.index(pc.is_null(ds.data.column(column)), True).as_py()
+        raise UserError(f"{where}: {nulls} row(s) of column {column!r} are null, the first at row {first} "
+                        f"(line {first + 1} of a JSON-lines file); remove or fill them")
+
+
+def _describe_feature(feature) -> str:
+    return getattr(feature, "dtype", None) or type(feature).__name__
 
 
 def tokenize_text_batch(batch: dict, column: str, tokenizer) -> dict:
