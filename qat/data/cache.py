@@ -31,13 +31,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from qat.atomic import atomic_dir
 from qat.config import DataSource
 from qat.data.sources import (default_column, load_source, source_identity, tokenize_chat_batch,
                               tokenize_text_batch)
@@ -134,8 +134,8 @@ def open_entry(entry: Path, key: dict, build: Callable[[Path], dict], builder: b
 
 
 def _build_atomically(entry: Path, key: dict, build: Callable[[Path], dict], log) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+    """Build into a temporary sibling folder that replaces `entry` only once its manifest is written."""
+    with atomic_dir(entry) as tmp:
         t0 = time.perf_counter()
         stats = build(tmp)
         seconds = time.perf_counter() - t0
@@ -148,14 +148,6 @@ def _build_atomically(entry: Path, key: dict, build: Callable[[Path], dict], log
                     "tokens_per_second": round(stats["num_tokens"] / max(seconds, 1e-9)), **stats}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks completeness
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        if entry.exists():
-            old = entry.with_name(f".old-{entry.name}-{os.getpid()}")
-            os.replace(entry, old)
-            shutil.rmtree(old)
-        os.replace(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"built {entry}: {stats['num_tokens']:,} tokens from {stats['num_docs']:,} documents in "
         f"{seconds:.1f} s ({manifest['tokens_per_second']:,} tokens/s)")
     return manifest
