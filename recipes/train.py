@@ -121,14 +121,13 @@ def prepare(cfg: TrainConfig, device: torch.device):
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
+    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
     on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
     check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
-    # after load_model, which names an attention implementation transformers does not know
-    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tokenizer)  # tokenizes only what the cache lacks

@@ -38,7 +38,7 @@ def fails_with(capsys, argv, needle):
      "data.packing=documents needs model.attn_implementation in sdpa, eager, flex_attention"),
     (["data.num_proc=0"], "data.num_proc=0 must be at least 1"),
     (["data.sources.0.weight=2"], "data.sources: weight is set on sources [0] only"),
-    (["data.sources.0.weight=-1", "data.sources.1.weight=1"], "data.sources[0].weight=-1.0 must be positive"),
+    (["data.sources.0.weight=-1", "data.sources.1.weight=1"], "data.sources[0].weight=-1.0 must be greater than 0"),
 ])
 def test_config_mistakes(capsys, world, tmp_path, extra, needle):
     fails_with(capsys, base_overrides(world, tmp_path) + extra, needle)

@@ -92,7 +92,7 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     assert results["qad"]["wikitext"]["bits_per_byte"] < bpb["ptq"]
     assert "| recovered by QAD |" in (cmp / "report.md").read_text()
     kd = [json.loads(l)["train/kd_loss"] for l in (cmp / "qad" / "metrics.jsonl").read_text().splitlines()]
-    assert len(kd) == 30 and kd[-1] < kd[0]
+    assert len(kd) == 3 and kd[-1] < kd[0]  # logged every 10 steps (configs/tiny/finetune.yaml)
     assert (cmp / "comparison.png").stat().st_size > 10_000
     assert "8da2w (int8 dynamic activations + int2 weights, group 32)" in out
 

@@ -73,9 +73,10 @@ def test_qad_resume_is_bitwise_with_the_fake_quant_delay_across_it(world, tmp_pa
 
 
 def test_full_run_teacher_is_a_frozen_copy_of_the_start(world, tmp_path):
-    """distill.teacher=base in a full run, and the same model given as a path: both start at KL 0
-    without fake quantization, and the student's own weights move while the teacher's do not."""
-    for teacher in ("base", str(world / "model")):
+    """distill.teacher=base in a full run starts at KL 0 without fake quantization, and the student
+    moves away from its frozen teacher. (A teacher given as a path is compare's QAD arm, tested
+    in test_compare.)"""
+    for teacher in ("base",):
         out = tmp_path / teacher.replace("/", "_")
         # half cross-entropy: pure KL against an identical teacher has zero gradient, nothing would move
         run_train(base_overrides(world, out) + DISTILL + [f"distill.teacher={teacher}", "distill.weight=0.5",
