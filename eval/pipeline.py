@@ -21,7 +21,6 @@ from typing import Optional
 from qat import checkpoint as ckpt
 from qat.atomic import write_text_atomic
 from qat.config import EvalConfig
-from qat.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,3 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, result_file: Path, log=
     write_text_atomic(result_file, json.dumps({"model": str(target.folder), "simulated": target.simulated,
                                                "scheme": target.simulate, "results": results}, indent=2))
     return results
-
-
-def is_simulated(result_file: Path) -> bool:
-    return bool(json.loads(Path(result_file).read_text()).get("simulated"))
-
-
-def require_finished(run_dir: Path) -> None:
-    if not finished(run_dir):
-        raise UserError(f"{run_dir} has no finished training (no {ckpt.DONE}); train it to the last step first")

@@ -96,9 +96,6 @@ class Scheme:
         if why:
             raise UserError(why)
 
-    def has_kernels(self, device: torch.device) -> bool:
-        return self.missing_kernels(device) is None
-
 
 def _cuda_capability_gap(scheme: Scheme, device: torch.device, need: tuple[int, int], what: str) -> Optional[str]:
     if device.type != "cuda":

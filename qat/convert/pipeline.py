@@ -120,7 +120,6 @@ class Stages:
     def __init__(self, names: list[str]):
         from qat.progress import progress_bar
 
-        self.names = names
         self.bar = progress_bar(len(names), "convert", unit="stage", disable=not is_rank0())
         self.started = False
 
