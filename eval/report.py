@@ -15,9 +15,11 @@ from typing import Optional
 from eval.metrics import METRICS, Metric
 
 MODELS = ["bf16", "ptq", "qat"]
-# Quantization-aware arms, in table order: plain QAT, and QAT with distillation (QAD).
-ARMS = ["qat", "qad"]
-LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT", "qad": "QAD"}
+# Quantization-aware arms, in table order: plain QAT, QAT with distillation (QAD), and each with
+# learned scales (LS).
+ARMS = ["qat", "qad", "qat_ls", "qad_ls"]
+LABELS = {"bf16": "no quantization", "ptq": "PTQ", "qat": "QAT", "qad": "QAD", "qat_ls": "QAT+LS",
+          "qad_ls": "QAD+LS"}
 
 
 def models(results: dict) -> list[str]:
@@ -113,7 +115,8 @@ def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868", "qad": "#8172B3"}
+    colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868", "qad": "#8172B3", "qat_ls": "#64B5CD",
+              "qad_ls": "#CCB974"}
     keys = models(results)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(max(3.2, 1.1 * len(keys)) * len(METRICS), 3.8))
     for ax, m in zip(axes, METRICS):

@@ -56,6 +56,10 @@ class FakeQuantConfig:
     # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours
     backend: str = rule("auto", choices=("auto", "ours", "torchao"))
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
+    # intx schemes: the weight scales become parameters, initialised by the dynamic rule when fake
+    # quantization starts and trained with the LSQ estimator (qat/learned_scales.py)
+    learn_scales: bool = False
+    scale_lr_multiplier: float = rule(1.0, gt=0, why="the scales' lr is optimizer.lr times this")
     # Weight tensors of the decoder blocks that are not nn.Linear (MoE experts stored as fused 3D
     # parameters) get no fake quantization; training refuses unless this is true.
     allow_unquantized: bool = False
@@ -204,7 +208,8 @@ class CompareConfig:
     lora: bool = False  # bf16-LoRA and QAT+LoRA arms
     lora_merged: bool = False  # the QAT+LoRA arm fake-quantizes W + s*B@A (qat.lora_merged)
     # Also a QAD arm: QAT trained on the KL from the fine-tuned bf16 arm's export (distill.teacher)
-    qad: bool = False
+    qad: bool = False  # an arm distilling the fine-tuned bf16 arm into the QAT model (QAD)
+    learn_scales: bool = False  # an arm with learned scales (qat_ls), and qad_ls when qad is on
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
     title: str = ""
     data_description: str = ""
@@ -226,6 +231,16 @@ def validate(cfg: TrainConfig) -> None:
         get_scheme(cfg.qat.scheme)
     if cfg.qat.lora_merged and not (cfg.lora.enabled and cfg.qat.enabled):
         raise UserError("qat.lora_merged=true needs lora.enabled=true and qat.enabled=true")
+    if cfg.qat.learn_scales and not cfg.qat.enabled:
+        raise UserError("qat.learn_scales=true needs qat.enabled=true")
+    if cfg.qat.learn_scales:
+        from qat.learned_scales import check_learnable
+        from qat.schemes import get_scheme
+
+        check_learnable(get_scheme(cfg.qat.scheme), True)
+    if cfg.qat.learn_scales and cfg.qat.backend == "torchao":
+        raise UserError("qat.learn_scales=true needs qat.backend=ours (or auto): torchao's fake quantizers "
+                        "compute their scales")
     if cfg.qat.lora_merged and cfg.lora.dropout:
         raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")
     if cfg.lora.enabled and cfg.lora.target_modules is not None and not cfg.lora.target_modules:

@@ -16,6 +16,7 @@ where round-then-clamp clipped it. No gradient passes through a low-precision dt
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Optional
@@ -27,20 +28,59 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class IntxWeight:
-    """Symmetric intN weights, per group of `group_size` input features or per output channel."""
+    """Symmetric intN weights, per group of `group_size` input features or per output channel.
+
+    The scale is torchao's (absmax / ((qmax - qmin) / 2) per group), computed from the weight at
+    every forward; or, with qat.learn_scales, a trained parameter `scale` [out, groups] that
+    starts from that same rule (`init_scale`) and learns with the LSQ estimator (`scale_grad`).
+    """
     bits: int
     group_size: Optional[int]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
 
     def block(self, w: torch.Tensor) -> tuple[int, int]:
         return (1, self.group_size or w.shape[-1])
 
-    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def init_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """[out, groups]: the scale the dynamic rule gives `w` now, in fp32."""
         from torchao.quantization.utils import get_group_qparams_symmetric
 
-        qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return get_group_qparams_symmetric(w, self.bits, self.block(w)[1], None)[0].float()
+
+    def __call__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchao.quantization.utils import get_group_qparams_symmetric
+
+        qmin, qmax = self.qrange
         gs = self.block(w)[1]
-        scale, zp = get_group_qparams_symmetric(w, self.bits, gs, None)
-        return _fake_quantize(w, (1, gs), scale, zp.to(torch.int32), qmin, qmax)
+        if scale is None:
+            scale = get_group_qparams_symmetric(w, self.bits, gs, None)[0]
+        else:
+            scale = self.effective_scale(scale, w.dtype)
+        zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+        return _fake_quantize(w, (1, gs), scale, zp, qmin, qmax)
+
+    @staticmethod
+    def effective_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A learned scale as the forward and convert use it: in the weight's dtype, and kept
+        positive (the dynamic rule's own floor) should an update push it through zero."""
+        return scale.to(dtype).clamp(min=torch.finfo(dtype).smallest_normal)
+
+    def scale_grad(self, w: torch.Tensor, scale: torch.Tensor, g_wq: torch.Tensor) -> torch.Tensor:
+        """LSQ (Esser et al., 2020): with v = w / s and q = clamp(round(v)), d(q s)/ds is q - v
+        where v was inside the range (round passes the gradient straight through) and the clamp
+        bound q where it was clipped; summed over the group and scaled by 1/sqrt(group * qmax)
+        so that the scale's step is commensurate with the weights' (the paper's g)."""
+        qmin, qmax = self.qrange
+        rows, gs = w.shape[0], self.block(w)[1]
+        v = w.float().reshape(rows, -1, gs) * (1.0 / self.effective_scale(scale, w.dtype).float().reshape(rows, -1, 1))
+        q = torch.round(v)
+        inside = (q >= qmin) & (q <= qmax)
+        dq_ds = torch.where(inside, q - v, q.clamp(qmin, qmax))
+        g = (g_wq.float().reshape(rows, -1, gs) * dq_ds).sum(-1)
+        return (g / math.sqrt(gs * qmax)).to(scale.dtype)
 
 
 @dataclass(frozen=True)
@@ -152,56 +192,73 @@ def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32) -> 
 
 
 class _FakeQuantLinear(torch.autograd.Function):
-    """y = fq_act(x) @ fq_w(w).T + b, saving only x and w (as a plain Linear does)."""
+    """y = fq_act(x) @ fq_w(w; scale).T + b, saving only x, w and the learned scale (a plain Linear
+    saves x and w). `scale` is None unless the scales are learned (qat.learn_scales)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, wq_fn, aq_fn):
+    def forward(ctx, x, w, b, scale, wq_fn, aq_fn):
         with torch.no_grad():
-            wq, _ = wq_fn(w)
+            wq, _ = _weight_fq(wq_fn, w, scale)
             xq = aq_fn(x)[0] if aq_fn is not None else x
             y = F.linear(xq, wq.to(xq.dtype), b)
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, scale)
         ctx.fns, ctx.has_bias = (wq_fn, aq_fn), b is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
+        x, w, scale = ctx.saved_tensors
         wq_fn, aq_fn = ctx.fns
-        wq, wmask = wq_fn(w)
+        wq, wmask = _weight_fq(wq_fn, w, scale)
         if aq_fn is not None:
             xq, xmask = aq_fn(x)
         else:
             xq, xmask = x, None
-        gx = gw = gb = None
+        gx = gw = gb = gs = None
         if ctx.needs_input_grad[0]:
             gx = gy @ wq.to(gy.dtype)
             if xmask is not None:
                 gx = gx * xmask
-        if ctx.needs_input_grad[1]:
-            gw = gy.reshape(-1, gy.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]).to(gy.dtype)
-            gw = (gw * wmask if wmask is not None else gw).to(w.dtype)
+        # The gradient of the fake-quantized weight: the weight's (through the clipped STE) and,
+        # in a LoRA run with learned scales, the scale's even though the weight is frozen.
+        if ctx.needs_input_grad[1] or (scale is not None and ctx.needs_input_grad[3]):
+            g_wq = gy.reshape(-1, gy.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]).to(gy.dtype)
+            if ctx.needs_input_grad[1]:
+                gw = (g_wq * wmask if wmask is not None else g_wq).to(w.dtype)
+            if scale is not None and ctx.needs_input_grad[3]:
+                gs = wq_fn.scale_grad(w, scale, g_wq)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, gs, None, None
 
 
-def fake_quant_linear(x, w, b, wq_fn, aq_fn):
-    return _FakeQuantLinear.apply(x, w, b, wq_fn, aq_fn)
+def _weight_fq(wq_fn, w, scale):
+    return wq_fn(w) if scale is None else wq_fn(w, scale)
+
+
+def fake_quant_linear(x, w, b, wq_fn, aq_fn, scale=None):
+    return _FakeQuantLinear.apply(x, w, b, scale, wq_fn, aq_fn)
 
 
 class QATLinear(nn.Linear):
-    """nn.Linear with fake-quantized weights (and activations); same parameters, same state dict."""
+    """nn.Linear with fake-quantized weights (and activations); same parameters and state dict,
+    plus `weight_scale` [out, groups] when the scales are learned (qat.learn_scales)."""
 
     def __init__(self, in_features, out_features, bias, weight_fq, act_fq, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fq, self.act_fq, self.enabled = weight_fq, act_fq, True
+        self.register_parameter("weight_scale", None)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, weight_fq, act_fq) -> "QATLinear":
+    def from_linear(cls, lin: nn.Linear, weight_fq, act_fq, learn_scale: bool = False) -> "QATLinear":
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, weight_fq, act_fq, device="meta")
         new.weight = lin.weight  # the same Parameter: optimizer, FSDP and checkpoints see no change
         new.bias = lin.bias
+        if learn_scale:  # on meta where the weight is (ranks that rank 0 fills after sharding)
+            w = lin.weight.detach()
+            scale = weight_fq.init_scale(w) if not w.is_meta else \
+                torch.empty(w.shape[0], w.shape[1] // weight_fq.block(w)[1], device="meta")
+            new.weight_scale = nn.Parameter(scale)
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -212,10 +269,11 @@ class QATLinear(nn.Linear):
     def forward(self, x):
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        return fake_quant_linear(x, self.weight, self.bias, self.weight_fq, self.act_fq)
+        return fake_quant_linear(x, self.weight, self.bias, self.weight_fq, self.act_fq, self.weight_scale)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_fq={self.weight_fq}, act_fq={self.act_fq}"
+        learned = ", learned scales" if self.weight_scale is not None else ""
+        return f"{super().extra_repr()}, weight_fq={self.weight_fq}, act_fq={self.act_fq}{learned}"
 
 
 def merged_lora_forward(self, x, *args, **kwargs):
@@ -233,7 +291,7 @@ def merged_lora_forward(self, x, *args, **kwargs):
         if name in self.lora_A:
             a, b_ = self.lora_A[name].weight, self.lora_B[name].weight
             w = w + self.scaling[name] * (b_ @ a).to(w.dtype)
-    return fake_quant_linear(x, w, base.bias, base.weight_fq, base.act_fq)
+    return fake_quant_linear(x, w, base.bias, base.weight_fq, base.act_fq, base.weight_scale)
 
 
 def use_merged_lora(lora_layer: nn.Module) -> None:

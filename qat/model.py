@@ -160,15 +160,17 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
     from torchao.quantization.qat import QATConfig as AOQATConfig
 
     from qat.fake_quant import QATLinear
+    from qat.learned_scales import check_learnable
 
     targets = qat_targets(model)
     refuse_uncovered(model, targets, cfg.allow_unquantized)
     scheme.check_shapes(targets, cfg.group_size)
+    check_learnable(scheme, cfg.learn_scales)
     if qat_backend(cfg, scheme) == "ours":
         wfq, afq = scheme.fake_quantizers(cfg.group_size)
         for fqn, lin in targets.items():
             parent, _, leaf = fqn.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq))
+            setattr(model.get_submodule(parent), leaf, QATLinear.from_linear(lin, wfq, afq, cfg.learn_scales))
     else:
         ids = {id(m) for m in targets.values()}
         quantize_(model, AOQATConfig(scheme.base_config(cfg.group_size), step="prepare"),

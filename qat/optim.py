@@ -9,7 +9,8 @@ import torch
 from qat.config import OptimizerConfig, SchedulerConfig
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """`params`: parameters, or param groups (dicts) whose own lr / weight_decay override cfg's."""
     # foreach (not fused): works for DTensor shards on both CUDA and CPU.
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, foreach=True)

@@ -43,6 +43,8 @@ class Scheme:
     # torchao has a QAT prepare path for it (qat.backend=torchao).
     torchao_qat: ClassVar[bool] = True
     uses_group_size: ClassVar[bool] = False
+    # Its weight scales can be trained (qat.learn_scales): an affine grid with one scale per group.
+    learnable_scales: ClassVar[bool] = False
 
     # --- what each family defines ------------------------------------------------------------
     def base_config(self, group_size: Optional[int]):
@@ -173,6 +175,7 @@ class IntxScheme(Scheme):
     family: ClassVar[str] = "intx"
     exact_convert: ClassVar[bool] = True
     uses_group_size: ClassVar[bool] = True
+    learnable_scales: ClassVar[bool] = True
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
@@ -433,4 +436,5 @@ def same_record(a: Optional[dict], b: Optional[dict]) -> bool:
         return a is b
     sa, sb = scheme_from_record(a), scheme_from_record(b)
     return sa is sb and a.get("group_size") == b.get("group_size") and \
-        embedding_from_record(a, sa) == embedding_from_record(b, sb)
+        embedding_from_record(a, sa) == embedding_from_record(b, sb) and \
+        bool(a.get("learned_scales")) == bool(b.get("learned_scales"))

@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
+from eval.report import ARMS
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
 from qat.errors import UserError, exit_on_user_error
@@ -37,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
     """Arm name -> training overrides, in training order. Every arm shares the base config, data,
-    steps and seed. A QAD arm distils the fine-tuned bf16 arm of its kind, so it trains after it."""
+    steps and seed. A QAD arm distils the fine-tuned bf16 arm of its kind, so it trains after it;
+    the _ls arms also learn their scales (qat.learn_scales)."""
     qat = ["qat.enabled=true", f"qat.scheme={cfg.scheme}", f"qat.group_size={_null(cfg.group_size)}"]
     arms = {}
     for kind, suffix, lora in (("full", "", ["lora.enabled=false"]), ("lora", "_lora", ["lora.enabled=true"])):
@@ -45,13 +47,17 @@ def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
             continue
         merged = [f"qat.lora_merged={str(cfg.lora_merged).lower()}"] if kind == "lora" else []
         arms[f"bf16{suffix}"] = ["qat.enabled=false"] + lora
-        arms[f"qat{suffix}"] = qat + lora + merged
-        if cfg.qad:
-            arms[f"qad{suffix}"] = qat + lora + merged + ["distill.enabled=true",
-                                                         f"distill.teacher={teacher_of(out, suffix)}"]
+        qad = ["distill.enabled=true", f"distill.teacher={teacher_of(out, suffix)}"]
+        for arm, extra, on in (("qat", [], True), ("qad", qad, cfg.qad), ("qat_ls", LS, cfg.learn_scales),
+                               ("qad_ls", qad + LS, cfg.qad and cfg.learn_scales)):
+            if on:
+                arms[f"{arm}{suffix}"] = qat + lora + merged + extra
     if not arms:
         raise UserError("compare has no arms: set full=true and/or lora=true")
     return arms
+
+
+LS = ["qat.learn_scales=true"]
 
 
 def teacher_of(out: Path, suffix: str) -> Path:
@@ -88,13 +94,15 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
 
 
 def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dict, Optional[dict]]:
-    """{bf16, ptq, qat[, qad]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
+    """{bf16, ptq, qat[, qad, qat_ls, qad_ls]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
     targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log)),
                **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log))}
-    if cfg.qad:  # a QAT run too, so its model comes back under "qat"
-        targets["qad"] = run_models(export_run(out / f"qad{suffix}", out / f"qad{suffix}" / "export", ptq, log=log))["qat"]
+    planned = arms(cfg, out)
+    for arm in (a for a in ARMS[1:] if f"{a}{suffix}" in planned):  # QAT runs too: their model is "qat"
+        targets[arm] = run_models(export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq,
+                                             log=log))["qat"]
     results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
     simulated = next((t.simulate for t in targets.values() if t.simulated), None)
     return results, simulated
@@ -113,9 +121,11 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
                      f" sequences of {train.data.seq_len} tokens, lr {train.optimizer.lr}, seed {t.seed}",
             "data": cfg.data_description or ", ".join(s.path for s in train.data.sources),
             "eval": f"lm-eval tasks={cfg.eval.tasks}" + (f", limit={cfg.eval.limit}" if cfg.eval.limit else ""),
-            "arms": "PTQ: the bf16 arm quantized after training; QAT: fake quantization, cross-entropy"
-                    + ("; QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at T=1"
-                       if cfg.qad else "")}
+            "arms": "; ".join(a for a, on in (
+                ("PTQ: the bf16 arm quantized after training", True),
+                ("QAT: fake quantization, cross-entropy", True),
+                ("QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at T=1", cfg.qad),
+                (f"+LS: scales learned with LSQ (lr x {train.qat.scale_lr_multiplier})", cfg.learn_scales)) if on)}
 
 
 def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> str:
@@ -146,7 +156,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
         if arm.startswith("qad"):  # its teacher is the bf16 arm's export
-            suffix = arm[len("qad"):]
+            suffix = "_lora" if arm.endswith("_lora") else ""
             export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", PTQRequest(cfg.scheme, cfg.group_size),
                        log=log)
         train_arm(cfg, arm, overrides, out)

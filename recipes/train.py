@@ -48,6 +48,7 @@ from qat.data import IGNORE, Prefetcher, build_dataset, build_sampler, check_att
 from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
+from qat.learned_scales import fill_unused_grads, param_groups, reinit_at_start
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
 from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
                        apply_qat, cast_frozen, cast_keep_buffers, count_parameters, fill_from_rank0, load_model,
@@ -245,7 +246,8 @@ def scheme_record(cfg: TrainConfig, scheme):
     if scheme is None:
         return None
     q = cfg.qat
-    return scheme.record(q.group_size, embedding_quant(q.embedding, q.embedding_bits, q.embedding_group_size, scheme))
+    rec = scheme.record(q.group_size, embedding_quant(q.embedding, q.embedding_bits, q.embedding_group_size, scheme))
+    return {**rec, "learned_scales": True} if q.learn_scales else rec
 
 
 def check_resume_matches(meta: dict, cfg: TrainConfig, scheme) -> None:
@@ -284,7 +286,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
         teacher = build_teacher(cfg.distill, model, cfg.lora.enabled,
                                 lambda path: load_teacher_copy(path, cfg, mesh, device))
     params = trainable_parameters(model)
-    optimizer = build_optimizer(params, cfg.optimizer)
+    optimizer = build_optimizer(param_groups(model, cfg.optimizer.lr, cfg.qat.scale_lr_multiplier), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
     t = cfg.training
     sampler = build_sampler(data.sizes, [s.weight for s in cfg.data.sources],
@@ -322,12 +324,16 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
             fq_on = scheme is not None and step >= cfg.qat.fake_quant_after_n_steps
             if scheme is not None:
                 set_fake_quant(model, fq_on)
+                if cfg.qat.learn_scales and step == cfg.qat.fake_quant_after_n_steps > 0:
+                    reinit_at_start(model)  # the rule on the weights as fine-tuned so far
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             gidx = sampler.next_step()
             batches = prefetch.step_batches(gidx, sampler)
             sums, n_tok = train_step(model, batches, device, world, teacher, cfg.distill)
+            if cfg.qat.learn_scales and not fq_on:
+                fill_unused_grads(model)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

@@ -97,11 +97,15 @@ def test_disabled_is_a_plain_linear():
     assert torch.equal(ours(x), lin(x))
 
 
-def test_merged_lora_mode_exports_exactly_what_it_trained(world, tmp_path):
-    """Train QAT+LoRA with fake quantization of W + s*B@A at world size 2, convert, and check that
-    the quantized model's logits equal the training-time forward bit for bit."""
+def test_merged_lora_mode_with_learned_scales_exports_exactly_what_it_trained(world, tmp_path):
+    """Train QAT+LoRA with fake quantization of W + s*B@A and learned scales at world size 2, convert,
+    and check that the quantized model's logits equal the training-time forward bit for bit: convert
+    used the trained scales, which moved away from the rule they started from."""
+    from conftest import load_checkpoint_tensors
+    from qat.fake_quant import IntxWeight
+
     args = ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32",
-            "qat.lora_merged=true", "training.steps=4"]
+            "qat.lora_merged=true", "qat.learn_scales=true", "qat.scale_lr_multiplier=3", "training.steps=4"]
     run_train(base_overrides(world, tmp_path) + args, 2)
     from test_export import convert
 
@@ -109,6 +113,16 @@ def test_merged_lora_mode_exports_exactly_what_it_trained(world, tmp_path):
     report = json.loads((tmp_path / "export/step-000004/verify.json").read_text())
     assert report["converted_equals_training_forward"] is True
     assert report["converted_vs_training_forward"]["max_abs_diff"] == 0.0
+    saved = load_checkpoint_tensors(tmp_path / "checkpoints/step-000004")["model"]
+    scales = {k: v for k, v in saved.items() if k.endswith("weight_scale")}
+    assert len(scales) == 2 * 7  # every decoder Linear of both blocks: a frozen base layer's scale trains
+    from safetensors.torch import load_file
+
+    base = load_file(world / "model" / "model.safetensors")
+    key = next(k for k in scales if "layers.0.self_attn.q_proj" in k)
+    start = IntxWeight(2, 32).init_scale(base["model.layers.0.self_attn.q_proj.weight"])
+    assert scales[key].shape == start.shape == (128, 4) and not torch.equal(scales[key], start)
+    assert float((scales[key] - start).abs().max()) < 0.5 * float(start.abs().max())
 
 
 def test_merged_lora_mode_trains_the_adapters():
@@ -218,3 +232,71 @@ def test_float_schemes_train_on_cpu(world, tmp_path, scheme):
 
     ls = losses(tmp_path)
     assert len(ls) == 4 and ls[-1] < ls[0]
+
+
+# --- learned scales (qat.learn_scales): LSQ --------------------------------------------------
+
+def test_learned_scales_start_at_the_rule_and_get_the_lsq_gradient():
+    from qat.fake_quant import IntxWeight
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    fq = IntxWeight(2, 32)
+    learned = QATLinear.from_linear(copy.deepcopy(lin), fq, None, learn_scale=True)
+    dynamic = QATLinear.from_linear(copy.deepcopy(lin), fq, None)
+    x = torch.randn(5, 256)
+    assert torch.equal(learned(x), dynamic(x))  # initialised by today's rule: the same forward
+    with torch.no_grad():  # move the scales so that some weights clip and some grid points shift
+        learned.weight_scale.mul_(torch.empty_like(learned.weight_scale).uniform_(0.6, 1.4))
+    gy = torch.randn(5, 64)
+    learned(x).backward(gy)
+    # reference: the LSQ paper's straight-through round, differentiated by autograd, times g
+    w, s = lin.weight.detach().clone().requires_grad_(), learned.weight_scale.detach().clone().requires_grad_()
+    se = s.repeat_interleave(32, dim=1)
+    v = w * (1.0 / se)
+    q = torch.clamp(v + (torch.round(v) - v).detach(), -2, 1)
+    (x @ (q * se).t()).backward(gy)
+    g = 1 / (32 * 1) ** 0.5
+    torch.testing.assert_close(learned.weight_scale.grad, s.grad * g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(learned.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+    clipped = (torch.round(v) < -2) | (torch.round(v) > 1)
+    assert clipped.any() and (learned.weight.grad[clipped] == 0).all()
+
+
+def test_reinit_sets_every_scale_to_the_rule_on_the_current_weights():
+    from qat.fake_quant import IntxWeight
+    from qat.learned_scales import param_groups, reinit_at_start
+
+    torch.manual_seed(0)
+    fq = IntxWeight(4, 32)
+    model = torch.nn.Sequential(QATLinear.from_linear(torch.nn.Linear(64, 32), fq, None, learn_scale=True),
+                                torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # fine-tuned during the fake-quant delay
+    assert not torch.equal(model[0].weight_scale, fq.init_scale(model[0].weight))
+    reinit_at_start(model)
+    assert torch.equal(model[0].weight_scale, fq.init_scale(model[0].weight))
+    groups = param_groups(model, lr=1e-3, multiplier=10)
+    assert [len(g["params"]) for g in groups] == [4, 1]  # two weights and biases; the scale apart
+    assert groups[1]["params"][0] is model[0].weight_scale
+    assert groups[1]["lr"] == pytest.approx(1e-2) and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["qat.scheme=float8"], "qat.learn_scales=true is for the intx schemes"),
+    (["qat.backend=torchao"], "qat.learn_scales=true needs qat.backend=ours"),
+])
+def test_learned_scales_bad_input_is_one_line(world, tmp_path, capsys, overrides, needle):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import train as train_recipe
+
+    with pytest.raises(SystemExit) as e:
+        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"), *base_overrides(world, tmp_path),
+                           "qat.enabled=true", "qat.learn_scales=true", *overrides])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "checkpoints").exists()

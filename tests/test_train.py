@@ -9,6 +9,7 @@ from conftest import base_overrides, load_checkpoint_tensors, losses, read_metri
 
 QAT = ["qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32"]
 LORA = ["lora.enabled=true", "lora.rank=8", "lora.alpha=16"]
+LEARNED_DELAYED = ["qat.fake_quant_after_n_steps=4", "qat.learn_scales=true"]
 
 
 def rel_close(a, b, tol):
@@ -107,9 +108,10 @@ def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_
 
 @pytest.fixture(scope="module")
 def full_qat_resume(world, tmp_path_factory):
-    """6 steps straight, versus 3 steps + stop + resume; the fake-quant delay (4) crosses the stop."""
+    """6 steps straight, versus 3 steps + stop + resume; the fake-quant delay (4) crosses the stop.
+    The scales are learned: they start from the weights at step 4, after the resume."""
     root = tmp_path_factory.mktemp("resume")
-    args = QAT + ["qat.fake_quant_after_n_steps=4"]
+    args = QAT + LEARNED_DELAYED
     straight, split = root / "straight", root / "split"
     run_train(base_overrides(world, straight) + args, 2)
     run_train(base_overrides(world, split) + args + ["training.stop_after_steps=3"], 2)
@@ -127,14 +129,15 @@ def test_resume_is_bitwise_identical_with_fake_quant_delay_across_it(full_qat_re
     assert flags == [0, 0, 0, 0, 1, 1]
     ps, pt = final_model(split, 6), final_model(straight, 6)
     assert all(torch.equal(ps[k], pt[k]) for k in pt)
+    scales = [k for k in pt if k.endswith("weight_scale")]
+    assert len(scales) == 14 and all(k.replace("weight_scale", "weight") in pt for k in scales)
 
 
 def test_rank0_broadcast_init_equals_loading_on_every_rank(world, full_qat_resume, tmp_path):
     """fsdp.init_from_rank0 (default): rank 1 built on meta and filled by broadcast trains exactly
     like a rank that loaded the weights itself."""
     straight, _, _ = full_qat_resume
-    run_train(base_overrides(world, tmp_path) + QAT + ["qat.fake_quant_after_n_steps=4",
-                                                      "fsdp.init_from_rank0=false"], 2)
+    run_train(base_overrides(world, tmp_path) + QAT + LEARNED_DELAYED + ["fsdp.init_from_rank0=false"], 2)
     assert losses(tmp_path) == losses(straight)
     ps, pt = final_model(tmp_path, 6), final_model(straight, 6)
     assert all(torch.equal(ps[k], pt[k]) for k in pt)

@@ -19,6 +19,8 @@ import torch.nn as nn
 from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
+from qat.learned_scales import learned as learned_scale_layers
+from qat.learned_scales import use_learned_scales
 from qat.model import apply_lora, apply_qat, cast_keep_buffers, load_model, qat_targets
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, scheme_from_record
 
@@ -41,6 +43,7 @@ def rebuild_as_trained(model: nn.Module, cfg: TrainConfig, meta: dict) -> tuple[
     if scheme is not None:
         emb = embedding_from_record(rec, scheme)
         cfg.qat.group_size, cfg.qat.embedding = rec["group_size"], emb is not None
+        cfg.qat.learn_scales = bool(rec.get("learned_scales"))
         if emb is not None:
             cfg.qat.embedding_bits, cfg.qat.embedding_group_size = emb.bits, emb.group_size
         apply_qat(model, cfg.qat, scheme)
@@ -112,9 +115,11 @@ def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int],
     # Our QATLinear: back to nn.Linear, then the base config. That is what QATConfig(step=
     # "convert") does for torchao's modules, with the same numerics (tests assert equality).
     ours = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]
+    learned = {n: (m.weight.detach(), m.weight_scale.detach()) for n, m in learned_scale_layers(model).items()}
     for name in ours:
         _set(model, name, model.get_submodule(name).to_linear())
     quantize_(model, scheme.convert_config(group_size), filter_fn=lambda m, fqn: fqn in set(ours))
+    use_learned_scales(model, learned)
     quantize_(model, AOQATConfig(scheme.convert_config(group_size), step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
     if embedding is not None:
