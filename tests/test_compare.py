@@ -52,7 +52,8 @@ def demo_tree(world, tmp_path):
 
 
 REDUCED = ["train_overrides=[training.steps=30,training.batch_size=8,data.seq_len=64,"
-           "logging.wandb.enabled=false]", "eval.limit=60", "wandb.enabled=false", "qad=true"]
+           "logging.wandb.enabled=false]", "eval.limit=60", "wandb.enabled=false", "qad=true",
+           "learn_scales=false"]  # the _ls arms differ by one training override: see test_arms
 
 
 def run_demo(tree, extra=(), pretrain_steps=60, **popen):
@@ -106,6 +107,28 @@ def test_report_rows_for_a_qad_arm():
     assert r["QAD degradation"]["wikitext bits/byte"] == pytest.approx(0.04)
     md = markdown(res, {"title": "t"})
     assert md.startswith("# bf16 vs PTQ vs QAT vs QAD: t") and "| QAD | n/a | n/a | n/a | n/a | 1.0400 |" in md
+
+
+def test_arms_with_distillation_and_learned_scales(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from compare import arms
+
+    from qat.config import CompareConfig
+
+    cfg = CompareConfig(output_dir=str(tmp_path), train_config="x.yaml", lora=True, lora_merged=True, qad=True,
+                        learn_scales=True)
+    got = arms(cfg, tmp_path)
+    assert list(got) == ["bf16", "qat", "qad", "qat_ls", "qad_ls",
+                         "bf16_lora", "qat_lora", "qad_lora", "qat_ls_lora", "qad_ls_lora"]
+    teacher = f"distill.teacher={(tmp_path / 'bf16_lora' / 'export' / 'hf').resolve()}"
+    assert "qat.learn_scales=true" in got["qad_ls_lora"] and teacher in got["qad_ls_lora"]
+    assert "qat.lora_merged=true" in got["qat_ls_lora"] and "qat.learn_scales=true" not in got["qad_lora"]
+    assert not any("distill" in o for o in got["qat_ls"])
+    res = {k: {"wikitext": {"bits_per_byte": v}} for k, v in
+           {"bf16": 1.0, "ptq": 1.4, "qat": 1.1, "qad": 1.04, "qat_ls": 1.08, "qad_ls": 1.02}.items()}
+    md = markdown(res, {"title": "t"})
+    assert md.startswith("# bf16 vs PTQ vs QAT vs QAD vs QAT+LS vs QAD+LS: t")
+    assert "| recovered by QAT+LS | n/a | n/a | n/a | n/a | 80% |" in md and "| recovered by QAD+LS |" in md
 
 
 def test_simulated_rows_are_labelled():
