@@ -108,6 +108,28 @@ def markdown(results: dict, header: dict, simulated: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recovered_panel(ax, results: dict, arms: list[str], colors: dict, simulated: bool) -> None:
+    """The headline: each arm's share of PTQ's degradation recovered, for two metrics."""
+    shown = [m for m in METRICS if m.name in ("acc_norm", "bits_per_byte")]
+    ax.axis("on")
+    width = 0.8 / len(arms)
+    for i, a in enumerate(arms):
+        shares = [recovered(value(results, "bf16", m), value(results, "ptq", m), value(results, a, m),
+                            m.higher_is_better) if None not in (value(results, "bf16", m), value(results, "ptq", m),
+                                                                value(results, a, m)) else None for m in shown]
+        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(shown))]
+        bars = ax.bar(xs, [100 * (v or 0) for v in shares], width, color=colors[a], label=labels(simulated)[a])
+        for bar, v in zip(bars, shares):
+            ax.annotate("n/a" if v is None else f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+    ax.axhline(100, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(shown)), [m.label for m in shown], fontsize=8)
+    ax.set_ylabel("% of PTQ's loss recovered", fontsize=8)
+    ax.set_title("recovered share\n(100% = as good as no quantization)", fontsize=9)
+    ax.set_ylim(0, 125)
+    ax.legend(fontsize=7, loc="upper center", ncol=len(arms), frameon=False)
+
+
 def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None:
     """One panel per metric (their scales differ), a bar per model, with standard-error whiskers."""
     import matplotlib
@@ -118,8 +140,15 @@ def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None
     colors = {"bf16": "#4C72B0", "ptq": "#DD8452", "qat": "#55A868", "qad": "#8172B3", "qat_ls": "#64B5CD",
               "qad_ls": "#CCB974"}
     keys = models(results)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(3.2, 1.1 * len(keys)) * len(METRICS), 3.8))
-    for ax, m in zip(axes, METRICS):
+    cols = min(3, len(METRICS))  # a grid, not one long row: a page or a W&B panel stays readable
+    rows_ = -(-len(METRICS) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(3.2, 0.9 * len(keys)) * cols, 3.6 * rows_), squeeze=False)
+    spare = list(axes.flat[len(METRICS):])
+    for ax in spare:
+        ax.axis("off")
+    if spare and len(keys) > 2:
+        _recovered_panel(spare[0], results, keys[2:], colors, simulated)
+    for ax, m in zip(axes.flat, METRICS):
         vals = [value(results, k, m) or 0.0 for k in keys]
         errs = [stderr(results, k, m) or 0.0 for k in keys]
         bars = ax.bar([labels(simulated)[k].replace(" (", "\n(") for k in keys], vals, yerr=errs, capsize=3,
