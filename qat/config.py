@@ -56,8 +56,9 @@ class FakeQuantConfig:
     # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours
     backend: str = rule("auto", choices=("auto", "ours", "torchao"))
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
-    # Weight tensors of the decoder blocks that are not nn.Linear (MoE experts stored as fused 3D
-    # parameters) get no fake quantization; training refuses unless this is true.
+    # Weight tensors of the decoder blocks that are neither nn.Linear nor MoE experts (GPT-2's
+    # Conv1D) get no fake quantization; training refuses unless this is true. MoE routers stay
+    # high precision by rule (qat/moe.py) and never trigger the refusal.
     allow_unquantized: bool = False
 
 
