@@ -117,3 +117,23 @@ def describe(cov: dict) -> str:
     if cov["unquantized"]:
         text += f"; left in high precision (qat.allow_unquantized): {', '.join(cov['unquantized'])}"
     return text
+
+
+def header_line(verify_json) -> "str | None":
+    """The coverage entry of a report header, from a QAT export's verify.json (None if it has none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(verify_json)
+    cov = json.loads(path.read_text()).get("qat_coverage") if path.exists() else None
+    if not cov:
+        return None
+    text = (f"{cov['share']:.1%} of the decoder blocks' weight parameters quantized "
+            f"({cov['fake_quantized_tensors']} of {cov['weight_tensors']} tensors)")
+    if cov.get("expert_tensors"):
+        text += "; MoE experts weight-only"
+    if cov.get("router_high_precision"):
+        text += "; router high precision"
+    if cov["unquantized"]:
+        text += f"; left in high precision: {', '.join(cov['unquantized'])}"
+    return text

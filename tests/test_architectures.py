@@ -8,8 +8,9 @@ import shutil
 import sys
 
 import pytest
+import torch
 
-from conftest import ROOT, base_overrides, run_train
+from conftest import ROOT, base_overrides, load_checkpoint_tensors, losses, read_metrics, run_train
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import convert as convert_recipe  # noqa: E402
@@ -128,6 +129,28 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert verify["qat_coverage"] == cov
     assert verify["experts"]["real_quantized"] == 4 and verify["experts"]["simulated"] == 0
     assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
+
+
+def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys):
+    """Experts trained (no LoRA) with fake quantization switched on at step 2: 3 steps straight
+    equal 1 step + stop + resume, losses and every tensor of the final checkpoint."""
+    model = build("qwen3_moe", world, tmp_path / "qwen3_moe")
+    args = ["lora.enabled=false", "training.steps=3", "qat.fake_quant_after_n_steps=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    runs = [(straight, args), (split, args + ["training.stop_after_steps=1"]),
+            (split, args + ["checkpoint.resume=auto"])]
+    for out, extra in runs:
+        code, logs = train(capsys, world, model, out, extra)
+        assert code == 0, logs.err[-3000:]
+    assert len(losses(straight)) == 3 and losses(split) == losses(straight)
+    a, b = (load_checkpoint_tensors(r / "checkpoints/step-000003")["model"] for r in (straight, split))
+    experts = [k for k in a if k.endswith("experts.gate_up_proj")]
+    assert experts and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model).state_dict()  # the file holds per-expert Linears
+    assert all(not torch.equal(init[k], a[k]) for k in experts)  # the experts trained
+    assert [m["qat/fake_quant_enabled"] for m in read_metrics(split)] == [0, 0, 1]
 
 
 def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys):

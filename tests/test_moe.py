@@ -191,3 +191,27 @@ def test_group_size_must_divide_the_experts_reduction_dim():
     with pytest.raises(UserError, match=r"qat.group_size=32 does not divide the reduction dimension 48 of "
                                         r"expert weight 0.mlp.experts.down_proj"):
         qat(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_report_header_coverage_line(tmp_path):
+    from qat.coverage import header_line
+
+    assert header_line(tmp_path / "missing.json") is None
+    cov = {"share": 0.99585, "weight_tensors": 12, "fake_quantized_tensors": 10, "unquantized": {},
+           "expert_tensors": 4, "router_high_precision": {"*.mlp.gate.weight": [4, 64]}}
+    (tmp_path / "verify.json").write_text(__import__("json").dumps({"qat_coverage": cov}))
+    assert header_line(tmp_path / "verify.json") == ("99.6% of the decoder blocks' weight parameters quantized "
+                                                     "(10 of 12 tensors); MoE experts weight-only; router high precision")
+
+
+def test_ptq_quantizes_experts_like_qat_convert():
+    """A bf16 run's PTQ: the same real intx experts, equal to the fake-quantized forward of the plain model."""
+    from qat.convert.transforms import ptq
+
+    plain = tiny("qwen3_moe")
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        fake = qat(copy.deepcopy(plain), "intx4-weight-only")(x).logits
+        q = ptq(plain, get_scheme("intx4-weight-only"), 32)
+        assert moe.quantize_experts(q, get_scheme("intx4-weight-only"), 32)["real_quantized"] == 2
+        assert torch.equal(q(x).logits, fake)
