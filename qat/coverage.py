@@ -65,7 +65,7 @@ def refuse_uncovered(model: nn.Module, targets: dict[str, nn.Module], allow: boo
         share = coverage(model, lambda m: id(m) in ids)["share"]
         names = ", ".join(f"{k} {v}" for k, v in left.items())
         raise UserError(f"QAT would fake-quantize only {share:.0%} of the decoder's weight parameters: "
-                        f"{names} are neither nn.Linear nor MoE experts, so no scheme covers them. Set qat.allow_unquantized=true to train with them in high precision")
+                        f"{names} are neither nn.Linear nor MoE experts of a known layout, so no scheme covers them. Set qat.allow_unquantized=true to train with them in high precision")
 
 
 def is_fake_quantized(mod: nn.Module) -> bool:

@@ -68,7 +68,9 @@ def is_expert_bias(mod: nn.Module, p: torch.Tensor) -> bool:
 
 
 def experts_modules(blocks: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in blocks.named_modules() if is_experts(m)}
+    """The experts modules whose layout is declared (transformers' `is_transposed`); one without
+    it is left out here, so coverage names it and training refuses it unless qat.allow_unquantized."""
+    return {n: m for n, m in blocks.named_modules() if is_experts(m) and hasattr(m, "is_transposed")}
 
 
 def routers(blocks: nn.Module) -> dict[str, nn.Module]:
@@ -85,13 +87,8 @@ def routers(blocks: nn.Module) -> dict[str, nn.Module]:
 
 
 def is_transposed(mod: nn.Module, name: str) -> bool:
-    """True when expert slices are [in, out] (x @ W[e]); refuses layouts nothing declares."""
-    flag = getattr(mod, "is_transposed", None)
-    if flag is None:
-        raise UserError(f"{type(mod).__name__}.{name} is a 3D expert weight without an `is_transposed` layout "
-                        f"flag (transformers' @use_experts_implementation); set qat.allow_unquantized=true "
-                        f"to leave these experts in high precision")
-    return bool(flag)
+    """True when expert slices are [in, out] (x @ W[e]), as transformers' decorator declares."""
+    return bool(mod.is_transposed)
 
 
 def reduction_dim(mod: nn.Module, name: str) -> int:
@@ -294,8 +291,8 @@ def quantize_experts(model: nn.Module, scheme, group_size: Optional[int]) -> Opt
             else:
                 real += 1
             mod._parameters[n] = nn.Parameter(q, requires_grad=False)
-    if real:
-        model.set_experts_implementation("eager")  # select + F.linear: what the quantized tensor runs
+    if real:  # select + F.linear: what the quantized tensor runs (grouped_mm transposes, bmm indexes)
+        model.set_experts_implementation("eager")
     rec = {"tensors": real + simulated, "real_quantized": real, "simulated": simulated,
            "format": "IntxUnpackedToInt8Tensor [1, 1, group], weight-only" if real else None,
            "stored": "dequantized values (exactly the quantized weights) in the export dtype"}

@@ -116,7 +116,7 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     proc = run_train([*base_overrides(world, tmp_path / "run"), f"model.path={model}", "training.steps=2",
                       "qat.enabled=true", "qat.scheme=8da4w", "qat.fake_quant_after_n_steps=1",
                       "lora.enabled=true"], nproc=2)
-    assert f"lora: every Linear of the decoder blocks: k_proj, o_proj, q_proj, v_proj" in proc.stdout
+    assert "lora: every Linear of the decoder blocks: k_proj, o_proj, q_proj, v_proj" in proc.stdout
     meta = json.loads((tmp_path / "run/checkpoints/step-000002/meta.json").read_text())
     cov = meta["qat_coverage"]
     # per block: q,k,v,o Linears (64x64 x2, 32x64 x2) and the experts (4x128x64 + 4x64x64) are

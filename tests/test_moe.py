@@ -133,10 +133,12 @@ def test_delay_switch_and_frozen_experts():
     set_fake_quant(model, False)
     assert torch.equal(model(x).logits, plain(x).logits)
     set_fake_quant(model, True)
-    assert not torch.equal(model(x).logits, plain(x).logits)
-    for p in model.parameters():
+    on = model(x).logits
+    assert not torch.equal(on, plain(x).logits)
+    for p in model.parameters():  # frozen experts (LoRA): still fake-quantized, no gradient asked
         p.requires_grad_(False)
-    model(x).logits.sum()  # frozen experts (LoRA): still fake-quantized, no gradient asked
+    frozen = model(x).logits
+    assert torch.equal(frozen, on) and frozen.grad_fn is None
 
 
 @pytest.mark.parametrize("scheme", ["8da4w", "intx2-weight-only"])
@@ -155,8 +157,7 @@ def test_converted_experts_equal_fake_quant(scheme):
         rec = moe.quantize_experts(conv, get_scheme(scheme), 32)
         assert rec["real_quantized"] == 4 and rec["simulated"] == 0
         ex = next(iter(moe.experts_modules(decoder_blocks(conv)).values()))
-        assert isinstance(ex.gate_up_proj.data, IntxUnpackedToInt8Tensor) and type(ex) is ex.__class__
-        assert not isinstance(ex, moe.QATExperts)
+        assert isinstance(ex.gate_up_proj.data, IntxUnpackedToInt8Tensor) and not isinstance(ex, moe.QATExperts)
         assert torch.equal(conv(x).logits, fake)
         moe.dequantize_experts(conv)
         assert type(ex.gate_up_proj.data) is torch.Tensor
@@ -215,3 +216,20 @@ def test_ptq_quantizes_experts_like_qat_convert():
         q = ptq(plain, get_scheme("intx4-weight-only"), 32)
         assert moe.quantize_experts(q, get_scheme("intx4-weight-only"), 32)["real_quantized"] == 2
         assert torch.equal(q(x).logits, fake)
+
+
+def test_experts_of_an_undeclared_layout_are_refused_unless_allowed():
+    """Without transformers' `is_transposed` flag the reduction dimension is unknown: the experts
+    are left out, named in the one-line refusal, and stay high precision with allow_unquantized."""
+    from qat.errors import UserError
+
+    model = tiny("qwen3_moe")
+    ex = next(m for m in model.modules() if moe.is_experts(m))
+    del ex.is_transposed
+    with pytest.raises(UserError, match=r"\*\.mlp\.experts\.gate_up_proj \[4, 128, 64\], \*\.mlp\.experts\.down_proj "
+                                        r"\[4, 64, 64\] are neither nn.Linear nor MoE experts of a known layout"):
+        qat(model)
+    apply_qat(model, FakeQuantConfig(enabled=True, allow_unquantized=True), get_scheme("8da4w"))
+    cov = coverage(model)
+    assert not isinstance(ex, moe.QATExperts) and list(cov["unquantized"]) == ["*.mlp.experts.gate_up_proj",
+                                                                             "*.mlp.experts.down_proj"]
