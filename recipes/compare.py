@@ -110,7 +110,7 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
     coverage = header_line(out / f"qat{'' if kind == 'full' else '_lora'}" / "export" / "verify.json")
     return {"title": cfg.title or f"{Path(train.model.path).name}, {kind} fine-tuning",
             "model": train.model.path, "fine-tuning": kind,
-            "scheme": get_scheme(cfg.scheme).describe(cfg.group_size) + ", decoder blocks (MoE routers stay high precision)",
+            "scheme": get_scheme(cfg.scheme).describe(cfg.group_size) + ", decoder blocks",
             **({"coverage": coverage} if coverage else {}),
             "steps": f"{t.steps} x {t.batch_size * cfg.nproc_per_node * t.gradient_accumulation_steps}"
                      f" sequences of {train.data.seq_len} tokens, lr {train.optimizer.lr}, seed {t.seed}",
