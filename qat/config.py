@@ -60,8 +60,9 @@ class FakeQuantConfig:
     # quantization starts and trained with the LSQ estimator (qat/learned_scales.py)
     learn_scales: bool = False
     scale_lr_multiplier: float = rule(1.0, gt=0, why="the scales' lr is optimizer.lr times this")
-    # Weight tensors of the decoder blocks that are not nn.Linear (MoE experts stored as fused 3D
-    # parameters) get no fake quantization; training refuses unless this is true.
+    # Weight tensors of the decoder blocks that are neither nn.Linear nor MoE experts (GPT-2's
+    # Conv1D) get no fake quantization; training refuses unless this is true. MoE routers stay
+    # high precision by rule (qat/moe.py) and never trigger the refusal.
     allow_unquantized: bool = False
 
 

@@ -5,11 +5,14 @@ but not all: MoE models (Qwen3-MoE, Mixtral, gpt-oss in transformers 5) store th
 fused 3D parameters such as `mlp.experts.gate_up_proj [E, 2I, H]`, and GPT-2-style models use
 `Conv1D`. On a tiny Qwen3-MoE only 20% of the decoder's weight parameters are in Linears, and a
 run that fake-quantizes just those trains and exports mostly high-precision experts while its
-name says "QAT". So training names what is left out and refuses unless `qat.allow_unquantized`
-is set; the share that is covered is logged and recorded in the checkpoint and verify.json.
+name says "QAT". qat/moe.py fake-quantizes such experts; training names whatever is still left
+out and refuses unless `qat.allow_unquantized` is set; the share that is covered is logged and
+recorded in the checkpoint and verify.json. The MoE router stays high precision by rule (qat/moe.py
+says why): it counts in the denominator and is reported apart, and it never triggers the refusal.
 
 A "decoder weight" is a parameter with two or more dimensions inside the decoder blocks (norms
-and biases are vectors), excluding LoRA adapters, which stay high precision by design.
+and biases are vectors; gpt-oss's [E, out] expert biases are biases too), excluding LoRA
+adapters, which stay high precision by design.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import torch.nn as nn
 def decoder_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """{name relative to the blocks list: (owning module, parameter)} of every decoder weight."""
     from qat.model import decoder_blocks
+    from qat.moe import is_expert_bias
 
     out = {}
     for mod_name, mod in decoder_blocks(model).named_modules():
         if re.search(r"(^|\.)lora_[AB](\.|$)", mod_name):
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.ndim >= 2:
+            if p.ndim >= 2 and not is_expert_bias(mod, p):
                 out[f"{mod_name}.{pname}"] = (mod, p)
     return out
 
@@ -38,9 +42,17 @@ def pattern(name: str) -> str:
     return re.sub(r"^\d+\.", "*.", name)
 
 
+def router_ids(model: nn.Module) -> set[int]:
+    """The modules the router rule keeps in high precision."""
+    from qat.model import decoder_blocks
+    from qat.moe import routers
+
+    return {id(m) for r in routers(decoder_blocks(model)).values() for m in r.modules()}
+
+
 def uncovered(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[int]]:
-    """{pattern: shape} of the decoder weights that no fake-quantization target owns."""
-    ids = {id(m) for m in targets.values()}
+    """{pattern: shape} of the decoder weights that no fake-quantization target owns (routers aside)."""
+    ids = {id(m) for m in targets.values()} | router_ids(model)
     return {pattern(n): list(p.shape) for n, (mod, p) in decoder_weights(model).items() if id(mod) not in ids}
 
 
@@ -53,16 +65,16 @@ def refuse_uncovered(model: nn.Module, targets: dict[str, nn.Module], allow: boo
         share = coverage(model, lambda m: id(m) in ids)["share"]
         names = ", ".join(f"{k} {v}" for k, v in left.items())
         raise UserError(f"QAT would fake-quantize only {share:.0%} of the decoder's weight parameters: "
-                        f"{names} are not nn.Linear, so no scheme covers them (MoE experts are fused 3D "
-                        f"parameters). Set qat.allow_unquantized=true to train with them in high precision")
+                        f"{names} are neither nn.Linear nor MoE experts of a known layout, so no scheme covers them. Set qat.allow_unquantized=true to train with them in high precision")
 
 
 def is_fake_quantized(mod: nn.Module) -> bool:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     from qat.fake_quant import QATLinear
+    from qat.moe import QATExperts
 
-    return isinstance(mod, (QATLinear, FakeQuantizedLinear))
+    return isinstance(mod, (QATLinear, FakeQuantizedLinear, QATExperts))
 
 
 def coverage(model: nn.Module, covered=is_fake_quantized) -> dict:
@@ -70,23 +82,58 @@ def coverage(model: nn.Module, covered=is_fake_quantized) -> dict:
 
     Parameter counts are global: under FSDP2 a DTensor's numel is that of the whole tensor.
     """
+    from qat.moe import QATExperts
+
     total = done = n_done = 0
-    left = {}
+    left, rule, experts = {}, {}, 0
     weights = decoder_weights(model)
+    rids = router_ids(model)
     for name, (mod, p) in weights.items():
         total += p.numel()
         if covered(mod):
             done, n_done = done + p.numel(), n_done + 1
+            experts += isinstance(mod, QATExperts)
+        elif id(mod) in rids:
+            rule[pattern(name)] = list(p.shape)
         else:
             left[pattern(name)] = list(p.shape)
-    return {"share": done / total if total else 0.0, "weight_tensors": len(weights),
-            "fake_quantized_tensors": n_done, "parameters": total, "fake_quantized_parameters": done,
-            "unquantized": left}
+    out = {"share": done / total if total else 0.0, "weight_tensors": len(weights),
+           "fake_quantized_tensors": n_done, "parameters": total, "fake_quantized_parameters": done,
+           "unquantized": left}
+    if rule or experts:
+        out["router_high_precision"] = rule  # the router rule (qat/moe.py)
+        out["expert_tensors"] = experts
+        out["experts_activations"] = "high precision (expert weights only)"
+    return out
 
 
 def describe(cov: dict) -> str:
     text = (f"QAT fake-quantizes {cov['fake_quantized_tensors']} of {cov['weight_tensors']} weight tensors of "
             f"the decoder blocks, {cov['share']:.1%} of their parameters")
+    if cov.get("expert_tensors"):
+        text += f"; {cov['expert_tensors']} of them MoE expert weights (weight-only)"
+    if cov.get("router_high_precision"):
+        text += f"; the router stays high precision by rule: {', '.join(cov['router_high_precision'])}"
     if cov["unquantized"]:
         text += f"; left in high precision (qat.allow_unquantized): {', '.join(cov['unquantized'])}"
+    return text
+
+
+def header_line(verify_json) -> "str | None":
+    """The coverage entry of a report header, from a QAT export's verify.json (None if it has none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(verify_json)
+    cov = json.loads(path.read_text()).get("qat_coverage") if path.exists() else None
+    if not cov:
+        return None
+    text = (f"{cov['share']:.1%} of the decoder blocks' weight parameters quantized "
+            f"({cov['fake_quantized_tensors']} of {cov['weight_tensors']} tensors)")
+    if cov.get("expert_tensors"):
+        text += "; MoE experts weight-only"
+    if cov.get("router_high_precision"):
+        text += "; router high precision"
+    if cov["unquantized"]:
+        text += f"; left in high precision: {', '.join(cov['unquantized'])}"
     return text

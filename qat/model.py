@@ -138,8 +138,11 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
     blocks = decoder_blocks(model)
     in_blocks = {id(m) for m in blocks.modules()}
     out = {}
+    from qat.moe import routers
+
+    high_precision = {id(m) for r in routers(blocks).values() for m in r.modules()}  # the router rule
     for fqn, mod in model.named_modules():
-        if type(mod) is not nn.Linear or id(mod) not in in_blocks:
+        if type(mod) is not nn.Linear or id(mod) not in in_blocks or id(mod) in high_precision:
             continue
         if re.search(r"\.lora_[AB]\.", fqn + "."):
             continue
@@ -162,10 +165,17 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
     from qat.fake_quant import QATLinear
     from qat.learned_scales import check_learnable
 
+    from qat import moe
+
     targets = qat_targets(model)
-    refuse_uncovered(model, targets, cfg.allow_unquantized)
+    experts = moe.experts_modules(decoder_blocks(model))
+    refuse_uncovered(model, {**targets, **experts}, cfg.allow_unquantized)
     scheme.check_shapes(targets, cfg.group_size)
     check_learnable(scheme, cfg.learn_scales)
+    for name, mod in experts.items():
+        moe.check_expert_groups(name, mod, cfg.group_size if scheme.uses_group_size else None)
+    # experts: our fake quantizer whatever the backend (torchao has no MoE QAT)
+    moe.wrap_experts(decoder_blocks(model), scheme.fake_quantizers(cfg.group_size)[0])
     if qat_backend(cfg, scheme) == "ours":
         wfq, afq = scheme.fake_quantizers(cfg.group_size)
         for fqn, lin in targets.items():
@@ -208,11 +218,12 @@ def _merge_lora_forward(model: nn.Module) -> None:
 
 
 def fake_quantizers(model: nn.Module) -> list[nn.Module]:
-    """Everything with an `enabled` switch: torchao's fake quantizers and our QATLinear."""
+    """Everything with an `enabled` switch: torchao's fake quantizers, our QATLinear and QATExperts."""
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
     from qat.fake_quant import QATLinear
-    return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear))]
+    from qat.moe import QATExperts
+    return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear, QATExperts))]
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:

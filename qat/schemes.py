@@ -63,6 +63,11 @@ class Scheme:
     def check_shapes(self, targets: dict[str, nn.Module], group_size: Optional[int]) -> None:
         """Raise UserError naming the first targeted layer whose shape the format cannot split."""
 
+    def expert_tensor(self, w: torch.Tensor, group_size: Optional[int]):
+        """A 3D MoE expert weight [E, out, in] in a torchao format the experts' forward runs, or None
+        where there is none (convert then stores the fake-quantized values: simulated)."""
+        return None
+
     @property
     def hardware(self) -> str:
         return "any CPU or GPU"
@@ -205,6 +210,12 @@ class IntxScheme(Scheme):
 
     def check_shapes(self, targets, group_size):
         _check_groups_divide(targets, group_size)
+
+    def expert_tensor(self, w, group_size):
+        # weight-only also for 8da: expert inputs stay high precision (qat/moe.py says why)
+        from qat.moe import intx_expert_tensor
+
+        return intx_expert_tensor(w, self.bits, group_size)
 
     @property
     def convert_path(self) -> str:

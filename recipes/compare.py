@@ -110,13 +110,16 @@ def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dic
 
 def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
     from qat.config import load_config as load_train
+    from qat.coverage import header_line
     from qat.schemes import get_scheme
 
     train = load_train(cfg.train_config, list(cfg.train_overrides) + [f"output_dir={out}"])
     t = train.training
+    coverage = header_line(out / f"qat{'' if kind == 'full' else '_lora'}" / "export" / "verify.json")
     return {"title": cfg.title or f"{Path(train.model.path).name}, {kind} fine-tuning",
             "model": train.model.path, "fine-tuning": kind,
-            "scheme": get_scheme(cfg.scheme).describe(cfg.group_size) + ", decoder Linears",
+            "scheme": get_scheme(cfg.scheme).describe(cfg.group_size) + ", decoder blocks",
+            **({"coverage": coverage} if coverage else {}),
             "steps": f"{t.steps} x {t.batch_size * cfg.nproc_per_node * t.gradient_accumulation_steps}"
                      f" sequences of {train.data.seq_len} tokens, lr {train.optimizer.lr}, seed {t.seed}",
             "data": cfg.data_description or ", ".join(s.path for s in train.data.sources),

@@ -1,15 +1,16 @@
 """The defaults work on any HF causal LM: tiny random configs of several architectures go through
-train (QAT 8da4w + LoRA, default targets and attention) and convert (Gemma 2 also through
-evaluate); MoE experts are refused in
-one line unless qat.allow_unquantized=true."""
+train (QAT 8da4w + LoRA, default targets and attention), convert and evaluate; the MoE ones
+(Qwen3-MoE, Mixtral) at world size 2 with their experts fake-quantized and converted; weights
+that no scheme covers (GPT-2's Conv1D) are refused in one line unless qat.allow_unquantized=true."""
 
 import json
 import shutil
 import sys
 
 import pytest
+import torch
 
-from conftest import ROOT, base_overrides
+from conftest import ROOT, base_overrides, load_checkpoint_tensors, losses, read_metrics, run_train
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import convert as convert_recipe  # noqa: E402
@@ -25,8 +26,14 @@ ARCHS = {
     "gemma2": dict(query_pre_attn_scalar=32, sliding_window=32),
     "gemma3_text": dict(query_pre_attn_scalar=32, sliding_window=32),
     "phi3": dict(head_dim=None),  # phi3 derives head_dim; it fuses qkv_proj and gate_up_proj
+    "starcoder2": {},  # c_fc / c_proj
+    # transformers rejects sdpa for gpt-oss (attention sinks): the default attention must let it pick;
+    # its experts are stored transposed ([E, in, out]) with biases, and convert simulates them
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=None),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
 }
+MOE_WORLD2 = ("qwen3_moe", "mixtral")
 # The Linears each architecture has in its decoder blocks: what the default LoRA targets must be.
 LINEARS = {
     "llama": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
@@ -34,7 +41,8 @@ LINEARS = {
     "gemma2": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     "gemma3_text": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     "phi3": "down_proj, gate_up_proj, o_proj, qkv_proj",
-    "qwen3_moe": "k_proj, o_proj, q_proj, v_proj",
+    "starcoder2": "c_fc, c_proj, k_proj, o_proj, q_proj, v_proj",
+    "gpt_oss": "k_proj, o_proj, q_proj, v_proj",
 }
 
 
@@ -45,7 +53,7 @@ def build(kind: str, world, out):
 
     world_cfg = json.loads((world / "model" / "config.json").read_text())
     ids = {k: world_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    kw = {**COMMON, **ids, **ARCHS[kind]}
+    kw = {**COMMON, **ids, **ARCHS.get(kind, {})}
     cfg = AutoConfig.for_model(kind, **{k: v for k, v in kw.items() if v is not None})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
@@ -65,47 +73,95 @@ def train(capsys, world, model, out, extra=()):
     return code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("kind", list(ARCHS))
-def test_defaults_train_and_convert(kind, world, tmp_path, capsys):
+def convert_and_evaluate(run, out, world):
+    convert_recipe.main(["--checkpoint", str(run), "--out", str(out)])
+    verify = json.loads((out / "verify.json").read_text())
+    # lm-eval loads the folder itself: attention and experts must work there too (in-process, so
+    # lm-eval's TaskManager index is built once per test session)
+    res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
+                                str(world / "eval"), "--limit", "2", "--dtype", "float32"])
+    assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1
+    return verify
+
+
+@pytest.mark.parametrize("kind", [k for k in ARCHS if k not in MOE_WORLD2])
+def test_defaults_train_convert_evaluate(kind, world, tmp_path, capsys):
     model = build(kind, world, tmp_path / kind)
     capsys.readouterr()
     code, logs = train(capsys, world, model, tmp_path / "run")
-    assert f"lora: every Linear of the decoder blocks: {LINEARS[kind]}" in logs.out
-    extra = []
-    if kind == "qwen3_moe":  # experts are fused 3D parameters: refused in one line, naming them
-        assert code == 2
-        err = [l for l in logs.err.splitlines() if l.startswith("error:")]
-        assert len(err) == 1 and err[0].startswith("error: QAT would fake-quantize only "), logs.err
-        assert "only 20% of the decoder's weight parameters: " in err[0]
-        for name in ("*.mlp.gate.weight [4, 64]", "*.mlp.experts.gate_up_proj [4, 128, 64]",
-                     "*.mlp.experts.down_proj [4, 64, 64]"):
-            assert name in err[0].split(" are not nn.Linear")[0]
-        assert "qat.allow_unquantized=true" in err[0]
-        extra = ["qat.allow_unquantized=true"]
-        code, logs = train(capsys, world, model, tmp_path / "run", extra)
     assert code == 0, logs.err[-3000:]
+    assert f"lora: every Linear of the decoder blocks: {LINEARS[kind]}" in logs.out
     meta = json.loads((tmp_path / "run/checkpoints/step-000002/meta.json").read_text())
     cov = meta["qat_coverage"]
     assert f"QAT fake-quantizes {cov['fake_quantized_tensors']} of {cov['weight_tensors']}" in logs.out
-    if kind == "qwen3_moe":
-        # per block: the q,k,v,o Linears are covered; the experts (4x128x64 + 4x64x64) and the
-        # router (a 4x64 parameter, not a Linear) are not: 20%, as measured in transformers 5
-        linear, experts, router = 64 * 64 * 2 + 32 * 64 * 2, 4 * 128 * 64 + 4 * 64 * 64, 4 * 64
-        assert cov["share"] == pytest.approx(linear / (linear + experts + router), abs=1e-12)
-        assert cov["unquantized"] == {"*.mlp.gate.weight": [4, 64], "*.mlp.experts.gate_up_proj": [4, 128, 64],
-                                      "*.mlp.experts.down_proj": [4, 64, 64]}
-        assert "left in high precision (qat.allow_unquantized)" in logs.out
+    if kind == "gpt_oss":  # experts covered; the router [4, 64] (+ its bias, a vector) is not
+        assert cov["expert_tensors"] == 4 and cov["router_high_precision"] == {"*.mlp.router.weight": [4, 64]}
+        assert cov["unquantized"] == {} and cov["share"] == pytest.approx(1 - 2 * 4 * 64 / cov["parameters"])
     else:
         assert cov["share"] == 1.0 and cov["unquantized"] == {}
-    out = tmp_path / "export"
-    convert_recipe.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
-    verify = json.loads((out / "verify.json").read_text())
+    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world)
     assert verify["qat_coverage"] == cov
     assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
-    if kind == "gemma2":  # lm-eval loads the folder itself: the attention choice must hold there too
-        res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
-                                    str(world / "eval"), "--limit", "4", "--dtype", "float32"])
-        assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1
+    if kind == "gpt_oss":  # x @ W[e] on a 3D quantized tensor does not run: simulated, labelled
+        assert verify["experts"]["simulated"] == 4 and "x @ W[e]" in verify["experts"]["why_simulated"]
+        assert "convert: 4 expert weight tensors are simulated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", MOE_WORLD2)
+def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, capsys):
+    """MoE: experts sharded on dim 0 by FSDP2 across 2 ranks, fake-quantized after a delay of one
+    step; LoRA on attention; >= 95% of the decoder's weights covered (20% before experts were);
+    convert turns the experts into torchao intx tensors that equal the fake-quantized forward."""
+    model = build(kind, world, tmp_path / kind)
+    proc = run_train([*base_overrides(world, tmp_path / "run"), f"model.path={model}", "training.steps=2",
+                      "qat.enabled=true", "qat.scheme=8da4w", "qat.fake_quant_after_n_steps=1",
+                      "lora.enabled=true"], nproc=2)
+    assert "lora: every Linear of the decoder blocks: k_proj, o_proj, q_proj, v_proj" in proc.stdout
+    meta = json.loads((tmp_path / "run/checkpoints/step-000002/meta.json").read_text())
+    cov = meta["qat_coverage"]
+    # per block: q,k,v,o Linears (64x64 x2, 32x64 x2) and the experts (4x128x64 + 4x64x64) are
+    # covered; the router (4x64) stays high precision by rule
+    linear, experts, router = 64 * 64 * 2 + 32 * 64 * 2, 4 * 128 * 64 + 4 * 64 * 64, 4 * 64
+    assert cov["share"] == pytest.approx((linear + experts) / (linear + experts + router), abs=1e-12)
+    assert cov["share"] > 0.95 and cov["unquantized"] == {} and cov["expert_tensors"] == 4
+    assert "the router stays high precision by rule" in proc.stdout
+    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world)
+    assert verify["qat_coverage"] == cov
+    assert verify["experts"]["real_quantized"] == 4 and verify["experts"]["simulated"] == 0
+    assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
+
+
+def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys):
+    """Experts trained (no LoRA) with fake quantization switched on at step 2: 3 steps straight
+    equal 1 step + stop + resume, losses and every tensor of the final checkpoint."""
+    model = build("qwen3_moe", world, tmp_path / "qwen3_moe")
+    args = ["lora.enabled=false", "training.steps=3", "qat.fake_quant_after_n_steps=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    runs = [(straight, args), (split, args + ["training.stop_after_steps=1"]),
+            (split, args + ["checkpoint.resume=auto"])]
+    for out, extra in runs:
+        code, logs = train(capsys, world, model, out, extra)
+        assert code == 0, logs.err[-3000:]
+    assert len(losses(straight)) == 3 and losses(split) == losses(straight)
+    a, b = (load_checkpoint_tensors(r / "checkpoints/step-000003")["model"] for r in (straight, split))
+    experts = [k for k in a if k.endswith("experts.gate_up_proj")]
+    assert experts and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model).state_dict()  # the file holds per-expert Linears
+    assert all(not torch.equal(init[k], a[k]) for k in experts)  # the experts trained
+    assert [m["qat/fake_quant_enabled"] for m in read_metrics(split)] == [0, 0, 1]
+
+
+def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys):
+    """GPT-2 keeps its projections in Conv1D, which no scheme covers."""
+    model = build("gpt2", world, tmp_path / "gpt2")
+    capsys.readouterr()
+    code, logs = train(capsys, world, model, tmp_path / "run", ["lora.enabled=false"])
+    err = [l for l in logs.err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1, logs.err[-2000:]
+    assert err[0].startswith("error: QAT would fake-quantize only 0% of the decoder's weight parameters: ")
+    assert "*.attn.c_attn.weight [64, 192]" in err[0] and "qat.allow_unquantized=true" in err[0]
 
 
 @pytest.mark.parametrize("impl, needle", [("foo", 'attn_implementation="foo"` is not supported'),

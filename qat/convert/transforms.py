@@ -82,8 +82,11 @@ def unfake(model: nn.Module) -> nn.Module:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     from qat.fake_quant import QATLinear
+    from qat.moe import unwrap
 
     plain = copy.deepcopy(model)
+    for mod in plain.modules():
+        unwrap(mod)  # MoE experts: back to the model's own class
     for name, mod in list(plain.named_modules()):
         if isinstance(mod, (FakeQuantizedLinear, QATLinear)):
             _set(plain, name, mod.to_linear())

@@ -1,0 +1,235 @@
+"""MoE experts: fused 3D expert weights get each scheme's fake quantization (per expert, along the
+reduction dimension, clipped straight-through gradient, whatever the expert forward does inside),
+and convert turns them into torchao intx tensors whose forward equals the fake-quantized one."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qat import moe
+from qat.config import FakeQuantConfig
+from qat.coverage import coverage
+from qat.fake_quant import IntxWeight
+from qat.model import apply_qat, decoder_blocks, set_fake_quant
+from qat.schemes import get_scheme
+
+MOE = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=128),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, layer_types=None),
+}
+
+
+def tiny(kind, layers=1):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=32, vocab_size=96, max_position_embeddings=64,
+                               **{k: v for k, v in MOE[kind].items() if v is not None})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def qat(model, scheme="8da4w", group_size=32):
+    apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme, group_size=group_size), get_scheme(scheme))
+    return model
+
+
+def reference(kind, fq, scheme="8da4w"):
+    """QAT on the Linears, and each expert's [out, in] matrix fake-quantized by the 2D quantizer
+    one expert at a time, in the model's own (unwrapped) experts module."""
+    ref = qat(tiny(kind), scheme)
+    rex = next(iter(moe.experts_modules(decoder_blocks(ref)).values()))
+    moe.unwrap(rex)
+    masks = {}
+    for n in moe.expert_weight_names(rex):
+        w = rex._parameters[n].detach()
+        t = rex.is_transposed
+        pairs = [fq((w[e].t() if t else w[e]).contiguous()) for e in range(w.shape[0])]
+        wq = torch.stack([q.t() if t else q for q, _ in pairs])
+        masks[n] = torch.stack([m.t() if t else m for _, m in pairs]) if pairs[0][1] is not None else None
+        rex._parameters[n] = nn.Parameter(wq)
+    return ref, rex, masks
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_expert_fake_quant_equals_a_per_expert_reference(kind):
+    """The experts' forward under QAT equals the model's own forward on weights that the 2D fake
+    quantizer gave expert by expert, groups along what each expert's matmul contracts over
+    (dim 2, or dim 1 for gpt-oss's x @ W[e])."""
+    model = qat(tiny(kind))
+    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+    assert isinstance(ex, moe.QATExperts) and ex.is_transposed is (kind == "gpt_oss")
+    ref, _, _ = reference(kind, IntxWeight(4, 32))
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        got, want = model(x).logits, ref(x).logits
+        assert torch.equal(got, want)
+        assert not torch.equal(got, unfake_logits(model, x))
+    cov = coverage(model)
+    assert cov["expert_tensors"] == 2 and cov["unquantized"] == {}
+    assert list(cov["router_high_precision"]) == [f"*.mlp.{'router' if kind == 'gpt_oss' else 'gate'}.weight"]
+    assert cov["share"] > 0.95
+
+
+def unfake_logits(model, x):
+    from qat.convert.transforms import unfake
+
+    return unfake(model)(x).logits
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_expert_gradient_is_the_clipped_straight_through_one(kind):
+    """d loss / d W equals the gradient through a per-expert reference times its unclipped mask.
+    Symmetric int4 clips each group's largest positive value (absmax / scale = 7.5 rounds to 8 > 7),
+    so the mask is not all ones."""
+    model = qat(tiny(kind), "intx4-weight-only", 32)
+    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+    ref, rex, masks = reference(kind, IntxWeight(4, 32), "intx4-weight-only")
+    x = torch.randint(0, 96, (2, 12))
+    model(x).logits.square().mean().backward()
+    ref(x).logits.square().mean().backward()
+    for n in moe.expert_weight_names(ex):
+        assert (masks[n] == 0).any()
+        assert torch.equal(getattr(ex, n).grad, rex._parameters[n].grad * masks[n])
+
+
+def test_fake_quantized_expert_weights_are_recomputed_not_saved(monkeypatch):
+    """Lean memory: every tensor the expert forward saves from the fake-quantized weights' storage
+    is stored as a recipe, recomputed once per weight in backward, with the same gradients as
+    when they are saved (an outer hook, such as activation checkpointing's, makes the hook step aside)."""
+    x = torch.randint(0, 96, (2, 12))
+    grads, recipes = [], []
+    pack = moe._Recompute.pack
+
+    def spy(self, t):
+        out = pack(self, t)
+        if isinstance(out, tuple):
+            recipes.append(self)
+        return out
+
+    monkeypatch.setattr(moe._Recompute, "pack", spy)
+    for outer in (False, True):
+        model = qat(tiny("qwen3_moe"))
+        ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+        if outer:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                loss = model(x).logits.square().mean()
+        else:
+            loss = model(x).logits.square().mean()
+        loss.backward()
+        grads.append([getattr(ex, n).grad for n in moe.expert_weight_names(ex)])
+    assert len(recipes) >= 2 and {id(r) for r in recipes} == {id(recipes[0])}
+    assert sorted(recipes[0].cache) == ["down_proj", "gate_up_proj"]  # recomputed once each
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_delay_switch_and_frozen_experts():
+    model = qat(tiny("mixtral"))
+    x = torch.randint(0, 96, (2, 12))
+    plain = tiny("mixtral")
+    set_fake_quant(model, False)
+    assert torch.equal(model(x).logits, plain(x).logits)
+    set_fake_quant(model, True)
+    on = model(x).logits
+    assert not torch.equal(on, plain(x).logits)
+    for p in model.parameters():  # frozen experts (LoRA): still fake-quantized, no gradient asked
+        p.requires_grad_(False)
+    frozen = model(x).logits
+    assert torch.equal(frozen, on) and frozen.grad_fn is None
+
+
+@pytest.mark.parametrize("scheme", ["8da4w", "intx2-weight-only"])
+def test_converted_experts_equal_fake_quant(scheme):
+    """Real IntxUnpackedToInt8Tensor expert weights, run by the model's eager expert forward, give
+    exactly the fake-quantized logits; and their dequantized values too (what the folder stores)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    from qat.convert.transforms import qat_convert, unfake
+
+    model = qat(tiny("qwen3_moe", layers=2), scheme)
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        fake = model(x).logits
+        conv = qat_convert(copy.deepcopy(model), get_scheme(scheme), 32, None)
+        rec = moe.quantize_experts(conv, get_scheme(scheme), 32)
+        assert rec["real_quantized"] == 4 and rec["simulated"] == 0
+        ex = next(iter(moe.experts_modules(decoder_blocks(conv)).values()))
+        assert isinstance(ex.gate_up_proj.data, IntxUnpackedToInt8Tensor) and not isinstance(ex, moe.QATExperts)
+        assert torch.equal(conv(x).logits, fake)
+        moe.dequantize_experts(conv)
+        assert type(ex.gate_up_proj.data) is torch.Tensor
+        assert torch.equal(conv(x).logits, fake)
+        plain = unfake(model)
+        assert not torch.equal(plain(x).logits, fake)
+
+
+def test_transposed_experts_convert_simulated(capsys):
+    model = qat(tiny("gpt_oss"))
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        fake = model(x).logits
+        from qat.convert.transforms import qat_convert
+        conv = qat_convert(copy.deepcopy(model), get_scheme("8da4w"), 32, None)
+        rec = moe.quantize_experts(conv, get_scheme("8da4w"), 32)
+    assert rec["simulated"] == 2 and rec["real_quantized"] == 0 and "x @ W[e]" in rec["why_simulated"]
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("convert: ")]
+    assert len(line) == 1 and "simulated" in line[0]
+    with torch.no_grad():
+        assert torch.equal(conv(x).logits, fake)
+
+
+def test_group_size_must_divide_the_experts_reduction_dim():
+    from qat.errors import UserError
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mixtral", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=32, vocab_size=96, num_local_experts=4,
+                               intermediate_size=48)
+    with pytest.raises(UserError, match=r"qat.group_size=32 does not divide the reduction dimension 48 of "
+                                        r"expert weight 0.mlp.experts.down_proj"):
+        qat(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_report_header_coverage_line(tmp_path):
+    from qat.coverage import header_line
+
+    assert header_line(tmp_path / "missing.json") is None
+    cov = {"share": 0.99585, "weight_tensors": 12, "fake_quantized_tensors": 10, "unquantized": {},
+           "expert_tensors": 4, "router_high_precision": {"*.mlp.gate.weight": [4, 64]}}
+    (tmp_path / "verify.json").write_text(__import__("json").dumps({"qat_coverage": cov}))
+    assert header_line(tmp_path / "verify.json") == ("99.6% of the decoder blocks' weight parameters quantized "
+                                                     "(10 of 12 tensors); MoE experts weight-only; router high precision")
+
+
+def test_ptq_quantizes_experts_like_qat_convert():
+    """A bf16 run's PTQ: the same real intx experts, equal to the fake-quantized forward of the plain model."""
+    from qat.convert.transforms import ptq
+
+    plain = tiny("qwen3_moe")
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        fake = qat(copy.deepcopy(plain), "intx4-weight-only")(x).logits
+        q = ptq(plain, get_scheme("intx4-weight-only"), 32)
+        assert moe.quantize_experts(q, get_scheme("intx4-weight-only"), 32)["real_quantized"] == 2
+        assert torch.equal(q(x).logits, fake)
+
+
+def test_experts_of_an_undeclared_layout_are_refused_unless_allowed():
+    """Without transformers' `is_transposed` flag the reduction dimension is unknown: the experts
+    are left out, named in the one-line refusal, and stay high precision with allow_unquantized."""
+    from qat.errors import UserError
+
+    model = tiny("qwen3_moe")
+    ex = next(m for m in model.modules() if moe.is_experts(m))
+    del ex.is_transposed
+    with pytest.raises(UserError, match=r"\*\.mlp\.experts\.gate_up_proj \[4, 128, 64\], \*\.mlp\.experts\.down_proj "
+                                        r"\[4, 64, 64\] are neither nn.Linear nor MoE experts of a known layout"):
+        qat(model)
+    apply_qat(model, FakeQuantConfig(enabled=True, allow_unquantized=True), get_scheme("8da4w"))
+    cov = coverage(model)
+    assert not isinstance(ex, moe.QATExperts) and list(cov["unquantized"]) == ["*.mlp.experts.gate_up_proj",
+                                                                             "*.mlp.experts.down_proj"]
