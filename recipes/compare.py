@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,11 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
     from qat.lifeline import stops_with_me
 
     # torchrun must not outlive compare
-    if subprocess.run(cmd, preexec_fn=stops_with_me()).returncode != 0 or not finished(out / arm):
+    code = subprocess.run(cmd, preexec_fn=stops_with_me()).returncode
+    if code == -signal.SIGKILL:  # a user error: the arm printed its one error line (qat/errors.py)
+        log(f"train {arm}: stopped on the error above; fix it and rerun compare (it resumes)")
+        sys.exit(2)
+    if code != 0 or not finished(out / arm):
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
 
 
