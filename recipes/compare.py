@@ -28,7 +28,7 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
+from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, qat_coverage, run_models
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
 from qat.errors import UserError, exit_on_user_error
@@ -123,13 +123,19 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
                        if cfg.qad else "")}
 
 
-def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> str:
+def arm_coverage(cfg: CompareConfig, out: Path, suffix: str) -> dict:
+    """{qat[, qad]: qat_coverage} of the quantization-aware arms of one comparison."""
+    return {a: qat_coverage(out / f"{a}{suffix}" / "export") for a in (["qat", "qad"] if cfg.qad else ["qat"])}
+
+
+def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool,
+           coverage: Optional[dict] = None) -> str:
     from eval.report import markdown, plot
 
     suffix = "" if kind == "full" else "_lora"
     md = markdown(results, head, simulated)
     write_text_atomic(out / f"report{suffix}.md", md)
-    record = {"header": head, "simulated": simulated, "results": results}
+    record = {"header": head, "simulated": simulated, "results": results, "qat_coverage": coverage}
     write_text_atomic(out / f"results{suffix}.json", json.dumps(record, indent=2))
     title = f"{head['title']} - {head['scheme']}" + (" - PTQ/QAT SIMULATED (no real kernels)" if simulated else "")
     plot(results, out / f"comparison{suffix}.png", title, simulated)
@@ -160,15 +166,21 @@ def main(argv=None) -> None:
             continue
         results, simulated = evaluate_comparison(cfg, out, "" if kind == "full" else "_lora")
         head = header(cfg, out, kind)
+        coverage = arm_coverage(cfg, out, "" if kind == "full" else "_lora")
+        from eval.report import coverage_note
+
+        if coverage_note(coverage):  # qat.allow_unquantized: say which weights stayed high precision
+            head["high precision"] = coverage_note(coverage)
         if simulated:
             head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {simulated['scheme']}: "
                                  f"this machine lacks its real kernels")
-        print(report(cfg, out, kind, results, head, simulated is not None))
-        log_comparison(cfg.wandb, out, kind, results, head, simulated is not None)
+        print(report(cfg, out, kind, results, head, simulated is not None, coverage))
+        log_comparison(cfg.wandb, out, kind, results, head, simulated is not None, coverage)
     log(f"report in {out}")
 
 
-def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> None:
+def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool,
+                   coverage: Optional[dict] = None) -> None:
     """W&B: an eval run per model and a comparison run, in the compare folder's group."""
     from eval.report import labels, models, rows
     from eval.wandb_report import ModelRow, log_models
@@ -179,6 +191,7 @@ def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulat
                        results=results.get(k, {})) for k in models(results)]
     summary = {f"compare/{label}/{metric}": v for label, vals in rows(results, simulated).items()
                for metric, v in vals.items() if v is not None}
+    summary.update({f"compare/{names[a]}/qat_coverage": c["share"] for a, c in (coverage or {}).items() if c})
     suffix = "" if kind == "full" else "_lora"
     log_models(cfg, out, out.name, f"{out.name}-{kind}-comparison", models, {"kind": kind, **head},
                image=out / f"comparison{suffix}.png", summary=summary)
