@@ -16,6 +16,7 @@ anything is written. A bug (any other exception) keeps torchrun's full report.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -25,6 +26,26 @@ import time
 
 class UserError(Exception):
     """Bad input: a config key, a file, a scheme. The message names the culprit and the fix."""
+
+
+@contextlib.contextmanager
+def boundary(what: str, fix: str, errors: tuple = (Exception,)):
+    """A library call on the user's files (a tokenizer folder, lm-eval on a model folder): its
+    failure means bad input, so it becomes one UserError line: what failed, the library's first
+    line, and the fix. Our own UserErrors pass through unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except errors as e:
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        if e.__cause__ is not None:  # datasets wraps the parse error in a generic one
+            why += f": {type(e.__cause__).__name__}: {_first_line(e.__cause__)}"
+        raise UserError(f"{what} ({why}); {fix}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def is_rank0() -> bool:
