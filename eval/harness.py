@@ -73,6 +73,17 @@ def task_manager(include_path: Optional[str]):
     return TaskManager(include_path=include_path)
 
 
+def check_tasks(tasks: str, data_dir: Optional[Path]) -> None:
+    """Fail now on what resolve_tasks would refuse later: local files are checked as they are (fast);
+    task names need lm-eval's index of its tasks (12-15 s, cached for the evaluation itself)."""
+    if tasks == "local":
+        if data_dir is None:
+            raise UserError("tasks=local needs a data folder (--data-dir) with hellaswag/ and wikitext/ jsonl files")
+        local_group_yaml(data_dir)
+    else:
+        resolve_tasks(tasks, data_dir)
+
+
 def resolve_tasks(tasks: str, data_dir: Optional[Path]):
     """(task names, TaskManager) for 'local', 'hub' or a comma list; unknown names are errors."""
     if tasks == "local":

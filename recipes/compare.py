@@ -153,13 +153,12 @@ def main(argv=None) -> None:
     from qat.schemes import get_scheme
 
     get_scheme(cfg.scheme)
-    from eval.harness import resolve_tasks
+    from eval.harness import check_tasks
     from qat.atomic import check_target
 
     out = Path(cfg.output_dir)
     check_target(out, folder=True, what="output_dir")
-    # lm-eval task names and local task files, before hours of training (the TaskManager is cached)
-    resolve_tasks(cfg.eval.tasks, Path(cfg.eval.data_dir) if cfg.eval.data_dir else None)
+    check_tasks(cfg.eval.tasks, Path(cfg.eval.data_dir) if cfg.eval.data_dir else None)  # before hours of training
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
         if arm.startswith("qad"):  # its teacher is the bf16 arm's export
