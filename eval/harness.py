@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from qat.errors import UserError
+from qat.errors import UserError, boundary
 
 LOCAL_FILES = {
     "hellaswag": ["train", "validation"],
     "wikitext": ["train", "validation", "test"],
 }
+# The fields lm-eval's built-in tasks read from each row (lm_eval/tasks/{hellaswag/utils.py,wikitext}).
+LOCAL_FIELDS = {"hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "wikitext": ("page",)}
 GROUP = "qat_local"
 
 
@@ -33,6 +36,7 @@ def local_group_yaml(data_dir: Path) -> str:
             f = Path(data_dir) / task / f"{split}.jsonl"
             if not f.is_file():
                 raise UserError(f"local eval data missing: {f} (expected {task}/{{{','.join(splits)}}}.jsonl)")
+            check_local_file(f, LOCAL_FIELDS[task])
             files[split] = str(f.resolve())
         data_files = ", ".join(f"{k}: {v}" for k, v in files.items())
         lines += [f"  - task: {task}", "    dataset_path: json", "    dataset_name: null",
@@ -41,12 +45,43 @@ def local_group_yaml(data_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_local_file(f: Path, fields: tuple) -> None:
+    """Each line a JSON object with the task's fields: a bad file is one line naming file and line,
+    here, rather than an Arrow cast error from inside lm-eval."""
+    with open(f) as fh:
+        n = 0
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"local eval data {f}, line {n}: does not parse ({e})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise UserError(f"local eval data {f}, line {n}: lacks {', '.join(missing)} (each row needs "
+                                f"{', '.join(fields)}, as in the Hub dataset)")
+    if n == 0:
+        raise UserError(f"local eval data {f} is empty")
+
+
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: Optional[str]):
     """Building a TaskManager indexes every built-in task (12-15 s): do it once per process."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks: str, data_dir: Optional[Path]) -> None:
+    """Fail now on what resolve_tasks would refuse later: local files are checked as they are (fast);
+    task names need lm-eval's index of its tasks (12-15 s, cached for the evaluation itself)."""
+    if tasks == "local":
+        if data_dir is None:
+            raise UserError("tasks=local needs a data folder (--data-dir) with hellaswag/ and wikitext/ jsonl files")
+        local_group_yaml(data_dir)
+    else:
+        resolve_tasks(tasks, data_dir)
 
 
 def resolve_tasks(tasks: str, data_dir: Optional[Path]):
@@ -75,7 +110,14 @@ def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8
     if isinstance(model, (str, Path)):
         if not (Path(model) / "config.json").is_file():
             raise UserError(f"{model} is not an HF model folder (no config.json)")
-        return HFLM(pretrained=str(model), batch_size=batch_size, device=device, dtype=dtype)
+        from qat.model import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model), key="--model", need_pad=True)
+        with boundary(f"--model {model}: lm-eval cannot load it",
+                      "the folder needs config.json, complete weights (*.safetensors) and its tokenizer; "
+                      "convert or copy it again"):
+            return HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, device=device,
+                        dtype=dtype)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
@@ -88,20 +130,21 @@ def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], d
     simulated wherever they appear.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from qat.config import FakeQuantConfig
-    from qat.model import apply_qat
+    from qat.model import apply_qat, load_tokenizer
     from qat.schemes import get_scheme
 
     if not (Path(folder) / "config.json").is_file():
         raise UserError(f"{folder} is not an HF model folder (no config.json)")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, "auto")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    with boundary(f"--model {folder}: its weights do not load", "convert or copy the folder again"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     scheme = get_scheme(scheme_name)
     apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours",
                                      allow_unquantized=True), scheme)  # coverage was decided in training
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return model.eval(), load_tokenizer(str(folder), key="--model", need_pad=True)
 
 
 def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Path] = None,
@@ -110,10 +153,17 @@ def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Pat
     """lm-eval results reduced to {task: {metric: value, metric_stderr: value}}."""
     import lm_eval
 
+    from datasets.exceptions import DatasetGenerationError
+
     names, tm = resolve_tasks(tasks, data_dir)
     lm = load_lm(model, tokenizer, batch_size, device, dtype)
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
-                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
+    # the task data does not load (a malformed file), or its rows lack a field the task reads
+    with boundary(f"lm-eval could not read the data of tasks={tasks}" + (f" in {data_dir}" if data_dir else ""),
+                  "fix or replace those files" + (f" (expected {sorted(LOCAL_FILES)} jsonl in lm-eval's schema)"
+                                                   if tasks == "local" else ""),
+                  errors=(DatasetGenerationError, KeyError)):
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
     return flatten(out["results"])
 
 

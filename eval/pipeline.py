@@ -78,6 +78,11 @@ def run_models(export_dir: Path) -> dict[str, EvalTarget]:
     return {"bf16": EvalTarget(export_dir / "hf"), "ptq": quant}
 
 
+def qat_coverage(export_dir: Path) -> Optional[dict]:
+    """The share of decoder weights a QAT run fake-quantized, as convert recorded it (None for bf16)."""
+    return json.loads((export_dir / "verify.json").read_text()).get("qat_coverage")
+
+
 def evaluate_target(target: EvalTarget, cfg: EvalConfig, result_file: Path, log=print) -> dict:
     """lm-eval results of one model, computed once and kept in result_file."""
     if result_file.exists():

@@ -166,3 +166,12 @@ def plot(results: dict, path: Path, title: str, simulated: bool = False) -> None
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def coverage_note(coverage: dict) -> Optional[str]:
+    """{arm: qat_coverage from verify.json} -> a header line naming what an arm left in high
+    precision (qat.allow_unquantized), or None when every arm fake-quantized all decoder weights."""
+    parts = [f"{LABELS.get(arm, arm)} fake-quantized {c['share']:.1%} of the decoder's weight parameters; "
+             f"left in high precision: {', '.join(f'{k} {v}' for k, v in c['unquantized'].items())}"
+             for arm, c in coverage.items() if c and c.get("unquantized")]
+    return "; ".join(parts) or None

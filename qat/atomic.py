@@ -16,6 +16,7 @@ def atomic_dir(out: Path):
     The previous `out`, if any, stays untouched until the new one is complete.
     """
     out = Path(out)
+    check_target(out, folder=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -23,11 +24,34 @@ def atomic_dir(out: Path):
         if out.exists():
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the previous output stays what it was
+                raise
             shutil.rmtree(old)
-        os.replace(tmp, out)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_target(path: Path, folder: bool, what: str = "") -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder goes
+    (or the reverse), an ancestor that is a file, or a read-only parent. `what` names the option."""
+    from qat.errors import UserError
+
+    path, name = Path(path), what or str(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{name}: {path} is {'a file' if folder else 'a folder'}; choose another path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{name}: {parent} is a file, so {path} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{name}: {parent} is not writable; choose another path")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -14,6 +14,11 @@ Both come through `logging` (not `warnings`, not print), while `import torchao` 
   subclass and is now natively supported by torch.compile ..." on "torch.utils._pytree" for
   each. Dropped when the Enum is torchao's; the same warning about anyone else's Enum shows.
 
+And one of datasets': when a JSON file does not parse, datasets' json builder logs "Failed to load
+JSON from file '<file>' with error <type>: <reason>" at ERROR level, then raises an exception with
+the same reason. Our entry points turn that exception into the one `error:` line (file, row and
+line: qat/data/sources.py), so the logged copy is dropped; the exception still carries it.
+
 Any other record of these loggers, and every other warning, passes. `install()` must run before
 torchao is imported; `import qat` does it.
 """
@@ -51,10 +56,17 @@ class TorchaoEnumRegistrations(logging.Filter):
         return not getattr(cls, "__module__", "").startswith("torchao")
 
 
+class DatasetsJsonParseCopy(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Failed to load JSON from file"))
+
+
 def install() -> None:
     """Idempotent: a filter is added once per logger."""
     pairs = [(name, TorchaoCpuOnlyNoise) for name in CPU_ONLY_NOISE]
-    for name, filt in pairs + [("torch.utils._pytree", TorchaoEnumRegistrations)]:
+    pairs += [("torch.utils._pytree", TorchaoEnumRegistrations),
+              ("datasets.packaged_modules.json.json", DatasetsJsonParseCopy)]
+    for name, filt in pairs:
         logger = logging.getLogger(name)
         if not any(isinstance(f, filt) for f in logger.filters):
             logger.addFilter(filt())

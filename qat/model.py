@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from qat.config import FakeQuantConfig, FSDPConfig, LoRAConfig, ModelConfig
 from qat.coverage import refuse_uncovered
-from qat.errors import UserError, is_rank0
+from qat.errors import UserError, boundary, is_rank0
 from qat.schemes import Scheme, embedding_quant
 
 # Config dtype names (training.dtype, convert --dtype) to torch dtypes.
@@ -64,6 +64,34 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = 
             raise
         raise UserError(f"model.attn_implementation={cfg.attn_implementation!r} does not work here: "
                         f"{str(e).splitlines()[0][:300]} (null lets transformers pick)") from None
+
+
+def load_tokenizer(path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
+                   key: str = "model.path", need_pad: bool = False):
+    """AutoTokenizer.from_pretrained; a missing or corrupt tokenizer.json / tokenizer_config.json
+    is one line. need_pad: batches are padded (convert's probe, lm-eval), so a tokenizer without a
+    pad token pads with eos, and one without either is refused."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json"):
+        f = Path(path).expanduser() / name
+        try:
+            json.loads(f.read_text()) if f.is_file() else None
+        except (ValueError, OSError) as e:  # name the file: the library's message does not
+            raise UserError(f"{key}={path!r}: {name} is corrupt ({str(e).splitlines()[0][:200]}); copy or "
+                            f"download the model's tokenizer files again") from None
+    with boundary(f"{key}={path!r}: its tokenizer does not load",
+                  "the folder needs the tokenizer files of its model (tokenizer.json or the vocabulary "
+                  "files, and tokenizer_config.json); copy or download them again"):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if need_pad and tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"{key}={path!r}: its tokenizer has neither a pad nor an eos token; set pad_token "
+                            f"(or eos_token) in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

@@ -7,6 +7,13 @@ one endless line. So when the bar's stream is not a terminal, `progress_bar` giv
 state, then the latest one each interval, and always the final one), which `tail -f` and grep read.
 
 `every_s` defaults to 30, or the environment variable QAT_PROGRESS_EVERY_S.
+
+The libraries draw bars of their own: datasets (loading a file, `map`), transformers (loading
+weights) and lm-eval (its requests). All are tqdm subclasses that call `tqdm.std.tqdm.__init__`,
+so `plain_library_bars()` (installed when `qat` is imported) wraps that one method: a bar whose
+stream is not a terminal gets a `LineWriter` too. Turning the bars off instead
+(`datasets.disable_progress_bars()`, transformers' `logging.disable_progress_bar()`) would hide
+the only sign of life of a tokenization or an evaluation that takes an hour.
 """
 
 from __future__ import annotations
@@ -37,6 +44,24 @@ def is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def plain_library_bars() -> None:
+    """Every tqdm bar of the process, ours or a library's, writes plain lines off a terminal."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_qat_plain_lines", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        out = kwargs.get("file") or sys.stderr
+        if len(args) < 5 and not isinstance(out, LineWriter) and not is_terminal(out):  # args[4] is file
+            kwargs.update(file=LineWriter(out, default_every_s()), ascii=True)
+        init(self, *args, **kwargs)
+
+    __init__._qat_plain_lines = True
+    tqdm.std.tqdm.__init__ = __init__
 
 
 class LineWriter:

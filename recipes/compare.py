@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
+from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, qat_coverage, run_models
 from eval.report import ARMS
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
@@ -89,7 +90,11 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
     from qat.lifeline import stops_with_me
 
     # torchrun must not outlive compare
-    if subprocess.run(cmd, preexec_fn=stops_with_me()).returncode != 0 or not finished(out / arm):
+    code = subprocess.run(cmd, preexec_fn=stops_with_me()).returncode
+    if code == -signal.SIGKILL:  # a user error: the arm printed its one error line (qat/errors.py)
+        log(f"train {arm}: stopped on the error above; fix it and rerun compare (it resumes)")
+        sys.exit(2)
+    if code != 0 or not finished(out / arm):
         raise UserError(f"training arm {arm!r} failed; fix it and rerun compare (it resumes)")
 
 
@@ -131,13 +136,20 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
                 (f"+LS: scales learned with LSQ (lr x {train.qat.scale_lr_multiplier})", cfg.learn_scales)) if on)}
 
 
-def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> str:
+def arm_coverage(cfg: CompareConfig, out: Path, suffix: str) -> dict:
+    """{arm: qat_coverage} of the quantization-aware arms of one comparison."""
+    planned = arms(cfg, out)
+    return {a: qat_coverage(out / f"{a}{suffix}" / "export") for a in ARMS if f"{a}{suffix}" in planned}
+
+
+def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool,
+           coverage: Optional[dict] = None) -> str:
     from eval.report import markdown, plot
 
     suffix = "" if kind == "full" else "_lora"
     md = markdown(results, head, simulated)
     write_text_atomic(out / f"report{suffix}.md", md)
-    record = {"header": head, "simulated": simulated, "results": results}
+    record = {"header": head, "simulated": simulated, "results": results, "qat_coverage": coverage}
     write_text_atomic(out / f"results{suffix}.json", json.dumps(record, indent=2))
     title = f"{head['title']} - {head['scheme']}" + (" - PTQ/QAT SIMULATED (no real kernels)" if simulated else "")
     plot(results, out / f"comparison{suffix}.png", title, simulated)
@@ -155,7 +167,12 @@ def main(argv=None) -> None:
     from qat.schemes import get_scheme
 
     get_scheme(cfg.scheme)
+    from eval.harness import check_tasks
+    from qat.atomic import check_target
+
     out = Path(cfg.output_dir)
+    check_target(out, folder=True, what="output_dir")
+    check_tasks(cfg.eval.tasks, Path(cfg.eval.data_dir) if cfg.eval.data_dir else None)  # before hours of training
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
         if arm.startswith("qad"):  # its teacher is the bf16 arm's export
@@ -168,15 +185,21 @@ def main(argv=None) -> None:
             continue
         results, simulated = evaluate_comparison(cfg, out, "" if kind == "full" else "_lora")
         head = header(cfg, out, kind)
+        coverage = arm_coverage(cfg, out, "" if kind == "full" else "_lora")
+        from eval.report import coverage_note
+
+        if coverage_note(coverage):  # qat.allow_unquantized: say which weights stayed high precision
+            head["high precision"] = coverage_note(coverage)
         if simulated:
             head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {simulated['scheme']}: "
                                  f"this machine lacks its real kernels")
-        print(report(cfg, out, kind, results, head, simulated is not None))
-        log_comparison(cfg.wandb, out, kind, results, head, simulated is not None)
+        print(report(cfg, out, kind, results, head, simulated is not None, coverage))
+        log_comparison(cfg.wandb, out, kind, results, head, simulated is not None, coverage)
     log(f"report in {out}")
 
 
-def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool) -> None:
+def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool,
+                   coverage: Optional[dict] = None) -> None:
     """W&B: an eval run per model and a comparison run, in the compare folder's group."""
     from eval.report import labels, models, rows
     from eval.wandb_report import ModelRow, log_models
@@ -187,6 +210,7 @@ def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulat
                        results=results.get(k, {})) for k in models(results)]
     summary = {f"compare/{label}/{metric}": v for label, vals in rows(results, simulated).items()
                for metric, v in vals.items() if v is not None}
+    summary.update({f"compare/{names[a]}/qat_coverage": c["share"] for a, c in (coverage or {}).items() if c})
     suffix = "" if kind == "full" else "_lora"
     log_models(cfg, out, out.name, f"{out.name}-{kind}-comparison", models, {"kind": kind, **head},
                image=out / f"comparison{suffix}.png", summary=summary)

@@ -53,8 +53,12 @@ def main(argv=None) -> dict:
     check_fields(EvalConfig(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
                             num_fewshot=args.num_fewshot, device=args.device, dtype=args.dtype), as_flags=True)
     from eval.harness import evaluate, simulated_model
+    from qat.atomic import check_target
     from qat.distributed import pick_device
 
+    model = Path(args.model)
+    out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"
+    check_target(out, folder=False, what="--out")  # before the evaluation, not after
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     target, tokenizer = args.model, None
     if args.simulate:
@@ -62,8 +66,7 @@ def main(argv=None) -> dict:
     results = evaluate(target, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=limit,
                        batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=str(pick_device(args.device)),
                        dtype=args.dtype)
-    model = Path(args.model)
-    out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": str(model), "tasks": args.tasks, "limit": limit, "results": results,
               "simulated": f"{args.simulate} fake-quantized forward, no real kernels" if args.simulate else None}
     write_text_atomic(out, json.dumps(record, indent=2))

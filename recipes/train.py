@@ -51,7 +51,7 @@ from qat.errors import UserError, exit_on_user_error
 from qat.learned_scales import fill_unused_grads, param_groups, reinit_at_start
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
 from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
-                       apply_qat, cast_frozen, cast_keep_buffers, count_parameters, fill_from_rank0, load_model,
+                       apply_qat, cast_frozen, cast_keep_buffers, count_parameters, fill_from_rank0, load_model, load_tokenizer,
                        qat_backend, set_fake_quant, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler
 from qat.progress import progress_bar
@@ -123,14 +123,11 @@ def prepare(cfg: TrainConfig, device: torch.device):
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
     check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
-    from transformers import AutoTokenizer
-
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
     on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
     check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                              trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tokenizer)  # tokenizes only what the cache lacks
     torch.manual_seed(cfg.training.seed)  # identical LoRA init on every rank, at any world size
     if cfg.lora.enabled:

@@ -39,6 +39,9 @@ def fails_with(capsys, argv, needle):
     (["data.num_proc=0"], "data.num_proc=0 must be at least 1"),
     (["data.sources.0.weight=2"], "data.sources: weight is set on sources [0] only"),
     (["data.sources.0.weight=-1", "data.sources.1.weight=1"], "data.sources[0].weight=-1.0 must be greater than 0"),
+    (["data.sources=[]"], "data.sources is empty: give at least one dataset"),
+    (["logging.wandb.projct=x"], "unknown config key 'logging.wandb.projct'"),
+    (["nosection.key=1"], "unknown config key 'nosection'"),
 ])
 def test_config_mistakes(capsys, world, tmp_path, extra, needle):
     fails_with(capsys, base_overrides(world, tmp_path) + extra, needle)
@@ -88,6 +91,8 @@ def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and "is corrupt or does not match this model" in errors[0], proc.stderr[-2000:]
+    # the workers ended torchrun quietly (qat/errors.py): no ChildFailedError report after our line
+    assert proc.returncode == -9 and "Traceback" not in proc.stderr and "FAILED" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "checkpoints" / "step-000003").exists()
 
 
@@ -153,3 +158,100 @@ def test_malformed_data_files(capsys, world, tmp_path, name, content, kind, need
     fails_with(capsys, base_overrides(world, tmp_path / "out") + [
         f"data.sources=[{{path: {tmp_path / name}, kind: {kind}}}]"], needle)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def model_copy(world, tmp_path, edit):
+    folder = tmp_path / "model"
+    shutil.copytree(world / "model", folder)
+    edit(folder)
+    return folder
+
+
+def set_chat_template(template):
+    def edit(folder):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+        for f in folder.glob("chat_template.*"):
+            f.unlink()
+    return edit
+
+
+def drop_tokenizer(folder):
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda f: (f / "tokenizer.json").write_text("{cut sho"), "tokenizer.json is corrupt"),
+    (lambda f: (f / "tokenizer_config.json").write_text("{cut sho"), "tokenizer_config.json is corrupt"),
+    (drop_tokenizer, "its tokenizer does not load (ValueError: Couldn't instantiate the backend tokenizer"),
+    (set_chat_template("{{ messages | nosuchfilter }}"),
+     "the tokenizer's chat template fails on the conversation [{'role': 'system'"),
+    (set_chat_template("{{ raise_exception('Conversation roles must alternate') }}"),
+     "TemplateError: Conversation roles must alternate; fix chat_template in the model folder"),
+])
+def test_broken_tokenizer_folders(capsys, world, tmp_path, edit, needle):
+    folder = model_copy(world, tmp_path, edit)
+    fails_with(capsys, base_overrides(world, tmp_path / "out") + [f"model.path={folder}"], needle)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, trained, tmp_path):
+    """convert --out, evaluate --out and compare's output_dir on an existing file: one line, and the
+    file is untouched (convert used to rename it aside, then crash)."""
+    import compare
+    import convert
+    import evaluate
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    calls = [(convert.main, ["--checkpoint", str(trained), "--out", str(victim)], "--out: "),
+             (evaluate.main, ["--model", str(world / "model"), "--out", str(victim / "r.json")], "--out: "),
+             (compare.main, ["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={victim}"],
+              "output_dir: ")]
+    for main, argv, needle in calls:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: " + needle), err
+        assert "is a file" in err[0] and "choose another path" in err[0]
+    assert victim.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("split, text, needle", [
+    ("hellaswag/validation.jsonl", '{"ctx": broken\n', "validation.jsonl, line 1: does not parse"),
+    ("wikitext/test.jsonl", '{"page": "a"}\n{"text": "b"}\n', "test.jsonl, line 2: lacks page"),
+    ("wikitext/train.jsonl", "", "train.jsonl is empty"),
+])
+def test_local_eval_data_is_checked_per_line(world, tmp_path, split, text, needle):
+    from eval.harness import local_group_yaml
+    from qat.errors import UserError
+
+    data = tmp_path / "eval"
+    shutil.copytree(world / "eval", data)
+    (data / split).write_text(text)
+    with pytest.raises(UserError, match="^local eval data .*" + needle.replace(".", r"\.")):
+        local_group_yaml(data)
+
+
+def test_lm_eval_model_folders(world, tmp_path):
+    """What lm-eval cannot load is one line: corrupt weights, a tokenizer without pad and eos."""
+    from eval.harness import load_lm
+    from qat.errors import UserError
+
+    def cut_weights(folder):
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+
+    with pytest.raises(UserError, match="lm-eval cannot load it .SafetensorError: .*convert or copy it again"):
+        load_lm(model_copy(world, tmp_path / "a", cut_weights))
+
+    def no_pad_no_eos(folder):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg.update(pad_token=None, eos_token=None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+
+    with pytest.raises(UserError, match="its tokenizer has neither a pad nor an eos token"):
+        load_lm(model_copy(world, tmp_path / "b", no_pad_no_eos))

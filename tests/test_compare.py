@@ -135,3 +135,33 @@ def test_simulated_rows_are_labelled():
     res = {k: {"hellaswag": {"acc": 0.5}, "wikitext": {"bits_per_byte": 1.0}} for k in ("bf16", "ptq", "qat")}
     md = markdown(res, {"title": "t"}, simulated=True)
     assert "| PTQ (simulated) |" in md and "| QAT (simulated) |" in md and "| no quantization |" in md
+
+
+def test_report_names_weights_left_in_high_precision(tmp_path):
+    """A QAT arm trained with qat.allow_unquantized=true: the report, results.json and the W&B
+    summary say what stayed high precision, read from the arm's verify.json (qat_coverage)."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import compare
+    from qat.config import CompareConfig
+
+    cov = {"share": 0.2, "weight_tensors": 14, "fake_quantized_tensors": 8, "parameters": 1000,
+           "fake_quantized_parameters": 200,
+           "unquantized": {"*.mlp.experts.gate_up_proj": [4, 128, 64], "*.mlp.gate.weight": [4, 64]}}
+    for arm, c in (("qat", cov), ("bf16", None)):
+        (tmp_path / arm / "export").mkdir(parents=True)
+        (tmp_path / arm / "export" / "verify.json").write_text(json.dumps({"qat_coverage": c}))
+    cfg = CompareConfig(train_config="configs/tiny/full.yaml", output_dir=str(tmp_path), lora=False)
+    coverage = compare.arm_coverage(cfg, tmp_path, "")
+    assert coverage == {"qat": cov}
+    from eval.report import coverage_note
+
+    note = coverage_note(coverage)
+    assert note == ("QAT fake-quantized 20.0% of the decoder's weight parameters; left in high precision: "
+                    "*.mlp.experts.gate_up_proj [4, 128, 64], *.mlp.gate.weight [4, 64]")
+    assert coverage_note({"qat": dict(cov, share=1.0, unquantized={})}) is None
+    res = {k: {"wikitext": {"bits_per_byte": 1.0}} for k in ("bf16", "ptq", "qat")}
+    head = {"title": "t", "scheme": "8da4w", "high precision": note}
+    md = compare.report(cfg, tmp_path, "full", res, head, False, coverage)
+    assert f"- **high precision**: {note}" in md
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["qat_coverage"]["qat"]["share"] == 0.2 and record["header"]["high precision"] == note

@@ -113,6 +113,8 @@ def test_evaluate_recipe_writes_results(exported, world, tmp_path):
                            str(world / "eval"), "--limit", "8", "--dtype", "float32", "--out", str(out)],
                           env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # lm-eval's and datasets' bars into a pipe: plain lines (qat.progress.plain_library_bars)
+    assert "\r" not in proc.stderr and "\nRunning loglikelihood requests: 100%|" in proc.stderr, proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"hellaswag", "wikitext"}
     assert {"acc", "acc_norm", "acc_stderr"} <= set(res["hellaswag"])

@@ -84,10 +84,18 @@ def test_torchao_startup_noise_is_filtered_and_other_warnings_show():
 def test_training_log_into_a_file_has_progress_lines_and_no_noise(world, tmp_path):
     """The real entry point with its output going to a pipe, as under Slurm or CI."""
     args = [a for a in base_overrides(world, tmp_path) if a != "logging.progress_bar=false"]
+    # a cache of its own: datasets loads and maps (tokenizes) the files, and draws its bars
     proc = subprocess.run(train_cmd(args + ["logging.progress_bar=true"]), cwd=ROOT, capture_output=True,
-                          text=True, env={**env(), "QAT_PROGRESS_EVERY_S": "3600"}, timeout=600)
+                          text=True, timeout=600,
+                          env={**env(), "QAT_PROGRESS_EVERY_S": "3600", "QAT_DATA_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr
+    # the libraries' bars too (qat.progress.plain_library_bars): transformers loading weights,
+    # datasets generating a split and mapping; each a first and a final line
+    for desc, final in (("Loading weights", "100%|"), ("Generating train split", "examples/s]"),
+                        ("tokenize data.sources[0]", "100%|")):
+        lines = [l for l in proc.stderr.splitlines() if l.startswith(desc + ":")]
+        assert len(lines) >= 2 and final in lines[-1] and "?" in lines[0], (desc, proc.stderr)
     bar = [l for l in proc.stderr.splitlines() if l.startswith("train:")]
     assert [l.split("|")[0] for l in bar] == ["train:   0%", "train: 100%"], proc.stderr
     assert "6/6" in bar[-1]

@@ -55,13 +55,11 @@ def _convert_sharded(plan: ConvertPlan) -> dict:
 
 def convert(loaded, plan: ConvertPlan, io: ConvertIO, tmp: Path) -> dict:
     """Run the plan's exporters on a loaded (model, cfg, meta, trained scheme) into `tmp`."""
-    from transformers import AutoTokenizer
+    from qat.model import load_tokenizer
 
     model, cfg, meta, trained_scheme = loaded
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code,
+                               key="the run's model.path", need_pad=True)
     dtype = DTYPES[cfg.training.dtype if plan.dtype == "auto" else plan.dtype]
     job = Job(plan=plan, model=model, cfg=cfg, trained_scheme=trained_scheme, tokenizer=tokenizer,
               probe=probe_batch(tokenizer, cfg), dtype=dtype,

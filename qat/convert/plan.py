@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from qat import checkpoint as ckpt
+from qat.atomic import check_target
 from qat.errors import UserError
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, get_scheme, scheme_from_record
 
@@ -96,6 +97,8 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     if why:
         quantize = "simulated"
     lora = bool(meta.get("lora"))
-    return ConvertPlan(checkpoint=path, out=Path(out) if out else path.parent.parent / "export" / path.name,
+    out = Path(out) if out else path.parent.parent / "export" / path.name
+    check_target(out, folder=True, what="--out")  # before minutes of loading
+    return ConvertPlan(checkpoint=path, out=out,
                        scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
                        lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check)

@@ -26,14 +26,12 @@ def main(argv=None) -> None:
     prep.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from qat.config import load_config
     from qat.data import build_dataset
+    from qat.model import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    tok = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tok, builder=True)
     for i, (src, n) in enumerate(zip(cfg.data.sources, data.sizes)):
         print(f"sources[{i}] {src.path}: {n:,} rows of {cfg.data.seq_len} tokens ({cfg.data.packing})")

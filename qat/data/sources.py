@@ -150,7 +150,14 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
     rendering of turns < i plus the generation prompt, to the end of the rendering of turns <= i.
     """
     def render(msgs, gen=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:  # a template that does not compile, or raise_exception() on this row
+            raise UserError(f"the tokenizer's chat template fails on the conversation {_excerpt(messages)}: "
+                            f"{type(e).__name__}: {str(e).rstrip('.')}; fix chat_template in the model folder's tokenizer_config.json "
+                            f"(or chat_template.jinja), or the rows") from None
 
     full = render(messages)
     spans = []
@@ -163,6 +170,11 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
                             "prefix-consistently; cannot locate assistant tokens")
         spans.append((start, end))
     return full, spans
+
+
+def _excerpt(messages, n: int = 120) -> str:
+    text = repr([{"role": m.get("role"), "content": m.get("content")} for m in messages])
+    return text if len(text) <= n else text[:n] + "...]"
 
 
 def tokenize_chat(conversations: list[list[dict]], tokenizer) -> list[tuple[list[int], list[int]]]:
