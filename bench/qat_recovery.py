@@ -9,7 +9,7 @@ and each arm's median step time relative to plain QAT.
 
 Modes: full (full fine-tuning), lora (LoRA, default QAT: fake-quantize W, adapter in high
 precision), merged (LoRA with qat.lora_merged=true). The merged mode shares the LoRA mode's bf16
-arm (same seed, same training), copied rather than trained again. Each compare resumes what it
+arm (same seed, same training): whichever runs second copies it rather than training it again. Each compare resumes what it
 finished, so an interrupted sweep continues where it stopped. A seed-0 full run already in
 runs/demo/compare (the demo's, same config) is reused when --reuse-demo is given.
 """
@@ -48,10 +48,14 @@ def run_compare(out: Path, mode: str, seed: int) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def share_bf16_lora(root: Path, seed: int) -> None:
-    """merged mode: its bf16 LoRA arm is the lora mode's, trained with the same seed and data."""
-    src, dst = root / f"lora-s{seed}" / "bf16_lora", root / f"merged-s{seed}" / "bf16_lora"
-    if src.is_dir() and not dst.exists():
+def share_bf16_lora(root: Path, mode: str, seed: int) -> None:
+    """lora and merged modes train the same bf16 LoRA arm (same seed and data): the one that runs
+    second copies the finished arm of the other instead of training it again."""
+    other = {"lora": "merged", "merged": "lora"}.get(mode)
+    if other is None:
+        return
+    src, dst = root / f"{other}-s{seed}" / "bf16_lora", root / f"{mode}-s{seed}" / "bf16_lora"
+    if (src / "done.json").exists() and not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dst, symlinks=True)
 
@@ -118,8 +122,7 @@ def main(argv=None) -> None:
                 if a.reuse_demo and mode == "full" and seed == 0 and not out.exists():
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.symlink_to((ROOT / "runs/demo/compare").resolve())
-                if mode == "merged":
-                    share_bf16_lora(root, seed)
+                share_bf16_lora(root, mode, seed)
                 run_compare(out, mode, seed)
     md = table(root, a.modes, a.seeds)
     (root / "recovery.md").write_text(md)
