@@ -29,12 +29,15 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from qat.config import load_config
-    from qat.data import build_dataset
+    from qat.data import StreamData, build_dataset
 
     cfg = load_config(args.config, args.overrides)
     tok = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tok, builder=True)
+    if isinstance(data, StreamData):  # tokenized on the fly by each rank: nothing to prepare
+        print(f"data.sources stream ({len(data.sources)} source(s)): nothing to prepare")
+        return
     for i, (src, n) in enumerate(zip(cfg.data.sources, data.sizes)):
         print(f"sources[{i}] {src.path}: {n:,} rows of {cfg.data.seq_len} tokens ({cfg.data.packing})")
 

@@ -72,15 +72,20 @@ class PackedData:
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(input_ids, labels, position_ids or None) for the global rows `idx`."""
-        tokens, flags = self.rows(idx)
-        ids = torch.from_numpy(tokens)
-        flags = torch.from_numpy(flags)
-        labels = torch.where((flags & SUPERVISED).bool(), ids, IGNORE)
-        if self.packing != "documents":
-            return ids, labels, None
-        start = (flags & DOC_START).bool()
-        labels[start] = IGNORE  # the first token of a document is not predicted from the previous one
-        return ids, labels, document_positions(start)
+        return rows_to_batch(*self.rows(idx), self.packing)
+
+
+def rows_to_batch(tokens: np.ndarray, flags: np.ndarray, packing: str):
+    """(input_ids, labels, position_ids or None) of [rows, seq_len] tokens and flags; one home for the
+    label and position rules, shared by the memory-mapped and the streaming path."""
+    ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    flags = torch.from_numpy(np.ascontiguousarray(flags))
+    labels = torch.where((flags & SUPERVISED).bool(), ids, IGNORE)
+    if packing != "documents":
+        return ids, labels, None
+    start = (flags & DOC_START).bool()
+    labels[start] = IGNORE  # the first token of a document is not predicted from the previous one
+    return ids, labels, document_positions(start)
 
 
 def document_positions(start: torch.Tensor) -> torch.Tensor:

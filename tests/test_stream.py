@@ -1,0 +1,148 @@
+"""Streaming sources: the memory-mapped path's rows, sharded by rank, resumable bitwise and across world sizes."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import base_overrides, losses, read_metrics, run_train
+from qat.config import DataConfig, DataSource
+from qat.data import StreamLoader, build_dataset, build_loader
+from qat.data.stream import Position, RankStream, merge_positions, reshard
+from qat.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(world / "model")
+
+
+def stream_cfg(world, packing="documents", kind="text", max_rows=120, streaming=True, **kw) -> DataConfig:
+    name = "pretrain" if kind == "text" else "finetune"
+    src = DataSource(path=str(world / f"data/{name}.jsonl"), kind=kind, max_rows=max_rows, streaming=streaming)
+    return DataConfig(sources=[src], seq_len=64, packing=packing, shuffle=False, **kw)
+
+
+def take(data, rank, world, n, start=Position(), skip=frozenset()):
+    return list(itertools.islice(RankStream(data, rank, world, start, skip).rows(), n))
+
+
+@pytest.mark.parametrize("kind, packing", [("text", "documents"), ("chat", "pad")])
+def test_a_stream_of_one_rank_has_the_memory_mapped_rows_and_resumes_from_any_row(world, tok, tmp_path,
+                                                                                  kind, packing):
+    """Same tokens, flags (so labels and position ids) as the cache, in order; epoch 1 follows epoch 0."""
+    mapped = build_dataset(stream_cfg(world, packing, kind, streaming=False, cache_dir=str(tmp_path), num_proc=1), tok)
+    data = build_dataset(stream_cfg(world, packing, kind), tok)
+    n = len(mapped)
+    rows = take(data, 0, 1, n + 3)
+    tokens, flags = mapped.rows(np.arange(n))
+    assert np.array_equal(np.stack([r.tokens for r in rows[:n]]), tokens)
+    assert np.array_equal(np.stack([r.flags for r in rows[:n]]), flags)
+    # the cache drops its ragged tail; the stream goes on into epoch 1, where g keeps counting
+    assert rows[-1].docs[-1] >= 120 and rows[-1].after.g >= 120
+    for k in (1, 5, n - 1):  # a restart from the position after row k gives the rows after it
+        rest = take(data, 0, 1, 3, start=rows[k - 1].after)
+        assert all(np.array_equal(a.tokens, b.tokens) and np.array_equal(a.flags, b.flags)
+                   for a, b in zip(rest, rows[k:k + 3]))
+
+
+def test_ranks_share_the_documents_and_a_new_world_size_repeats_none(world, tok):
+    """World 2 -> 3 -> 1: every document is read by exactly one rank; the only documents never
+    read are the rests of those cut at a change of world size (the documented rule)."""
+    data = build_dataset(stream_cfg(world, max_rows=400), tok)
+    seen: dict[int, int] = {}  # document -> how many rank-readings started it (a cut one counts once)
+
+    def consume(world_size, starts, skip, counts):
+        positions, cut = [], set()
+        for r, n in enumerate(counts):
+            rows = take(data, r, world_size, n, start=starts[r], skip=skip)
+            for g in dict.fromkeys(g for row in rows for g in row.docs):
+                assert g % world_size == r and g not in skip
+                seen[g] = seen.get(g, 0) + 1
+            positions.append(rows[-1].after if rows else starts[r])
+            if positions[-1].offset:
+                cut.add(positions[-1].g)
+        return positions, cut
+
+    pos, cut = consume(2, [Position()] * 2, frozenset(), [9, 4])  # rank 0 runs ahead of rank 1
+    state = merge_positions(pos, 2, frozenset(), None)
+    assert json.loads(json.dumps(state)) == state  # it goes into meta.json
+    starts, skip = zip(*[reshard(state, r, 3) for r in range(3)])
+    assert len(set(skip)) == 1 and skip[0] and min(skip[0]) >= min(p.g for p in pos)
+    pos3, cut3 = consume(3, list(starts), skip[0], [3, 6, 2])
+    state = merge_positions(pos3, 3, skip[0], None)
+    start1, skip1 = reshard(state, 0, 1)
+    (final,), _ = consume(1, [start1], skip1, [10])
+    assert max(seen.values()) == 1  # no document twice: not even the rest of one cut at a change
+    assert set(range(final.g)) <= set(seen)  # and none below the last position left out
+    assert cut | cut3  # the case of a cut document did occur
+    # the same world size restores each rank's own position: the rows continue exactly
+    assert reshard(merge_positions(pos, 2, frozenset(), None), 1, 2) == (pos[1], frozenset())
+
+
+def test_streaming_refusals_one_line_each(world, tok):
+    src = dict(path=str(world / "data/pretrain.jsonl"), kind="text")
+    cases = [
+        ([DataSource(**src, streaming=True), DataSource(**src)], "stream every source or none"),
+        ([DataSource(**src, streaming=True, weight=1.0)], "weight is not supported with streaming"),
+        ([DataSource(**src, streaming=True, max_samples=4)], "use max_rows"),
+        ([DataSource(**{**src, "column": "nope"}, streaming=True)], "has no column 'nope'"),
+        ([DataSource(**{**src, "kind": "chat", "column": "text"}, streaming=True)], "not conversations"),
+        ([DataSource(**{**src, "path": str(world / "data/missing.jsonl")}, streaming=True)], "no such file"),
+    ]
+    for sources, why in cases:
+        with pytest.raises(UserError, match=why):
+            build_dataset(DataConfig(sources=sources, seq_len=64), tok)
+    stream = StreamLoader(build_dataset(stream_cfg(world), tok), 0, 1, 2, 1, torch.device("cpu"))
+    with pytest.raises(UserError, match="memory-mapped data.sources; this config streams"):
+        stream.load_state_dict({"epoch": 0, "offset": 8})
+
+
+def test_stream_loader_batches_positions_and_labels(world, tok):
+    """The loader's micro-batches are the rank's rows with the shared label and position rules."""
+    data = build_dataset(stream_cfg(world), tok)
+    loader = build_loader(data, stream_cfg(world), type("T", (), {"batch_size": 2, "gradient_accumulation_steps": 2,
+                                                                   "seed": 0})(), torch.device("cpu"), 1, 2)
+    try:
+        (ids, labels, pos), second = loader.next_batches()
+        rows = take(data, 1, 2, 4)
+        assert torch.equal(ids, torch.from_numpy(np.stack([r.tokens for r in rows[:2]])))
+        assert torch.equal(second[0], torch.from_numpy(np.stack([r.tokens for r in rows[2:]])))
+        assert loader.position == rows[3].after
+        starts = torch.from_numpy(np.stack([r.flags for r in rows[:2]]) & 2).bool()
+        assert (labels[starts] == -100).all() and (pos[starts] == 0).all() and pos[0, 0] == 0
+        assert loader.state_dict()["positions"] == [[rows[3].after.g, rows[3].after.offset]]  # no process group
+    finally:
+        loader.close()
+
+
+def test_streaming_training_resumes_bitwise_and_at_another_world_size(world, tmp_path):
+    """torchrun world 2, 6 steps with a checkpoint at 3; resumed from step 3 at world 2 (the same
+    losses, exactly) and at world 1 (the positions follow the rule)."""
+    sources = (f"[{{path: {world}/data/finetune.jsonl, kind: chat, streaming: true}},"
+               f" {{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 200, streaming: true}}]")
+    common = [f"data.sources={sources}", "checkpoint.every_n_steps=3", "data.shuffle=false"]
+    straight = tmp_path / "straight"
+    run_train(base_overrides(world, straight) + common, 2)
+    step3 = straight / "checkpoints" / "step-000003"
+    meta3 = json.loads((step3 / "meta.json").read_text())["data"]
+    assert meta3["stream"] and meta3["world"] == 2 and len(meta3["positions"]) == 2
+    again, one = tmp_path / "again", tmp_path / "one"
+    for out in (again, one):
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step3, out / "checkpoints" / step3.name)
+    run_train(base_overrides(world, again) + common + ["checkpoint.resume=auto"], 2)
+    assert losses(again) == losses(straight)[3:]  # exact float equality
+    run_train(base_overrides(world, one) + common + ["checkpoint.resume=auto", "training.batch_size=8"], 1)
+    assert len(losses(one)) == 3 and all(np.isfinite(losses(one)))
+    end = json.loads((one / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
+    frontier = min(g for g, _ in meta3["positions"])
+    # 3 steps x 8 rows of 64 tokens at world 1 read on from the frontier, skipping what rank 0 or 1 used
+    assert end["world"] == 1 and end["positions"][0][0] > max(g for g, _ in meta3["positions"])
+    assert all(g >= frontier for g in end["skip"])
+    assert [m["data/epoch"] for m in read_metrics(one)] == [0, 0, 0]
