@@ -49,8 +49,8 @@ import torch
 from qat.config import DataConfig, DataSource
 from qat.data.cache import DOC_START, SUPERVISED, _PadWriter
 from qat.data.packed import rows_to_batch
-from qat.data.sources import (BUILDERS, _parse_problem, default_column, local_files, tokenize_chat_batch,
-                              tokenize_text_batch)
+from qat.data.sources import (BUILDERS, _parse_problem, default_column, encode_texts, local_files,
+                              tokenize_chat_batch)
 from qat.errors import UserError
 
 TOKENIZE_DOCS = 64  # documents per tokenizer call: amortises the call, bounds the first row's wait
@@ -206,10 +206,15 @@ class RankStream:
         out: dict[int, tuple] = {}
         for s in sorted({s for _, s, _ in batch}):
             part = [(g, v) for g, t, v in batch if t == s]
-            fn = tokenize_text_batch if self.data.sources[s].kind == "text" else tokenize_chat_batch
-            enc = fn({"x": [v for _, v in part]}, "x", self.data.tokenizer)
-            for (g, _), ids, sup in zip(part, enc["ids"], enc.get("sup", [None] * len(part))):
-                out[g] = (g, np.asarray(ids, np.int64), None if sup is None else np.asarray(sup, np.uint8))
+            values = [v for _, v in part]
+            if self.data.sources[s].kind == "text":
+                flat, lengths = encode_texts(values, self.data.tokenizer)
+                docs = [(ids.astype(np.int64), None) for ids in np.split(flat, np.cumsum(lengths)[:-1])]
+            else:
+                enc = tokenize_chat_batch({"x": values}, "x", self.data.tokenizer)
+                docs = [(np.asarray(i, np.int64), np.asarray(m, np.uint8)) for i, m in zip(enc["ids"], enc["sup"])]
+            for (g, _), (ids, sup) in zip(part, docs):
+                out[g] = (g, ids, sup)
         return [out[g] for g, _, _ in batch]
 
     def rows(self) -> Iterator[Row]:
