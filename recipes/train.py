@@ -44,7 +44,7 @@ from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import coverage as qat_coverage
 from qat.coverage import describe as describe_coverage
-from qat.data import IGNORE, build_dataset, build_loader, check_attention
+from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
@@ -121,7 +121,6 @@ def prepare(cfg: TrainConfig, device: torch.device):
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
-    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     from transformers import AutoTokenizer
 
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
@@ -194,7 +193,7 @@ def train_step(model, batches, device, world: int, teacher=None, distill=None) -
         # Reduce-scatter gradients only after the last micro-batch of the step.
         model.set_requires_gradient_sync(m == len(batches) - 1)
         teacher_hidden = teacher.hidden(ids, pos) if teacher is not None else None
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **flash_varlen_kwargs(model, pos)).logits
         # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
         with torch.set_grad_enabled(teacher is None or distill.weight < 1):
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -34,8 +34,6 @@ def fails_with(capsys, argv, needle):
     (["qat.enabled=true", "qat.scheme=float8", "qat.backend=torchao"],
      "scheme 'float8' needs a CUDA GPU with float8 support"),
     (["data.packing=rows"], "data.packing='rows' is not one of documents, concat, pad"),
-    (["model.attn_implementation=flash_attention_2"],
-     "data.packing=documents needs model.attn_implementation in sdpa, eager, flex_attention"),
     (["data.num_proc=0"], "data.num_proc=0 must be at least 1"),
     (["data.sources.0.weight=2"], "data.sources: weight is set on sources [0] only"),
     (["data.sources.0.weight=-1", "data.sources.1.weight=1"], "data.sources[0].weight=-1.0 must be greater than 0"),

@@ -22,10 +22,11 @@ def tok(world):
     return AutoTokenizer.from_pretrained(world / "model")
 
 
-def stream_cfg(world, packing="documents", kind="text", max_rows=120, streaming=True, **kw) -> DataConfig:
+def stream_cfg(world, packing="documents", kind="text", max_rows=120, streaming=True, seq_len=64,
+               **kw) -> DataConfig:
     name = "pretrain" if kind == "text" else "finetune"
     src = DataSource(path=str(world / f"data/{name}.jsonl"), kind=kind, max_rows=max_rows, streaming=streaming)
-    return DataConfig(sources=[src], seq_len=64, packing=packing, shuffle=False, **kw)
+    return DataConfig(sources=[src], seq_len=seq_len, packing=packing, shuffle=False, **kw)
 
 
 def take(data, rank, world, n, start=Position(), skip=frozenset()):
@@ -150,3 +151,47 @@ def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path)
     assert [m["data/epoch"] for m in read_metrics(again)] == [0, 0, 0]
     end = json.loads((again / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
     assert end == json.loads((straight / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
+
+
+def test_flash_varlen_kwargs_keep_documents_apart_at_batch_2(world, tok):
+    """The kwargs reach the attention at batch > 1 and their segments are the documents: an
+    attention that attends only within cu_seq_lens segments of the flattened batch (what
+    flash_attn_varlen_func does) gives each document its logits alone. (A name containing
+    "flash" would make transformers look for the flash_attn package.)"""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
+
+    from qat.data import flash_varlen_kwargs
+    from qat.data.packed import rows_to_batch, varlen_kwargs
+
+    def varlen(module, q, k, v, mask, cu_seq_lens_q=None, max_length_q=None, **kw):
+        assert cu_seq_lens_q is not None and isinstance(max_length_q, int)  # the kwargs arrived
+        b, h, n, d = q.shape
+        k, v = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
+        q, k, v = (x.transpose(1, 2).reshape(b * n, h, d) for x in (q, k, v))  # the flattened batch
+        out = torch.empty_like(q)
+        for s, e in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist()):
+            seg = [x[s:e].transpose(0, 1) for x in (q, k, v)]
+            out[s:e] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=module.scaling).transpose(0, 1)
+        return out.reshape(b, n, h, d), None
+
+    AttentionInterface.register("varlen_reference", varlen)
+    AttentionMaskInterface.register("varlen_reference", lambda *a, **kw: None)
+    model = AutoModelForCausalLM.from_pretrained(world / "model", attn_implementation="varlen_reference",
+                                                 dtype=torch.float32).eval()
+    rows = take(build_dataset(stream_cfg(world, seq_len=512), tok), 0, 1, 2)
+    ids, _, pos = rows_to_batch(np.stack([r.tokens for r in rows]), np.stack([r.flags for r in rows]), "documents")
+    kw = varlen_kwargs(pos)
+    flash = type("M", (), {"config": type("C", (), {"_attn_implementation": "flash_attention_2"})()})()
+    assert flash_varlen_kwargs(flash, pos).keys() == kw.keys() and flash_varlen_kwargs(model, pos) == {}
+    assert kw["cu_seq_lens_q"].tolist() == (pos.reshape(-1) == 0).nonzero().view(-1).tolist() + [ids.numel()]
+    assert len(kw["cu_seq_lens_q"]) > 4  # several documents, and a segment starts at each row
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits
+        sdpa = AutoModelForCausalLM.from_pretrained(world / "model", attn_implementation="sdpa", dtype=torch.float32)
+        for r in range(2):
+            starts = (pos[r] == 0).nonzero().view(-1).tolist() + [pos.shape[1]]
+            for s, e in zip(starts[:-1], starts[1:]):
+                alone = sdpa(input_ids=ids[r:r + 1, s:e], use_cache=False).logits[0]
+                assert torch.allclose(packed[r, s:e], alone, atol=1e-5), (r, s, e)
+    assert flash_varlen_kwargs(sdpa, pos) == {}

@@ -19,14 +19,14 @@ from typing import Callable, Optional
 from qat.config import DataConfig
 from qat.data.loader import MemmapLoader, Prefetcher
 from qat.data.cache import build_source, default_cache_dir, entry_dir, entry_key, open_entry, tokenizer_fingerprint
-from qat.data.packed import PackedData, SourceRows, check_attention, document_positions
+from qat.data.packed import PackedData, SourceRows, document_positions, flash_varlen_kwargs
 from qat.data.sampler import DataPosition, MixSampler, StepSampler, build_sampler, micro_batches
 from qat.data.stream import StreamData, StreamLoader, build_stream, check_streaming
 from qat.data.sources import IGNORE, load_source, source_identity, tokenize_chat, tokenize_text, usable_cpus
 from qat.errors import UserError
 
 __all__ = ["IGNORE", "DataPosition", "MemmapLoader", "Prefetcher", "MixSampler", "PackedData", "StepSampler",
-           "StreamData", "StreamLoader", "build_dataset", "build_loader", "build_sampler", "check_attention",
+           "StreamData", "StreamLoader", "build_dataset", "build_loader", "build_sampler", "flash_varlen_kwargs",
            "document_positions", "load_source", "micro_batches", "source_identity", "tokenize_chat", "tokenize_text"]
 
 
