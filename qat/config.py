@@ -91,6 +91,7 @@ class DataSource:
     revision: Optional[str] = None  # hub dataset revision (part of the cache key; pin it)
     data_files: list[str] = field(default_factory=list)  # hub: only these files/globs, e.g. a few C4 shards
     weight: Optional[float] = rule(None, gt=0, why="a sampling proportion; set it on every source or on none")
+    streaming: bool = False  # read as a stream, tokenized and packed on the fly (qat/data/stream.py)
 
 
 @dataclass

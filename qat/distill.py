@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qat.config import DistillConfig
+from qat.data.packed import flash_varlen_kwargs
 from qat.errors import UserError
 
 IGNORE = -100
@@ -123,7 +124,8 @@ class Teacher:
         handle = self.norm.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
         try:
             with self._as_teacher():
-                self.model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+                self.model(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=1,
+                           **flash_varlen_kwargs(self.model, position_ids))
         finally:
             handle.remove()
         return captured["h"]

@@ -44,7 +44,7 @@ from qat.atomic import write_text_atomic
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import coverage as qat_coverage
 from qat.coverage import describe as describe_coverage
-from qat.data import IGNORE, Prefetcher, build_dataset, build_sampler, check_attention
+from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
@@ -122,7 +122,6 @@ def prepare(cfg: TrainConfig, device: torch.device):
     scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
     if scheme is not None and qat_backend(cfg.qat, scheme) == "torchao":
         scheme.check_hardware(device)  # our emulated fake quantizers run anywhere
-    check_attention(cfg.data.packing, cfg.model.attn_implementation, cfg.training.batch_size)
     # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
     on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
@@ -192,7 +191,7 @@ def train_step(model, batches, device, world: int, teacher=None, distill=None) -
         # Reduce-scatter gradients only after the last micro-batch of the step.
         model.set_requires_gradient_sync(m == len(batches) - 1)
         teacher_hidden = teacher.hidden(ids, pos) if teacher is not None else None
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **flash_varlen_kwargs(model, pos)).logits
         # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
         with torch.set_grad_enabled(teacher is None or distill.weight < 1):
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -231,8 +230,8 @@ def clip_gradients(params, max_norm) -> float:
     return float(norm)
 
 
-def checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss, train_time_s, coverage) -> dict:
-    return {"step": step, "data": sampler.state_dict(), "scheduler": scheduler.state_dict(),
+def checkpoint_meta(cfg, step, loader, scheduler, scheme, world, loss, train_time_s, coverage) -> dict:
+    return {"step": step, "data": loader.state_dict(), "scheduler": scheduler.state_dict(),
             "train_time_s": round(train_time_s, 3),
             "qat": scheme_record(cfg, scheme), "qat_coverage": coverage,
             "lora": to_dict(cfg.lora) if cfg.lora.enabled else None, "model_path": cfg.model.path,
@@ -286,14 +285,13 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
     optimizer = build_optimizer(param_groups(model, cfg.optimizer.lr, cfg.qat.scale_lr_multiplier), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.training.steps)
     t = cfg.training
-    sampler = build_sampler(data.sizes, [s.weight for s in cfg.data.sources],
-                            t.batch_size * world * t.gradient_accumulation_steps, t.seed, cfg.data.shuffle)
+    loader = build_loader(data, cfg.data, t, device, rank, world)  # memory-mapped rows or a stream
     start, loss, time_before = 0, float("nan"), 0.0
     if resume_from is not None:
         meta = ckpt.load(resume_from, model, optimizer, adapter_only=cfg.lora.enabled)
         check_resume_matches(meta, cfg, scheme)
         scheduler.load_state_dict(meta["scheduler"])
-        sampler.load_state_dict(meta["data"])
+        loader.load_state_dict(meta["data"])
         start, loss, time_before = meta["step"], meta.get("loss", loss), meta.get("train_time_s", 0.0)
     run_dir = setup_run_dir(cfg, rank, start)
     if rank == 0 and (start or os.environ.get("SLURM_RESTART_COUNT")):
@@ -314,7 +312,6 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
     peak = device_peak_flops(device)
     end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
     step, launched = start, time.perf_counter()
-    prefetch = Prefetcher(data, device, rank, world, t.gradient_accumulation_steps)
     try:
         while step < end:
             seed_step(t.seed, step, rank)
@@ -326,8 +323,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            gidx = sampler.next_step()
-            batches = prefetch.step_batches(gidx, sampler)
+            batches = loader.next_batches()
             sums, n_tok = train_step(model, batches, device, world, teacher, cfg.distill)
             if cfg.qat.learn_scales and not fq_on:
                 fill_unused_grads(model)
@@ -340,11 +336,11 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
             loss = sums["loss"] / n_tok
             (stop_votes,) = all_reduce_sum([float(stop.poll())], device)  # also syncs the device
             dt = time.perf_counter() - t0
-            tps = len(gidx) * cfg.data.seq_len / dt
+            tps = t.batch_size * world * t.gradient_accumulation_steps * cfg.data.seq_len / dt
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
-                     "qat/fake_quant_enabled": int(fq_on), **sampler.epochs()}
+                     "qat/fake_quant_enabled": int(fq_on), **loader.epochs()}
                 if teacher is not None:
                     m["train/ce_loss"], m["train/kd_loss"] = sums["ce"] / n_tok, sums["kd"] / n_tok
                 if peak:
@@ -357,7 +353,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             every = cfg.checkpoint.every_n_steps
             if stop_votes > 0 or step == end or (every and step % every == 0):
-                meta = checkpoint_meta(cfg, step, sampler, scheduler, scheme, world, loss,
+                meta = checkpoint_meta(cfg, step, loader, scheduler, scheme, world, loss,
                                        time_before + time.perf_counter() - launched, coverage)
                 path = ckpt.save(ckpt_root, step, model, optimizer, meta, cfg.checkpoint.keep_last,
                                  adapter_only=cfg.lora.enabled)
@@ -373,7 +369,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
                                       "train_time_s": round(time_before + time.perf_counter() - launched, 3),
                                       "world_size": world})
     finally:
-        prefetch.close()
+        loader.close()
         if bar is not None:
             bar.close()
         if logger is not None:

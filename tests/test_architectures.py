@@ -167,7 +167,7 @@ def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys):
 @pytest.mark.parametrize("impl, needle", [("foo", 'attn_implementation="foo"` is not supported'),
                                           ("flash_attention_2", "FlashAttention2 has been toggled on")])
 def test_unusable_attention_implementation_is_one_line(world, tmp_path, capsys, impl, needle):
-    # batch 1: flash attention keeps packed documents apart there, so what fails is the import
+    # flash attention keeps packed documents apart at any batch size (varlen kwargs): what fails here is the import
     code, logs = train(capsys, world, world / "model", tmp_path, [f"model.attn_implementation={impl}",
                                                                   "training.batch_size=1"])
     err = logs.err.strip().splitlines()

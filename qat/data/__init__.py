@@ -1,9 +1,11 @@
 """Data: sources tokenized once into an on-disk cache, memory-mapped, packed, sampled by global step.
 
     data = build_dataset(cfg.data, tokenizer)        # builds missing cache entries, maps them
+    loader = build_loader(data, cfg.data, cfg.training, device, rank, world)   # the training loop's view
     sampler = build_sampler(data.sizes, weights, global_batch, seed, shuffle)
     ids, labels, position_ids = data.batch(idx)       # rows read by index from the memory map
 
+Sources with `streaming: true` are read, tokenized and packed on the fly instead (qat/data/stream.py).
 Ahead of a GPU job, on a CPU node: `python -m qat.data prepare --config X` (or `qat data prepare`).
 """
 
@@ -15,16 +17,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from qat.config import DataConfig
-from qat.data.loader import Prefetcher
+from qat.data.loader import MemmapLoader, Prefetcher
 from qat.data.cache import build_source, default_cache_dir, entry_dir, entry_key, open_entry, tokenizer_fingerprint
-from qat.data.packed import PackedData, SourceRows, check_attention, document_positions
+from qat.data.packed import PackedData, SourceRows, document_positions, flash_varlen_kwargs
 from qat.data.sampler import DataPosition, MixSampler, StepSampler, build_sampler, micro_batches
+from qat.data.stream import StreamData, StreamLoader, build_stream, check_streaming
 from qat.data.sources import IGNORE, load_source, source_identity, tokenize_chat, tokenize_text, usable_cpus
 from qat.errors import UserError
 
-__all__ = ["IGNORE", "DataPosition", "Prefetcher", "MixSampler", "PackedData", "StepSampler", "build_dataset",
-           "build_sampler", "check_attention", "document_positions", "load_source", "micro_batches", "source_identity",
-           "tokenize_chat", "tokenize_text"]
+__all__ = ["IGNORE", "DataPosition", "MemmapLoader", "Prefetcher", "MixSampler", "PackedData", "StepSampler",
+           "StreamData", "StreamLoader", "build_dataset", "build_loader", "build_sampler", "flash_varlen_kwargs",
+           "document_positions", "load_source", "micro_batches", "source_identity", "tokenize_chat", "tokenize_text"]
 
 
 def is_builder() -> bool:
@@ -37,8 +40,11 @@ def _log(msg: str) -> None:
 
 
 def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
-                  log: Callable[[str], None] = _log) -> PackedData:
-    """Every source's cache entry (built if missing, by this node's builder), mapped as rows."""
+                  log: Callable[[str], None] = _log) -> PackedData | StreamData:
+    """Every source's cache entry (built if missing, by this node's builder), mapped as rows; or,
+    for streaming sources, their checked description (qat/data/stream.py)."""
+    if check_streaming(cfg):
+        return build_stream(cfg, tokenizer, log)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     builder = is_builder() if builder is None else builder
     layout = "pad" if cfg.packing == "pad" else "stream"
@@ -58,3 +64,13 @@ def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
             raise UserError(f"data.sources[{i}] ({src.path}) yields no sequence of seq_len={cfg.seq_len}")
         rows.append(r)
     return PackedData(rows, cfg.seq_len, cfg.packing)
+
+
+def build_loader(data: PackedData | StreamData, cfg: DataConfig, training, device, rank: int, world: int):
+    """What the training loop draws batches from: next_batches(), epochs(), state_dict(), close()."""
+    b, accum = training.batch_size, training.gradient_accumulation_steps
+    if isinstance(data, StreamData):
+        return StreamLoader(data, rank, world, b, accum, device)
+    sampler = build_sampler(data.sizes, [s.weight for s in cfg.sources], b * world * accum, training.seed,
+                            cfg.shuffle)
+    return MemmapLoader(data, sampler, device, rank, world, accum)

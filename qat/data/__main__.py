@@ -27,12 +27,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from qat.config import load_config
-    from qat.data import build_dataset
+    from qat.data import StreamData, build_dataset
     from qat.model import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     tok = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
     data = build_dataset(cfg.data, tok, builder=True)
+    if isinstance(data, StreamData):  # tokenized on the fly by each rank: nothing to prepare
+        print(f"data.sources stream ({len(data.sources)} source(s)): nothing to prepare")
+        return
     for i, (src, n) in enumerate(zip(cfg.data.sources, data.sizes)):
         print(f"sources[{i}] {src.path}: {n:,} rows of {cfg.data.seq_len} tokens ({cfg.data.packing})")
 

@@ -40,7 +40,7 @@ import numpy as np
 from qat.atomic import atomic_dir
 from qat.config import DataSource
 from qat.data.sources import (default_column, load_source, source_identity, tokenize_chat_batch,
-                              tokenize_text_batch)
+                              tokenize_text_arrow)
 
 FORMAT = 1
 SUPERVISED, DOC_START = 1, 2
@@ -165,7 +165,10 @@ def build_source(tmp: Path, src: DataSource, index: int, tokenizer, layout: str,
     ds, column = load_source(src, index, cache_dir=str(tmp / "hf"))
     if src.max_rows is not None:
         ds = ds.select(range(min(src.max_rows, len(ds))))
-    fn = tokenize_text_batch if src.kind == "text" else tokenize_chat_batch
+    if src.kind == "text":  # Arrow in, Arrow out: no Python list per token on either side
+        ds, fn = ds.with_format("arrow"), tokenize_text_arrow
+    else:
+        fn = tokenize_chat_batch
     features = {"ids": datasets.List(datasets.Value("int32"))}
     if src.kind == "chat":
         features["sup"] = datasets.List(datasets.Value("uint8"))

@@ -20,6 +20,7 @@ import torch
 
 from qat.data.packed import PackedData
 from qat.data.sampler import micro_batches
+from qat.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
@@ -64,3 +65,29 @@ class Prefetcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class MemmapLoader:
+    """The memory-mapped path behind the training loop's interface (shared with stream.StreamLoader)."""
+
+    def __init__(self, data: PackedData, sampler, device: torch.device, rank: int, world: int, accum: int):
+        self.sampler = sampler
+        self.prefetch = Prefetcher(data, device, rank, world, accum)
+
+    def next_batches(self) -> list[Batch]:
+        return self.prefetch.step_batches(self.sampler.next_step(), self.sampler)
+
+    def epochs(self) -> dict[str, int]:
+        return self.sampler.epochs()
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stream"):
+            raise UserError("the checkpoint streamed data.sources; this config memory-maps them: "
+                            "resume with streaming=true on every source, or start a new run")
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        self.prefetch.close()

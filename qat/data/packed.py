@@ -25,11 +25,6 @@ import torch
 
 from qat.data.cache import DOC_START, SUPERVISED
 from qat.data.sources import IGNORE
-from qat.errors import UserError
-
-# transformers derives per-document masks from position_ids for these (masking_utils).
-MASKED_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
-
 
 class SourceRows:
     """The [num_rows, seq_len] views of one cache entry (its ragged tail dropped, max_samples applied)."""
@@ -72,15 +67,20 @@ class PackedData:
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(input_ids, labels, position_ids or None) for the global rows `idx`."""
-        tokens, flags = self.rows(idx)
-        ids = torch.from_numpy(tokens)
-        flags = torch.from_numpy(flags)
-        labels = torch.where((flags & SUPERVISED).bool(), ids, IGNORE)
-        if self.packing != "documents":
-            return ids, labels, None
-        start = (flags & DOC_START).bool()
-        labels[start] = IGNORE  # the first token of a document is not predicted from the previous one
-        return ids, labels, document_positions(start)
+        return rows_to_batch(*self.rows(idx), self.packing)
+
+
+def rows_to_batch(tokens: np.ndarray, flags: np.ndarray, packing: str):
+    """(input_ids, labels, position_ids or None) of [rows, seq_len] tokens and flags; one home for the
+    label and position rules, shared by the memory-mapped and the streaming path."""
+    ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    flags = torch.from_numpy(np.ascontiguousarray(flags))
+    labels = torch.where((flags & SUPERVISED).bool(), ids, IGNORE)
+    if packing != "documents":
+        return ids, labels, None
+    start = (flags & DOC_START).bool()
+    labels[start] = IGNORE  # the first token of a document is not predicted from the previous one
+    return ids, labels, document_positions(start)
 
 
 def document_positions(start: torch.Tensor) -> torch.Tensor:
@@ -92,16 +92,27 @@ def document_positions(start: torch.Tensor) -> torch.Tensor:
     return col - last_start
 
 
-def check_attention(packing: str, attn_implementation: Optional[str], batch_size: int) -> None:
-    """Documents packing needs an attention that honours per-document position ids. None lets
-    transformers pick, and it picks sdpa, or eager where sdpa is unsupported: both qualify."""
-    if packing != "documents" or attn_implementation is None or attn_implementation in MASKED_FROM_POSITIONS:
-        return
-    if "flash" not in attn_implementation:
-        return  # not a name we know: loading the model says whether transformers does
-    if batch_size == 1:
-        return  # transformers turns one packed row's position_ids into cu_seqlens (varlen kernel)
-    raise UserError(f"data.packing=documents needs model.attn_implementation in "
-                    f"{', '.join(MASKED_FROM_POSITIONS)} (or a flash attention at training.batch_size=1); "
-                    f"{attn_implementation!r} with batch_size={batch_size} would attend across documents: "
-                    f"change one of them or set data.packing=concat")
+def flash_varlen_kwargs(model, position_ids: Optional[torch.Tensor]) -> dict:
+    """For a flash attention and packed documents: the varlen kwargs that keep documents apart at
+    any batch size; {} otherwise.
+
+    transformers (5.x, `modeling_flash_attention_utils._flash_attention_forward`) infers
+    `cu_seqlens` from `position_ids` only when the batch holds one row (`_is_packed_sequence`).
+    Given `cu_seq_lens_q/k` and `max_length_q/k`, it flattens the batch's [B, L] tokens into one
+    sequence of B*L and calls `flash_attn_varlen_func` on them, whatever B is. Every row of ours
+    starts a segment at position 0, so the segment starts of the flattened batch are exactly the
+    positions equal to 0, and no segment crosses a row.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if position_ids is None or "flash" not in impl:
+        return {}
+    return varlen_kwargs(position_ids)
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """cu_seq_lens_q/k and max_length_q/k of the segments of the flattened batch (starts: position 0)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
+    longest = int(cu.diff().max())  # an int: the flash kernels take max_seqlen as a host number
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -11,9 +11,12 @@ token ids and (chat only) a 0/1 "supervised" flag per token.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from qat.config import DataSource
 from qat.errors import UserError
@@ -125,11 +128,44 @@ def _describe_feature(feature) -> str:
     return getattr(feature, "dtype", None) or type(feature).__name__
 
 
-def tokenize_text_batch(batch: dict, column: str, tokenizer) -> dict:
+def encode_texts(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' token ids back to back (int32), each followed by EOS, and their lengths.
+
+    Calls the Rust tokenizer's `encode_batch_fast` (no character offsets) and flattens its ids
+    with numpy: the transformers wrapper builds five Python lists per document, about a quarter
+    of the build's time. Same ids as `tokenizer(texts, add_special_tokens=True)`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
     eos = tokenizer.eos_token_id
-    tail = [eos] if eos is not None else []
-    ids = tokenizer(batch[column], add_special_tokens=True, verbose=False)["input_ids"]
-    return {"ids": [list(x) + tail for x in ids]}
+    if eos is None:
+        return flat, lengths
+    ends = np.cumsum(lengths + 1) - 1  # where each document's EOS goes
+    out = np.empty(len(flat) + len(ids), np.int32)
+    keep = np.ones(len(out), bool)
+    keep[ends] = False
+    out[ends], out[keep] = eos, flat
+    return out, lengths + 1
+
+
+def tokenize_text_arrow(batch, column: str, tokenizer):
+    """`datasets.map` on Arrow batches: a table with one list<int32> column `ids`, built from
+    numpy buffers without a Python list per token."""
+    import pyarrow as pa
+
+    flat, lengths = encode_texts(batch.column(column).to_pylist(), tokenizer)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.table({"ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+
+
+def tokenize_text_batch(batch: dict, column: str, tokenizer) -> dict:
+    flat, lengths = encode_texts(batch[column], tokenizer)
+    return {"ids": [x.tolist() for x in np.split(flat, np.cumsum(lengths)[:-1])]}
 
 
 def tokenize_chat_batch(batch: dict, column: str, tokenizer) -> dict:
