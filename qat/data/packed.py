@@ -26,6 +26,7 @@ import torch
 from qat.data.cache import DOC_START, SUPERVISED
 from qat.data.sources import IGNORE
 
+
 class SourceRows:
     """The [num_rows, seq_len] views of one cache entry (its ragged tail dropped, max_samples applied)."""
 
