@@ -163,7 +163,6 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the compare config")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides, schema=CompareConfig)
-    load_config(cfg.train_config, list(cfg.train_overrides) + ["output_dir=x"])  # fail early on typos
     from qat.schemes import get_scheme
 
     get_scheme(cfg.scheme)
@@ -173,6 +172,8 @@ def main(argv=None) -> None:
     out = Path(cfg.output_dir)
     check_target(out, folder=True, what="output_dir")
     check_tasks(cfg.eval.tasks, Path(cfg.eval.data_dir) if cfg.eval.data_dir else None)  # before hours of training
+    for overrides in arms(cfg, out).values():  # every arm's config, before hours of training the first
+        load_config(cfg.train_config, list(cfg.train_overrides) + overrides + ["output_dir=x"])
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
         if arm.startswith("qad"):  # its teacher is the bf16 arm's export

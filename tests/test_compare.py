@@ -165,3 +165,17 @@ def test_report_names_weights_left_in_high_precision(tmp_path):
     assert f"- **high precision**: {note}" in md
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["qat_coverage"]["qat"]["share"] == 0.2 and record["header"]["high precision"] == note
+
+
+def test_an_arm_config_that_cannot_train_is_refused_before_any_training(world, tmp_path, capsys):
+    """learned scales need an intx scheme: the qat_ls arm's config is checked before the bf16 arm
+    trains for hours."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import compare
+
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={tmp_path / 'c'}",
+                      "scheme=float8", "qad=false", "learn_scales=true", f"eval.data_dir={world / 'eval'}"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1 and "qat.learn_scales=true is for the intx schemes" in err[0], err
+    assert not (tmp_path / "c").exists()
