@@ -6,10 +6,10 @@ raises `ChildFailedError` from its `main()`, and Python prints that exception's 
 failure table after our line. No exit code avoids this (torch/distributed/launcher/api.py raises
 for every failed worker group; `@record` in the launcher re-raises it), and an error file
 (TORCHELASTIC_ERROR_FILE) only adds our message to that table. So for a *user* error, and only
-for one, the workers end their launcher themselves (`_end_launcher`): rank 0 prints the line, the
-first worker of each node SIGKILLs its torchrun (the only signal torchrun cannot turn into a
-traceback: it handles TERM, INT, HUP and QUIT), and every worker waits for that instead of
-exiting first. The launcher's exit status is then 128+9 (a signal), the workers die by the
+for one, the workers end their launcher themselves (`_end_launcher`): rank 0 prints the line and
+SIGKILLs its torchrun (the only signal torchrun cannot turn into a traceback: it handles TERM,
+INT, HUP and QUIT); the other ranks wait for that instead of exiting first, and a rank whose
+error rank 0 did not share prints it and ends its own launcher. The launcher's exit status is then 128+9 (a signal), the workers die by the
 parent-death signal (qat/lifeline.py), and nothing is lost: a user error is raised before
 anything is written. A bug (any other exception) keeps torchrun's full report.
 """
@@ -53,16 +53,18 @@ def is_rank0() -> bool:
 
 
 def exit_on_user_error(fn):
-    """Turn a UserError into one line on stderr (rank 0 only) and exit status 2."""
+    """Turn a UserError into one line on stderr and exit status 2 (under torchrun: see above)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if is_rank0():
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            _end_launcher()
+            if LAUNCHER_PID is None:
+                if is_rank0():
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+            else:
+                _end_launcher(f"error: {e}")
             sys.exit(2)
 
     return wrapper
@@ -72,19 +74,29 @@ def exit_on_user_error(fn):
 LAUNCHER_PID: int | None = None
 
 
-def _end_launcher(wait_s: float = 30.0) -> None:
-    """In a torchrun worker: stop torchrun without its ChildFailedError traceback (see above).
+def _end_launcher(line: str, grace_s: float = 5.0, per_local_rank_s: float = 0.5, wait_s: float = 30.0) -> None:
+    """In a torchrun worker: print `line` once and stop torchrun without its ChildFailedError
+    traceback (see above).
 
-    The first worker of a node kills the node's launcher; the others wait for it, since a worker
-    that exits first is what makes torchrun report the failure. A worker whose node-mate never
-    gets there (an error raised on some ranks only) exits after `wait_s`, and torchrun reports.
+    Rank 0 prints and kills its launcher at once. Any other rank first gives rank 0 `grace_s`
+    to do that (node-mates then die by the parent-death signal and print nothing): the usual
+    case, since every rank validates the same input. A rank still alive after the grace raised an
+    error rank 0 did not (a file missing on one node, or rank 0 still busy loading weights), so
+    it prints the line itself and kills its own launcher. Local ranks wait a little longer each,
+    so that on a node where every rank raised, one prints and the others die first.
     """
     launcher = LAUNCHER_PID
-    if launcher is None or os.getppid() != launcher:
+    if os.getppid() != launcher:  # the launcher is gone already
         return
-    sys.stderr.flush()
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        os.kill(launcher, signal.SIGKILL)
+    if not is_rank0():
+        deadline = time.monotonic() + grace_s + per_local_rank_s * int(os.environ.get("LOCAL_RANK", "0"))
+        while os.getppid() == launcher and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.getppid() != launcher:
+            return
+        line = f"{line} (rank {os.environ.get('RANK')})"
+    print(line, file=sys.stderr, flush=True)
+    os.kill(launcher, signal.SIGKILL)
     deadline = time.monotonic() + wait_s
     while os.getppid() == launcher and time.monotonic() < deadline:
         time.sleep(0.05)
