@@ -111,8 +111,10 @@ def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8
         if not (Path(model) / "config.json").is_file():
             raise UserError(f"{model} is not an HF model folder (no config.json)")
         from qat.model import load_tokenizer
+        from qat.moe import register_expert_ops
 
         tokenizer = load_tokenizer(str(model), key="--model", need_pad=True)
+        register_expert_ops()  # a quantized/ folder's MoE experts select one expert at a time
         with boundary(f"--model {model}: lm-eval cannot load it",
                       "the folder needs config.json, complete weights (*.safetensors) and its tokenizer; "
                       "convert or copy it again"):

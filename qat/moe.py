@@ -34,9 +34,14 @@ experts are ordinary Linears and follow the scheme.
 Convert. The intx schemes quantize each 3D weight into torchao's `IntxUnpackedToInt8Tensor`
 (block [1, 1, group]), and the transformers eager expert forward runs it: it selects one expert
 (`aten.select`, registered below) and calls F.linear, which the tensor implements. The converted
-forward equals the fake-quantized one exactly. Transposed layouts (gpt-oss computes x @ W[e], a
-matmul the tensor does not implement) and the other schemes have no 3D format that runs: convert
-says so and their experts are simulated (the fake-quantized values), labelled in verify.json.
+forward equals the fake-quantized one exactly. The `quantized/` folder stores these tensors as
+they are (int8 qdata + scales, flattened by transformers' torchao quantizer, whose loader rebuilds
+them) with `experts_implementation: "eager"` in config.json, since the default grouped_mm forward
+transposes the weight, which the tensor does not implement. A process that runs the reloaded
+model needs `register_expert_ops()` (our evaluate does it). Transposed layouts (gpt-oss computes
+x @ W[e], a matmul the tensor does not implement) and the other schemes have no 3D format that
+runs: convert says so and their experts are simulated (the fake-quantized values), labelled in
+verify.json.
 """
 
 from __future__ import annotations
@@ -237,9 +242,10 @@ def unwrap(mod: nn.Module) -> None:
 
 # --- convert and PTQ -----------------------------------------------------------------------------
 
-def _register_select() -> None:
+def register_expert_ops() -> None:
     """`aten.select` on a 3D IntxUnpackedToInt8Tensor (one expert): the 2D tensor F.linear runs.
-    torchao 0.18 implements slice and linear but not select."""
+    torchao 0.18 implements slice and linear but not select. Idempotent; any process that runs
+    quantized experts (convert, and evaluate on a `quantized/` folder) calls it first."""
     from torch.utils._python_dispatch import return_and_correct_aliasing
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
@@ -262,7 +268,7 @@ def intx_expert_tensor(w: torch.Tensor, bits: int, group_size: Optional[int]):
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quant_primitives import MappingType
 
-    _register_select()
+    register_expert_ops()
     block = [1, 1, group_size or w.shape[-1]]
     return IntxUnpackedToInt8Tensor.from_hp(w, block, getattr(torch, f"int{bits}"), mapping_type=MappingType.SYMMETRIC)
 
@@ -293,22 +299,14 @@ def quantize_experts(model: nn.Module, scheme, group_size: Optional[int]) -> Opt
             mod._parameters[n] = nn.Parameter(q, requires_grad=False)
     if real:  # select + F.linear: what the quantized tensor runs (grouped_mm transposes, bmm indexes)
         model.set_experts_implementation("eager")
+        # config.json: from_pretrained reads `experts_implementation` (the internal field is not saved)
+        model.config.experts_implementation = "eager"
     rec = {"tensors": real + simulated, "real_quantized": real, "simulated": simulated,
            "format": "IntxUnpackedToInt8Tensor [1, 1, group], weight-only" if real else None,
-           "stored": "dequantized values (exactly the quantized weights) in the export dtype"}
+           "stored": ("as torchao tensors (int8 qdata + scales), which from_pretrained reloads; config.json sets "
+                      "experts_implementation eager" if real else "fake-quantized values in the export dtype")}
     if simulated:
         rec["why_simulated"] = reason
         print(f"convert: {simulated} expert weight tensors are simulated (fake-quantized values): {reason}", flush=True)
     return rec
 
-
-def dequantize_experts(model: nn.Module) -> None:
-    """Before saving: HF's loader knows torchao tensors only in Linears, so the folder stores expert
-    weights as their dequantized values, which equal the quantized weights exactly."""
-    from qat.model import decoder_blocks
-
-    for mod in experts_modules(decoder_blocks(model)).values():
-        for n in expert_weight_names(mod):
-            p = mod._parameters[n]
-            if hasattr(p, "dequantize") and type(p.data) is not torch.Tensor:
-                mod._parameters[n] = nn.Parameter(p.dequantize(), requires_grad=False)

@@ -129,6 +129,15 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert verify["qat_coverage"] == cov
     assert verify["experts"]["real_quantized"] == 4 and verify["experts"]["simulated"] == 0
     assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
+    # the folder holds the experts as torchao tensors (int8 qdata + scales), not dequantized values
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "export/quantized/model.safetensors"), framework="pt") as f:
+        qdata = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("_qdata") and ".experts." in k}
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    assert qdata == {f"model.layers.{i}.{block}.experts._{n}_qdata": "I8"
+                     for i in range(2) for n in ("gate_up_proj", "down_proj")}
+    assert json.loads((tmp_path / "export/quantized/config.json").read_text())["experts_implementation"] == "eager"
 
 
 def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys):

@@ -142,12 +142,17 @@ def test_delay_switch_and_frozen_experts():
 
 
 @pytest.mark.parametrize("scheme", ["8da4w", "intx2-weight-only"])
-def test_converted_experts_equal_fake_quant(scheme):
+def test_converted_experts_equal_fake_quant_and_reload_from_the_folder(scheme, tmp_path):
     """Real IntxUnpackedToInt8Tensor expert weights, run by the model's eager expert forward, give
-    exactly the fake-quantized logits; and their dequantized values too (what the folder stores)."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
+    exactly the fake-quantized logits; the quantized folder stores them as int8 qdata + scales and
+    from_pretrained rebuilds the same tensors (eager experts from config.json), same logits."""
+    from types import SimpleNamespace
 
-    from qat.convert.transforms import qat_convert, unfake
+    from safetensors import safe_open
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from transformers import AutoModelForCausalLM
+
+    from qat.convert.transforms import qat_convert, quantized_config, save_quantized, unfake
 
     model = qat(tiny("qwen3_moe", layers=2), scheme)
     x = torch.randint(0, 96, (2, 12))
@@ -159,11 +164,31 @@ def test_converted_experts_equal_fake_quant(scheme):
         ex = next(iter(moe.experts_modules(decoder_blocks(conv)).values()))
         assert isinstance(ex.gate_up_proj.data, IntxUnpackedToInt8Tensor) and not isinstance(ex, moe.QATExperts)
         assert torch.equal(conv(x).logits, fake)
-        moe.dequantize_experts(conv)
-        assert type(ex.gate_up_proj.data) is torch.Tensor
-        assert torch.equal(conv(x).logits, fake)
         plain = unfake(model)
         assert not torch.equal(plain(x).logits, fake)
+    save_quantized(conv, SimpleNamespace(save_pretrained=lambda folder: None), tmp_path,
+                   quantized_config(conv, get_scheme(scheme), 32, None))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        qdata = f.get_tensor("model.layers.1.mlp.experts._gate_up_proj_qdata")
+        scale = f.get_tensor("model.layers.1.mlp.experts._gate_up_proj_scale")
+    assert qdata.dtype == torch.int8 and qdata.shape == (4, 128, 64) and scale.shape == (4, 128, 2)
+    bits = {"8da4w": 4, "intx2-weight-only": 2}[scheme]
+    assert int(qdata.min()) >= -(2 ** (bits - 1)) and int(qdata.max()) < 2 ** (bits - 1)  # intN values in int8
+    assert torch.equal(qdata, conv.model.layers[1].mlp.experts.gate_up_proj.qdata)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    rex = back.model.layers[1].mlp.experts
+    assert back.config._experts_implementation == "eager"
+    assert isinstance(rex.gate_up_proj, IntxUnpackedToInt8Tensor) and isinstance(rex.down_proj, IntxUnpackedToInt8Tensor)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, fake)
+        # a process without our select (plain `lm_eval` CLI) fails in the eager expert forward
+        table = IntxUnpackedToInt8Tensor._ATEN_OP_TABLE[IntxUnpackedToInt8Tensor]
+        select = table.pop(torch.ops.aten.select.int)
+        try:
+            with pytest.raises(NotImplementedError, match="aten.select"):
+                back(x)
+        finally:
+            table[torch.ops.aten.select.int] = select
 
 
 def test_transposed_experts_convert_simulated(capsys):

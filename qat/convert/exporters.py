@@ -27,7 +27,7 @@ from qat.convert.io import ConvertIO
 from qat.convert.plan import ConvertPlan
 from qat.convert.transforms import compare_logits, ptq, qat_convert, quantized_config
 from qat.errors import is_rank0
-from qat.moe import dequantize_experts, quantize_experts
+from qat.moe import quantize_experts
 from qat.schemes import Scheme
 
 Stage = Callable[[str], None]
@@ -116,7 +116,6 @@ class QuantizedExporter(Exporter):
         job.report = io.share(job.report)
         check_exact(job.report, plan.scheme)
         stage(next(names))
-        dequantize_experts(quant)
         qcfg = quantized_config(quant, plan.scheme, plan.group_size, plan.embedding)
         io.save_quantized(quant, job.tokenizer, tmp / "quantized", qcfg, job.dtype, job.cfg.model.path)
         if plan.reload_check:
