@@ -88,21 +88,26 @@ def fmt(vals: list) -> str:
     if not vals:
         return "n/a"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * statistics.mean(vals):.0f}% ± {100 * sd:.0f}" + ("" if len(vals) > 1 else " (1 seed)")
+    return f"{100 * statistics.mean(vals):.0f}% ± {100 * sd:.0f}" if len(vals) > 1 else f"{100 * vals[0]:.0f}%"
 
 
 def table(root: Path, modes: list[str], seeds: list[int]) -> str:
-    lines = ["| mode | arm | " + " | ".join(f"recovered {m.label}" for m in SHOWN) + " | step time / QAT |",
-             "|---|---|" + "---|" * len(SHOWN) + "---|"]
+    lines = ["| mode | seeds | arm | " + " | ".join(f"recovered {m.label}" for m in SHOWN) + " | step time / QAT |",
+             "|---|---|---|" + "---|" * len(SHOWN) + "---|"]
     for mode in modes:
-        per_seed = [(seed, root / f"{mode}-s{seed}") for seed in seeds]
+        # the seeds whose comparison finished (a sweep cut short reports what it has, and says so)
+        per_seed = [(seed, root / f"{mode}-s{seed}") for seed in seeds
+                    if (root / f"{mode}-s{seed}" / ("results.json" if mode == "full" else "results_lora.json")).exists()]
+        if not per_seed:
+            continue
         got = {seed: shares(results_of(out, mode)) for seed, out in per_seed}
+        done = ", ".join(str(s) for s, _ in per_seed)
         suffix = "" if mode == "full" else "_lora"
         for arm in ARMS:
-            cells = [fmt([got[s].get(arm, {}).get(m.label) for s in seeds]) for m in SHOWN]
+            cells = [fmt([got[s].get(arm, {}).get(m.label) for s in got]) for m in SHOWN]
             ratios = [median_step_time(out / f"{arm}{suffix}") / median_step_time(out / f"qat{suffix}")
                       for _, out in per_seed]
-            lines.append(f"| {mode} | {LABELS[arm]} | " + " | ".join(cells) + f" | {statistics.mean(ratios):.2f} |")
+            lines.append(f"| {mode} | {done} | {LABELS[arm]} | " + " | ".join(cells) + f" | {statistics.mean(ratios):.2f} |")
     return "\n".join(lines) + "\n"
 
 
