@@ -140,28 +140,6 @@ def test_eval_bad_input(exported, world, tmp_path):
         assert not (tmp_path / "r.json").exists()
 
 
-def test_schemes_without_kernels_convert_and_evaluate_simulated(world, tmp_path):
-    """nvfp4 on a CPU: convert refuses without --simulate (one line, with the way out), and with it
-    writes hf/ + simulated.json; the simulated model is exactly the training forward."""
-    run_train(base_overrides(world, tmp_path) + ["qat.enabled=true", "qat.scheme=nvfp4", "training.steps=2"], 1)
-    p = convert(["--checkpoint", tmp_path], check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and "needs a Blackwell CUDA GPU" in last and "--simulate" in last
-    convert(["--checkpoint", tmp_path, "--simulate"])
-    out = tmp_path / "export" / "step-000002"
-    report = json.loads((out / "verify.json").read_text())
-    assert report["simulated"] is True and report["simulated_equals_training_forward"] is True
-    assert not (out / "quantized").exists() and (out / "simulated.json").exists()
-    res = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model", str(out / "hf"),
-                           "--simulate", "nvfp4", "--tasks", "local", "--data-dir", str(world / "eval"),
-                           "--limit", "4", "--dtype", "float32", "--out", str(res)],
-                          env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(res.read_text())
-    assert record["simulated"].startswith("nvfp4") and "bits_per_byte" in record["results"]["wikitext"]
-
-
 def folder_tensors(folder, pattern="model*.safetensors") -> dict:
     from safetensors.torch import load_file
 

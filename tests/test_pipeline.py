@@ -1,6 +1,7 @@
 """The convert -> evaluate pipeline that compare and the sweep report share (eval/pipeline.py)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,17 @@ def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
         run_dir = sweep_dir / f"run-{i:03d}"
         run_train(base_overrides(world, run_dir) + extra + ["training.steps=2"], 1)
         runs.append({"index": i, "overrides": extra, "dir": str(run_dir)})
-    unfinished = sweep_dir / "run-002"  # stopped early: no done.json, so it is skipped
-    run_train(base_overrides(world, unfinished) + ["training.stop_after_steps=1"], 1)
+    # convert by hand refuses without --simulate, in one line that names the way out
+    p = subprocess.run([sys.executable, str(ROOT / "recipes/convert.py"), "--checkpoint", runs[1]["dir"],
+                        "--out", str(tmp_path / "refused")], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and "--simulate" in err[0], p.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+    # a run killed before its last step: checkpoints but no done.json, so the report skips it
+    unfinished = sweep_dir / "run-002"
+    shutil.copytree(sweep_dir / "run-000", unfinished)
+    (unfinished / "done.json").unlink()
     runs.append({"index": 2, "overrides": ["qat.enabled=false"], "dir": str(unfinished)})
     (sweep_dir / "sweep.json").write_text(json.dumps({"name": "sim", "config": "configs/tiny/full.yaml",
                                                        "grid": [], "set": [], "runs": runs}))
