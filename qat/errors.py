@@ -9,9 +9,9 @@ for every failed worker group; `@record` in the launcher re-raises it), and an e
 for one, the workers end their launcher themselves (`_end_launcher`): rank 0 prints the line and
 SIGKILLs its torchrun (the only signal torchrun cannot turn into a traceback: it handles TERM,
 INT, HUP and QUIT); the other ranks wait for that instead of exiting first, and a rank whose
-error rank 0 did not share prints it and ends its own launcher. The launcher's exit status is then 128+9 (a signal), the workers die by the
-parent-death signal (qat/lifeline.py), and nothing is lost: a user error is raised before
-anything is written. A bug (any other exception) keeps torchrun's full report.
+error rank 0 did not share prints it and ends its own launcher. The launcher's exit status is
+then 128+9 (a signal), the workers die by the parent-death signal (qat/lifeline.py), and nothing
+is lost: a user error is raised before anything is written. A bug (any other exception) keeps torchrun's full report.
 """
 
 from __future__ import annotations
@@ -89,14 +89,17 @@ def _end_launcher(line: str, grace_s: float = 5.0, per_local_rank_s: float = 0.5
     if os.getppid() != launcher:  # the launcher is gone already
         return
     if not is_rank0():
-        deadline = time.monotonic() + grace_s + per_local_rank_s * int(os.environ.get("LOCAL_RANK", "0"))
-        while os.getppid() == launcher and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if os.getppid() != launcher:
+        if _outlived(launcher, grace_s + per_local_rank_s * int(os.environ.get("LOCAL_RANK", "0"))):
             return
         line = f"{line} (rank {os.environ.get('RANK')})"
     print(line, file=sys.stderr, flush=True)
     os.kill(launcher, signal.SIGKILL)
-    deadline = time.monotonic() + wait_s
+    _outlived(launcher, wait_s)
+
+
+def _outlived(launcher: int, seconds: float) -> bool:
+    """Wait up to `seconds` for the launcher to die; True if it did (this process was re-parented)."""
+    deadline = time.monotonic() + seconds
     while os.getppid() == launcher and time.monotonic() < deadline:
         time.sleep(0.05)
+    return os.getppid() != launcher

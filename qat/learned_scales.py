@@ -43,12 +43,11 @@ def learned(model: nn.Module) -> dict[str, nn.Module]:
 def param_groups(model: nn.Module, lr: float, multiplier: float) -> list[dict]:
     """AdamW groups: every other trainable parameter, then the scales at lr * multiplier without
     weight decay. A scheduler's LambdaLR scales both groups alike."""
-    scales = {id(m.weight_scale) for m in learned(model).values()}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
-    groups = [{"params": rest}]
+    scales = [m.weight_scale for m in learned(model).values()]
+    ids = {id(s) for s in scales}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
     if scales:
-        groups.append({"params": [m.weight_scale for m in learned(model).values()],
-                       "lr": lr * multiplier, "weight_decay": 0.0})
+        groups.append({"params": scales, "lr": lr * multiplier, "weight_decay": 0.0})
     return groups
 
 
