@@ -49,8 +49,6 @@ def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
     builder = is_builder() if builder is None else builder
     layout = "pad" if cfg.packing == "pad" else "stream"
     tok_hash = tokenizer_fingerprint(tokenizer)
-    if builder:  # imported before any build's clock starts: its tokens/s is the build's, not the import's (~1 s)
-        import datasets  # noqa: F401
     num_proc = cfg.num_proc or min(usable_cpus(), 32)  # each worker holds a tokenizer and a batch
     rows = []
     for i, src in enumerate(cfg.sources):
