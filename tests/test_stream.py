@@ -151,7 +151,7 @@ def test_weighted_shuffled_stream_loader_resumes_bitwise_from_its_state(world, t
     streams = [RankStream(data, r, 2, Position(), frozenset()) for r in range(2)]
     rows = [list(itertools.islice(st.rows(), n + m)) for st in streams]
     assert streams[0].order.docs_per_epoch[1] == 16  # the text source wrapped before the stop
-    state = merge_positions([r[n - 1].after for r in rows], 2, frozenset(), [None, 16], data.order())
+    state = merge_positions([r[n - 1].after for r in rows], 2, frozenset(), [None, 16], data.order_record())
     state = json.loads(json.dumps(state))  # it goes into meta.json
     for saved in (state, {**state, "docs_per_epoch": None}):
         for r in range(2):
@@ -196,7 +196,7 @@ def test_a_resume_with_another_order_stops_with_one_line(world, tok):
     A checkpoint from before streams mixed or shuffled (no such keys) resumes a chained, in-order config."""
     def state(cfg, seed=0):
         data = build_dataset(cfg, tok, seed=seed, log=lambda m: None)
-        return merge_positions([Position(3, 0)], 1, frozenset(), None, data.order()), data
+        return merge_positions([Position(3, 0)], 1, frozenset(), None, data.order_record()), data
 
     weighted, _ = state(mixed_cfg(world, shuffle=False))
     chained, chained_data = state(mixed_cfg(world, weights=None, shuffle=False))

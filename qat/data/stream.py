@@ -98,7 +98,7 @@ class StreamData:
     def weights(self) -> Optional[list[float]]:
         return None if self.sources[0].weight is None else [s.weight for s in self.sources]
 
-    def order(self) -> dict:
+    def order_record(self) -> dict:
         """What defines the documents' order, kept in the checkpoint: a resume must match it."""
         shares = None if self.weights is None else [float(x) for x in Mixture(self.weights, 0).shares]
         seeded = shares is not None or self.shuffle_buffer is not None
@@ -114,7 +114,7 @@ def build_stream(cfg: DataConfig, tokenizer, log, seed: int = 0) -> StreamData:
     data = StreamData(list(cfg.sources), tokenizer, cfg.seq_len, cfg.packing, seed,
                       cfg.shuffle_buffer if cfg.shuffle else None)
     if data.weights is not None:
-        log(f"streams mixed by weight, source shares {data.order()['weights']} (seed {seed})")
+        log(f"streams mixed by weight, source shares {data.order_record()['weights']} (seed {seed})")
     if cfg.shuffle:
         log(f"streams shuffled per source and epoch: datasets' shuffle buffer of {cfg.shuffle_buffer} "
             f"documents (seed {seed})")
@@ -363,7 +363,7 @@ def merge_positions(positions: list[Position], world: int, skip: frozenset, docs
 def check_order(state: dict, data: StreamData) -> None:
     """One line if the checkpoint's documents came in another order than this config's (a checkpoint
     written before streams had weights or a shuffle has none of these keys: chained, in order)."""
-    saved, want = {k: state.get(k) for k in ("weights", "shuffle_buffer", "seed")}, data.order()
+    saved, want = {k: state.get(k) for k in ("weights", "shuffle_buffer", "seed")}, data.order_record()
     if saved["weights"] != want["weights"]:
         def say(w):
             return "chained (no weight)" if w is None else f"mixed by weight, shares {w}"
@@ -458,7 +458,7 @@ class StreamLoader:
             dist.all_gather_object(positions, self.position)
         n = self._order().docs_per_epoch
         return merge_positions(positions, self.world, self.skip, list(n) if isinstance(n, list) else n,
-                               self.data.order())
+                               self.data.order_record())
 
     def close(self) -> None:
         if self._thread is not None:
