@@ -93,6 +93,16 @@ class StreamData:
     packing: str
     seed: int = 0  # training.seed: the mix's draws and the shuffles' seeds
     shuffle_buffer: Optional[int] = None  # None: each source in file order
+    _opened: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def open(self, s: int):
+        """Source s's stream. load_dataset resolves the builder and the files (~0.1 s) once per source and
+        thread: each epoch iterates the same object again, which datasets supports in sequence (an
+        iteration resets the position it keeps inside the dataset's objects), not by two threads at once."""
+        key = (threading.get_ident(), s)
+        if key not in self._opened:
+            self._opened[key] = _open(self.sources[s], s)
+        return self._opened[key]
 
     @property
     def weights(self) -> Optional[list[float]]:
@@ -107,12 +117,12 @@ class StreamData:
 
 def build_stream(cfg: DataConfig, tokenizer, log, seed: int = 0) -> StreamData:
     """Checks every source by opening its stream and reading its first row (bad paths, columns)."""
-    for i, src in enumerate(cfg.sources):
-        if next(iter(_values(src, i)), None) is None:
-            raise UserError(f"data.sources[{i}]: {src.path} has no rows")
-        log(f"sources[{i}] {src.path} streams: tokenized on the fly, nothing cached")
     data = StreamData(list(cfg.sources), tokenizer, cfg.seq_len, cfg.packing, seed,
                       cfg.shuffle_buffer if cfg.shuffle else None)
+    for i, src in enumerate(cfg.sources):
+        if next(iter(_values(src, i, data.open(i))), None) is None:
+            raise UserError(f"data.sources[{i}]: {src.path} has no rows")
+        log(f"sources[{i}] {src.path} streams: tokenized on the fly, nothing cached")
     if data.weights is not None:
         log(f"streams mixed by weight, source shares {data.order_record()['weights']} (seed {seed})")
     if cfg.shuffle:
@@ -128,21 +138,23 @@ def _open(src: DataSource, index: int):
     if files is not None and src.data_files:
         raise UserError(f"data.sources[{index}].data_files selects files of a hub dataset; "
                         f"for local files, point path at the file or folder")
-    if files is not None:
-        return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                     split="train", streaming=True)
-    return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
-                                 data_files=list(src.data_files) or None, streaming=True)
+    try:
+        if files is not None:
+            return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                         split="train", streaming=True)
+        return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                     data_files=list(src.data_files) or None, streaming=True)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
+        raise UserError(f"data.sources[{index}]: {src.path} does not parse: {_parse_problem(e)}") from None
 
 
-def _values(src: DataSource, index: int, seed: int = 0, shuffle_buffer: Optional[int] = None,
+def _values(src: DataSource, index: int, ds, seed: int = 0, shuffle_buffer: Optional[int] = None,
             epoch: int = 0) -> Iterator:
-    """The column's values: the first max_rows rows, in order or shuffled with the epoch's seed; a
-    row the tokenizer cannot take stops with one line."""
+    """The column's values from the opened stream `ds`: the first max_rows rows, in order or shuffled
+    with the epoch's seed; a row the tokenizer cannot take stops with one line."""
     import datasets
 
     column, where = default_column(src), f"data.sources[{index}]: {src.path}"
-    ds = _open(src, index)
     if src.max_rows is not None:  # the first rows, then shuffled, as on the memory-mapped path
         ds = ds.take(src.max_rows)
     if shuffle_buffer is not None:
@@ -168,7 +180,7 @@ def _values(src: DataSource, index: int, seed: int = 0, shuffle_buffer: Optional
 
 def epoch_values(data: StreamData, s: int, epoch: int) -> Iterator:
     """Source s's documents in its epoch `epoch`: in file order, or that epoch's shuffle."""
-    return _values(data.sources[s], s, data.seed, data.shuffle_buffer, epoch)
+    return _values(data.sources[s], s, data.open(s), data.seed, data.shuffle_buffer, epoch)
 
 
 class DocumentChain:
