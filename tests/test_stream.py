@@ -4,13 +4,14 @@ resumable bitwise and across world sizes."""
 import itertools
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, base_overrides, losses, read_metrics, run_train
-from qat.config import DataConfig, DataSource, load_config
+from qat.config import DataConfig, DataSource
 from qat.data import StreamLoader, build_dataset, build_loader
 from qat.data.mix import BLOCK, Mixture
 from qat.data.packed import rows_to_batch
@@ -220,8 +221,6 @@ def test_a_resume_with_another_order_stops_with_one_line(world, tok):
     # the same order resumes, at any seed when nothing is seeded; so does a checkpoint without the keys
     StreamLoader(chained_data, 0, 1, 1, 1, torch.device("cpu")).load_state_dict(
         {k: v for k, v in chained.items() if k not in ("weights", "shuffle_buffer", "seed")})
-    with pytest.raises(UserError, match="data.shuffle_buffer=0 must be at least 1"):
-        load_config(str(ROOT / "configs/tiny/full.yaml"), ["data.shuffle_buffer=0"])
 
 
 def test_streaming_refusals_one_line_each(world, tok):
@@ -267,7 +266,7 @@ def test_stream_loader_batches_positions_and_labels(world, tok):
     one.close()
 
 
-def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path):
+def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path, capsys):
     """torchrun world 2, streams mixed by weight and shuffled, 6 steps with a checkpoint at 3, then
     resumed from step 3 at world 2: the same losses, exactly, and per-source epochs (the text source
     is small for its weight and cycles). (The rule at another world size, and the chain without
@@ -294,6 +293,19 @@ def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path)
     assert all(e == min(e0, e1) == 0 for e, e0, e1 in epochs) and epochs[-1][2] > epochs[0][2]
     end = json.loads((again / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
     assert end == json.loads((straight / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
+    # the same checkpoint resumed without the weights: one line, exit 2 (in-process, world 1)
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import train as train_recipe
+
+    chained = sources.replace(", weight: 1", "").replace(", weight: 3", "")
+    (tmp_path / "chained" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, tmp_path / "chained" / "checkpoints" / step3.name)
+    with pytest.raises(SystemExit) as e:
+        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"),
+                           *base_overrides(world, tmp_path / "chained"), *common[1:], f"data.sources={chained}",
+                           "checkpoint.resume=auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: the checkpoint's streams were mixed by weight"), err
 
 
 def test_flash_varlen_kwargs_keep_documents_apart_at_batch_2(world, tok):
