@@ -165,17 +165,23 @@ def _values(src: DataSource, index: int, ds, seed: int = 0, shuffle_buffer: Opti
             if column not in row:
                 raise UserError(f"{where} has no column {column!r} (columns: {', '.join(row)})")
             v = row[column]
-            at = (f"row {n} (line {n + 1} of a JSON-lines file)" if shuffle_buffer is None
-                  else f"row {n} of epoch {epoch}'s shuffle (data.shuffle=false gives its line)")
             if v is None:
-                raise UserError(f"{where}: {at} of column {column!r} is null; remove or fill it")
+                raise UserError(f"{where}: column {column!r} is null at {_row_name(n, shuffle_buffer, epoch)}; "
+                                f"remove or fill it")
             if (src.kind == "text") != isinstance(v, str) or (src.kind == "chat" and not isinstance(v, list)):
-                raise UserError(f"{where}: column {column!r} holds {type(v).__name__} at {at}, not "
+                raise UserError(f"{where}: column {column!r} holds {type(v).__name__} at "
+                                f"{_row_name(n, shuffle_buffer, epoch)}, not "
                                 f"{'text' if src.kind == 'text' else 'conversations'}")
             yield v
             n += 1
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
         raise UserError(f"{where} does not parse: {_parse_problem(e)}") from None
+
+
+def _row_name(n: int, shuffle_buffer: Optional[int], epoch: int) -> str:
+    if shuffle_buffer is None:
+        return f"row {n} (line {n + 1} of a JSON-lines file)"
+    return f"row {n} of epoch {epoch}'s shuffle (data.shuffle=false gives its line)"
 
 
 def epoch_values(data: StreamData, s: int, epoch: int) -> Iterator:
