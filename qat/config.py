@@ -99,6 +99,8 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     seq_len: int = rule(2048, ge=1)
     shuffle: bool = True
+    # streaming sources with shuffle: the documents held by datasets' shuffle buffer, per source
+    shuffle_buffer: int = rule(10_000, ge=1, why="documents held in memory to shuffle each stream")
     # "documents": positions restart and attention stops at each document; "concat": plain
     # concatenation; "pad": one sample per row, padded (chat SFT)
     packing: str = rule("documents", choices=("documents", "concat", "pad"))

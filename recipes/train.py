@@ -127,7 +127,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
     check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
-    data = build_dataset(cfg.data, tokenizer)  # tokenizes only what the cache lacks
+    data = build_dataset(cfg.data, tokenizer, seed=cfg.training.seed)  # tokenizes only what the cache lacks
     torch.manual_seed(cfg.training.seed)  # identical LoRA init on every rank, at any world size
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)

@@ -35,6 +35,7 @@ def fails_with(capsys, argv, needle):
      "scheme 'float8' needs a CUDA GPU with float8 support"),
     (["data.packing=rows"], "data.packing='rows' is not one of documents, concat, pad"),
     (["data.num_proc=0"], "data.num_proc=0 must be at least 1"),
+    (["data.shuffle_buffer=0"], "data.shuffle_buffer=0 must be at least 1"),
     (["data.sources.1.streaming=true"], "data.sources[1].streaming=True but data.sources[0].streaming=False"),
     (["data.sources.0.weight=2"], "data.sources: weight is set on sources [0] only"),
     (["data.sources.0.weight=-1", "data.sources.1.weight=1"], "data.sources[0].weight=-1.0 must be greater than 0"),

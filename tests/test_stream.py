@@ -1,17 +1,21 @@
-"""Streaming sources: the memory-mapped path's rows, sharded by rank, resumable bitwise and across world sizes."""
+"""Streaming sources: the memory-mapped path's rows, sharded by rank, mixed by weight, shuffled,
+resumable bitwise and across world sizes."""
 
 import itertools
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import base_overrides, losses, read_metrics, run_train
+from conftest import ROOT, base_overrides, losses, read_metrics, run_train
 from qat.config import DataConfig, DataSource
 from qat.data import StreamLoader, build_dataset, build_loader
-from qat.data.stream import Position, RankStream, merge_positions, reshard
+from qat.data.mix import BLOCK, Mixture
+from qat.data.packed import rows_to_batch
+from qat.data.stream import Position, RankStream, document_order, epoch_values, merge_positions, reshard
 from qat.errors import UserError
 
 
@@ -23,14 +27,27 @@ def tok(world):
 
 
 def stream_cfg(world, packing="documents", kind="text", max_rows=120, streaming=True, seq_len=64,
-               **kw) -> DataConfig:
+               shuffle=False, **kw) -> DataConfig:
     name = "pretrain" if kind == "text" else "finetune"
     src = DataSource(path=str(world / f"data/{name}.jsonl"), kind=kind, max_rows=max_rows, streaming=streaming)
-    return DataConfig(sources=[src], seq_len=seq_len, packing=packing, shuffle=False, **kw)
+    return DataConfig(sources=[src], seq_len=seq_len, packing=packing, shuffle=shuffle, **kw)
 
 
-def take(data, rank, world, n, start=Position(), skip=frozenset()):
-    return list(itertools.islice(RankStream(data, rank, world, start, skip).rows(), n))
+def mixed_cfg(world, weights=(1.0, 3.0), shuffle=True, **kw) -> DataConfig:
+    """A chat source of 12 documents and a text source of 16, weighted 1:3: the text source cycles faster."""
+    sources = [DataSource(path=str(world / "data/finetune.jsonl"), kind="chat", max_rows=12, streaming=True),
+               DataSource(path=str(world / "data/pretrain.jsonl"), kind="text", max_rows=16, streaming=True)]
+    for src, w in zip(sources, weights or (None, None)):
+        src.weight = w
+    return DataConfig(sources=sources, seq_len=64, shuffle=shuffle, shuffle_buffer=8, **kw)
+
+
+def take(data, rank, world, n, start=Position(), skip=frozenset(), docs_per_epoch=None):
+    return list(itertools.islice(RankStream(data, rank, world, start, skip, docs_per_epoch).rows(), n))
+
+
+def docs(order, start, n):
+    return list(itertools.islice(order.rows_from(start), n))
 
 
 @pytest.mark.parametrize("kind, packing", [("text", "documents"), ("chat", "pad")])
@@ -52,10 +69,12 @@ def test_a_stream_of_one_rank_has_the_memory_mapped_rows_and_resumes_from_any_ro
                    for a, b in zip(rest, rows[k:k + 3]))
 
 
-def test_ranks_share_the_documents_and_a_new_world_size_repeats_none(world, tok):
+@pytest.mark.parametrize("mixed", [False, True], ids=["chained", "weighted-shuffled"])
+def test_ranks_share_the_documents_and_a_new_world_size_repeats_none(world, tok, mixed):
     """World 2 -> 3 -> 1: every document is read by exactly one rank; the only documents never
-    read are the rests of those cut at a change of world size (the documented rule)."""
-    data = build_dataset(stream_cfg(world, max_rows=400), tok)
+    read are the rests of those cut at a change of world size (the documented rule). Weighted
+    and shuffled streams keep the rule: it is about g only, and g's document is fixed."""
+    data = build_dataset(mixed_cfg(world) if mixed else stream_cfg(world, max_rows=400), tok, seed=1)
     seen: dict[int, int] = {}  # document -> how many rank-readings started it (a cut one counts once)
 
     def consume(world_size, starts, skip, counts):
@@ -86,11 +105,128 @@ def test_ranks_share_the_documents_and_a_new_world_size_repeats_none(world, tok)
     assert reshard(merge_positions(pos, 2, frozenset(), None), 1, 2) == (pos[1], frozenset())
 
 
+def test_the_mixture_draws_each_source_by_weight_from_the_seed_alone():
+    """Over 5 blocks of documents each source's share is its weight's, within 4 standard deviations
+    (the draw is seeded: this is a fixed outcome, not a flaky bound); the documents each source gave
+    before any g are computed, not replayed; another seed gives another order."""
+    weights, n = [1.0, 3.0, 0.5], 5 * BLOCK + 123
+    mix = Mixture(weights, seed=11)
+    drawn = np.concatenate([mix.block(b) for b in range(6)])[:n]
+    p = np.asarray(weights) / sum(weights)
+    share = np.bincount(drawn, minlength=3) / n
+    assert np.all(np.abs(share - p) < 4 * np.sqrt(p * (1 - p) / n)), (share, p)
+    for g in (0, 1, BLOCK - 1, BLOCK, 3 * BLOCK + 17, n):
+        assert np.array_equal(Mixture(weights, 11).counts_before(g), np.bincount(drawn[:g], minlength=3))
+    assert np.array_equal(Mixture(weights, 11).block(2), mix.block(2))
+    assert np.mean(Mixture(weights, 12).block(0) != mix.block(0)) > 0.4
+    big = Mixture([1.0, 3.0], seed=0).counts_before(10**9)  # a resume at a billion documents: ~15k blocks
+    assert big.sum() == 10**9 and abs(big[0] / 10**9 - 0.25) < 1e-4
+
+
+def test_weighted_streams_cycle_each_source_and_resume_bitwise_at_any_document(world, tok):
+    """Document g is its source's next document; each source has its own epochs (the text source,
+    small for its weight, wraps about twice as often as the chat one), and a start at any g, with or without
+    the epochs' lengths known, gives the same documents as the stream that did not stop."""
+    data = build_dataset(mixed_cfg(world), tok, seed=5)
+    order = document_order(data)
+    straight = docs(order, 0, 160)
+    assert order.docs_per_epoch == [12, 16]
+    sources = np.array([s for _, s, _ in straight])
+    assert sources.tolist() == Mixture([1.0, 3.0], 5).block(0)[:160].tolist()
+    for s, n in ((0, 12), (1, 16)):
+        mine = [v for _, t, v in straight if t == s]
+        expect = [v for e in range(len(mine) // n + 1) for v in epoch_values(data, s, e)][:len(mine)]
+        assert mine == expect  # k-th document of source s: row k % n of its epoch k // n
+    assert order.epochs(160) == [int((sources == 0).sum()) // 12, int((sources == 1).sum()) // 16]
+    assert order.epochs(160)[1] > order.epochs(160)[0] >= 2
+    for g in (1, 37, 101):
+        for known in (None, [12, 16]):
+            assert docs(document_order(data, known), g, 20) == straight[g:g + 20]
+
+
+def test_weighted_shuffled_stream_loader_resumes_bitwise_from_its_state(world, tok):
+    """World 2, weights and shuffle: each rank's loader built from the saved state yields the rows of
+    the rank that did not stop (tokens, labels, positions), whether the epochs' lengths were known."""
+    data = build_dataset(mixed_cfg(world), tok, seed=5)
+    n, m = 30, 6
+    streams = [RankStream(data, r, 2, Position(), frozenset()) for r in range(2)]
+    rows = [list(itertools.islice(st.rows(), n + m)) for st in streams]
+    assert streams[0].order.docs_per_epoch[1] == 16  # the text source wrapped before the stop
+    state = merge_positions([r[n - 1].after for r in rows], 2, frozenset(), [None, 16], data.order_record())
+    state = json.loads(json.dumps(state))  # it goes into meta.json
+    for saved in (state, {**state, "docs_per_epoch": None}):
+        for r in range(2):
+            loader = StreamLoader(data, r, 2, m, 1, torch.device("cpu"))
+            loader.load_state_dict(saved)
+            try:
+                (got,) = loader.next_batches()
+                expect = rows_to_batch(np.stack([x.tokens for x in rows[r][n:]]),
+                                       np.stack([x.flags for x in rows[r][n:]]), "documents")
+                assert all(torch.equal(a, b) for a, b in zip(got, expect))
+                assert loader.position == rows[r][-1].after
+                per = loader.epochs()
+                assert per["data/epoch"] == min(per["data/epoch/0"], per["data/epoch/1"]) and per["data/epoch/1"] >= 1
+            finally:
+                loader.close()
+
+
+def test_shuffled_streams_reorder_each_epoch_alike_on_every_rank(world, tok):
+    """data.shuffle: each epoch of a source is a permutation of its rows, unlike the file's order,
+    different from the next epoch's, the same on every call; two ranks' documents interleave into
+    one world's, and a restart inside epoch 1 gives the rows that followed."""
+    data = build_dataset(stream_cfg(world, max_rows=20, shuffle=True, shuffle_buffer=8), tok, seed=2)
+    in_order = list(epoch_values(build_dataset(stream_cfg(world, max_rows=20), tok), 0, 0))
+    e0, e1 = list(epoch_values(data, 0, 0)), list(epoch_values(data, 0, 1))
+    assert sorted(e0) == sorted(e1) == sorted(in_order) and len(set(in_order)) == 20
+    assert e0 != in_order and e1 != e0 and e0 == list(epoch_values(data, 0, 0))
+    chained = docs(document_order(data), 0, 50)
+    assert [v for _, _, v in chained] == (e0 + e1 + list(epoch_values(data, 0, 2)))[:50]
+    one = {g: ids.tolist() for g, ids, _ in itertools.islice(RankStream(data, 0, 1, Position(), frozenset()).documents(), 45)}
+    for r in range(2):
+        for g, ids, _ in itertools.islice(RankStream(data, r, 2, Position(), frozenset()).documents(), 20):
+            assert g % 2 == r and ids.tolist() == one[g]
+    rows = take(data, 0, 1, 90)
+    k = next(i for i, x in enumerate(rows) if x.after.g > 25)  # a row ending inside epoch 1 (documents 20..39)
+    for known in (None, 20):
+        assert all(np.array_equal(a.tokens, b.tokens) and np.array_equal(a.flags, b.flags)
+                   for a, b in zip(take(data, 0, 1, 5, rows[k].after, docs_per_epoch=known), rows[k + 1:k + 6]))
+
+
+def test_a_resume_with_another_order_stops_with_one_line(world, tok):
+    """The checkpoint keeps the weights, shuffle buffer and seed; a resume that changes any stops.
+    A checkpoint from before streams mixed or shuffled (no such keys) resumes a chained, in-order config."""
+    def state(cfg, seed=0):
+        data = build_dataset(cfg, tok, seed=seed, log=lambda m: None)
+        return merge_positions([Position(3, 0)], 1, frozenset(), None, data.order_record()), data
+
+    weighted, _ = state(mixed_cfg(world, shuffle=False))
+    chained, chained_data = state(mixed_cfg(world, weights=None, shuffle=False))
+    shuffled, _ = state(mixed_cfg(world, weights=None))
+    cases = [
+        (weighted, mixed_cfg(world, weights=None, shuffle=False), 0, "were mixed by weight, shares [0.25, 0.75], "
+                                                                    "this config's are chained"),
+        (chained, mixed_cfg(world, shuffle=False), 0, "were chained (no weight), this config's are mixed"),
+        (weighted, mixed_cfg(world, weights=(1.0, 1.0), shuffle=False), 0, "shares [0.5, 0.5]"),
+        (weighted, mixed_cfg(world, shuffle=False), 3, "training.seed=0, this config has 3"),
+        (shuffled, mixed_cfg(world, weights=None, shuffle=False), 0, "shuffled with data.shuffle_buffer=8, "
+                                                                     "this config's are read in file order"),
+        ({k: v for k, v in chained.items() if k not in ("weights", "shuffle_buffer", "seed")},
+         mixed_cfg(world, weights=None), 0, "were read in file order"),
+    ]
+    for saved, cfg, seed, why in cases:
+        loader = StreamLoader(build_dataset(cfg, tok, seed=seed, log=lambda m: None), 0, 1, 1, 1, torch.device("cpu"))
+        with pytest.raises(UserError, match=None) as e:
+            loader.load_state_dict(saved)
+        assert why in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # the same order resumes, at any seed when nothing is seeded; so does a checkpoint without the keys
+    StreamLoader(chained_data, 0, 1, 1, 1, torch.device("cpu")).load_state_dict(
+        {k: v for k, v in chained.items() if k not in ("weights", "shuffle_buffer", "seed")})
+
+
 def test_streaming_refusals_one_line_each(world, tok):
     src = dict(path=str(world / "data/pretrain.jsonl"), kind="text")
     cases = [
         ([DataSource(**src, streaming=True), DataSource(**src)], "stream every source or none"),
-        ([DataSource(**src, streaming=True, weight=1.0)], "weight is not supported with streaming"),
         ([DataSource(**src, streaming=True, max_samples=4)], "use max_rows"),
         ([DataSource(**{**src, "column": "nope"}, streaming=True)], "has no column 'nope'"),
         ([DataSource(**{**src, "kind": "chat", "column": "text"}, streaming=True)], "not conversations"),
@@ -130,27 +266,46 @@ def test_stream_loader_batches_positions_and_labels(world, tok):
     one.close()
 
 
-def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path):
-    """torchrun world 2, 6 steps with a checkpoint at 3, then resumed from step 3 at world 2: the
-    same losses, exactly. (The rule at another world size is tested in-process above: a launch
-    costs ~15 s of CI.)"""
-    sources = (f"[{{path: {world}/data/finetune.jsonl, kind: chat, streaming: true}},"
-               f" {{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 200, streaming: true}}]")
-    common = [f"data.sources={sources}", "checkpoint.every_n_steps=3", "data.shuffle=false"]
+def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path, capsys):
+    """torchrun world 2, streams mixed by weight and shuffled, 6 steps with a checkpoint at 3, then
+    resumed from step 3 at world 2: the same losses, exactly, and per-source epochs (the text source
+    is small for its weight and cycles). (The rule at another world size, and the chain without
+    weights, are tested in-process above: a launch costs ~15 s of CI.)"""
+    sources = (f"[{{path: {world}/data/finetune.jsonl, kind: chat, streaming: true, weight: 1}},"
+               f" {{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 8, streaming: true, weight: 3}}]")
+    common = [f"data.sources={sources}", "checkpoint.every_n_steps=3", "data.shuffle=true",
+              "data.shuffle_buffer=4", "training.seed=3"]
     straight, again = tmp_path / "straight", tmp_path / "again"
     run_train(base_overrides(world, straight) + common, 2)
     step3 = straight / "checkpoints" / "step-000003"
     meta3 = json.loads((step3 / "meta.json").read_text())["data"]
     assert meta3["stream"] and meta3["world"] == 2 and meta3["skip"] == []
+    assert (meta3["weights"], meta3["shuffle_buffer"], meta3["seed"]) == ([0.25, 0.75], 4, 3)
+    assert meta3["docs_per_epoch"][1] == 8
     (g0, _), (g1, _) = meta3["positions"]
     assert 0 < g0 != g1 > 0  # each rank's own position
     (again / "checkpoints").mkdir(parents=True)
     shutil.copytree(step3, again / "checkpoints" / step3.name)
     run_train(base_overrides(world, again) + common + ["checkpoint.resume=auto"], 2)
     assert losses(again) == losses(straight)[3:]  # exact float equality
-    assert [m["data/epoch"] for m in read_metrics(again)] == [0, 0, 0]
+    epochs = [(m["data/epoch"], m["data/epoch/0"], m["data/epoch/1"]) for m in read_metrics(straight)]
+    assert [(m["data/epoch"], m["data/epoch/0"], m["data/epoch/1"]) for m in read_metrics(again)] == epochs[3:]
+    assert all(e == min(e0, e1) == 0 for e, e0, e1 in epochs) and epochs[-1][2] > epochs[0][2]
     end = json.loads((again / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
     assert end == json.loads((straight / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
+    # the same checkpoint resumed without the weights: one line, exit 2 (in-process, world 1)
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import train as train_recipe
+
+    chained = sources.replace(", weight: 1", "").replace(", weight: 3", "")
+    (tmp_path / "chained" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, tmp_path / "chained" / "checkpoints" / step3.name)
+    with pytest.raises(SystemExit) as e:
+        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"),
+                           *base_overrides(world, tmp_path / "chained"), *common[1:], f"data.sources={chained}",
+                           "checkpoint.resume=auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: the checkpoint's streams were mixed by weight"), err
 
 
 def test_flash_varlen_kwargs_keep_documents_apart_at_batch_2(world, tok):

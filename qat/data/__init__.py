@@ -40,11 +40,12 @@ def _log(msg: str) -> None:
 
 
 def build_dataset(cfg: DataConfig, tokenizer, builder: Optional[bool] = None,
-                  log: Callable[[str], None] = _log) -> PackedData | StreamData:
+                  log: Callable[[str], None] = _log, seed: int = 0) -> PackedData | StreamData:
     """Every source's cache entry (built if missing, by this node's builder), mapped as rows; or,
-    for streaming sources, their checked description (qat/data/stream.py)."""
+    for streaming sources, their checked description (qat/data/stream.py). `seed` (training.seed)
+    orders streams: their mix by weight and their shuffles; the memory-mapped sampler gets it later."""
     if check_streaming(cfg):
-        return build_stream(cfg, tokenizer, log)
+        return build_stream(cfg, tokenizer, log, seed)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     builder = is_builder() if builder is None else builder
     layout = "pad" if cfg.packing == "pad" else "stream"

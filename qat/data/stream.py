@@ -1,14 +1,23 @@
 """Streaming sources (`streaming: true`): read, tokenized and packed on the fly, never materialised.
 
-    data = build_stream(cfg.data, tokenizer)          # validates; reads nothing but the first row
+    data = build_stream(cfg.data, tokenizer, log, seed)   # validates; reads nothing but the first row
     loader = StreamLoader(data, rank, world, batch_size, accum, device)
     batches = loader.next_batches()                   # this step's micro-batches
     meta["data"] = loader.state_dict()                # collective: every rank's position
 
-The documents. The sources are chained (source 0's rows, then source 1's, ...) and read with
-`datasets.load_dataset(..., streaming=True)`, the same call for local files and hub datasets. Each
-document gets a global index g that keeps counting across epochs: when the chain ends, it starts
-again (epoch 1, 2, ...) and g goes on, so the document at g is row `g % N` of the chain, N its length.
+The documents. Sources are read with `datasets.load_dataset(..., streaming=True)`, the same call
+for local files and hub datasets. Each document gets a global index g that keeps counting across
+epochs. Two orders, both pure functions of g (and the seed), so everything below is about g only:
+- Without weights the sources are chained (source 0's rows, then source 1's, ...). When the chain
+  ends it starts again (epoch 1, 2, ...) and g goes on: document g is row `g % N` of the chain.
+- With `sources[i].weight` (DocumentMix) document g's source is drawn from (seed, g) with
+  probability w_i / sum(w) (qat/data/mix.py), and it is that source's next document. Each source
+  cycles on its own: its k-th document is row `k % N_i` of its epoch `k // N_i`, so a small source
+  repeats and its epoch grows faster, as on the memory-mapped path (qat/data/sampler.py).
+  The number of documents each source gave before g is computed, not replayed, at a resume.
+Shuffle (`data.shuffle`): each source's epoch e is read through datasets'
+`IterableDataset.shuffle(generator, buffer_size=data.shuffle_buffer)`, seeded by (seed, source, e):
+every rank reads the same order, and a resume re-reading an epoch from its start reads it again.
 
 Sharding. Rank r of a world W owns the documents with `g % W == r` (minus a skip set, below). It
 tokenizes and packs only those, in a background thread that keeps a bounded queue of rows ahead of
@@ -32,8 +41,10 @@ set; at most the spread between the ranks' positions). So no document is read tw
 left out except the rests of the W cut documents. The skip set is kept until the ranks pass it,
 so the rule composes over several changes of world size.
 
-Epochs. A stream never ends: its epoch e is `g // N` (logged as data/epoch). Streams are read in
-order; `data.shuffle` applies to the memory-mapped path only (shuffle the files beforehand).
+Epochs. A stream never ends. Chained: every source's epoch is `g // N`. Mixed: source i's epoch
+is (its documents before g) // N_i, and data/epoch is the smallest. The checkpoint holds the N (or
+N_i) once known, to jump whole epochs on resume, and the weights, shuffle buffer and seed that
+define the order: a resume with another order stops with one line.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import torch
 
 from qat.config import DataConfig, DataSource
 from qat.data.cache import DOC_START, SUPERVISED, _PadWriter
+from qat.data.mix import BLOCK, Mixture, shuffle_generator
 from qat.data.packed import rows_to_batch
 from qat.data.sources import (BUILDERS, _parse_problem, default_column, encode_texts, local_files,
                               tokenize_chat_batch)
@@ -66,9 +78,6 @@ def check_streaming(cfg: DataConfig) -> bool:
         raise UserError(f"data.sources[{i}].streaming={flags[i]} but data.sources[0].streaming={flags[0]}: "
                         f"stream every source or none (a stream has no length to mix by)")
     for i, s in enumerate(cfg.sources):
-        if s.weight is not None:
-            raise UserError(f"data.sources[{i}].weight is not supported with streaming: the sources are "
-                            f"chained; remove weight, or set streaming=false to mix by weight")
         if s.max_samples is not None:
             raise UserError(f"data.sources[{i}].max_samples caps the rows of a memory-mapped source; a stream "
                             f"has no row count: use max_rows (documents) or training.steps")
@@ -77,22 +86,49 @@ def check_streaming(cfg: DataConfig) -> bool:
 
 @dataclasses.dataclass
 class StreamData:
-    """What a streaming run reads: validated sources, the tokenizer, the row shape."""
+    """What a streaming run reads: validated sources, the tokenizer, the row shape, and the order."""
     sources: list[DataSource]
     tokenizer: object
     seq_len: int
     packing: str
+    seed: int = 0  # training.seed: the mix's draws and the shuffles' seeds
+    shuffle_buffer: Optional[int] = None  # None: each source in file order
+    _opened: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def open(self, s: int):
+        """Source s's stream. load_dataset resolves the builder and the files (~0.1 s) once per source and
+        thread: each epoch iterates the same object again, which datasets supports in sequence (an
+        iteration resets the position it keeps inside the dataset's objects), not by two threads at once."""
+        key = (threading.get_ident(), s)
+        if key not in self._opened:
+            self._opened[key] = _open(self.sources[s], s)
+        return self._opened[key]
+
+    @property
+    def weights(self) -> Optional[list[float]]:
+        return None if self.sources[0].weight is None else [s.weight for s in self.sources]
+
+    def order_record(self) -> dict:
+        """What defines the documents' order, kept in the checkpoint: a resume must match it."""
+        shares = None if self.weights is None else [float(x) for x in Mixture(self.weights, 0).shares]
+        seeded = shares is not None or self.shuffle_buffer is not None
+        return {"weights": shares, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed if seeded else None}
 
 
-def build_stream(cfg: DataConfig, tokenizer, log) -> StreamData:
+def build_stream(cfg: DataConfig, tokenizer, log, seed: int = 0) -> StreamData:
     """Checks every source by opening its stream and reading its first row (bad paths, columns)."""
+    data = StreamData(list(cfg.sources), tokenizer, cfg.seq_len, cfg.packing, seed,
+                      cfg.shuffle_buffer if cfg.shuffle else None)
     for i, src in enumerate(cfg.sources):
-        if next(iter(_values(src, i)), None) is None:
+        if next(iter(_values(src, i, data.open(i))), None) is None:
             raise UserError(f"data.sources[{i}]: {src.path} has no rows")
         log(f"sources[{i}] {src.path} streams: tokenized on the fly, nothing cached")
+    if data.weights is not None:
+        log(f"streams mixed by weight, source shares {data.order_record()['weights']} (seed {seed})")
     if cfg.shuffle:
-        log("streams are read in order: data.shuffle applies to memory-mapped sources only")
-    return StreamData(list(cfg.sources), tokenizer, cfg.seq_len, cfg.packing)
+        log(f"streams shuffled per source and epoch: datasets' shuffle buffer of {cfg.shuffle_buffer} "
+            f"documents (seed {seed})")
+    return data
 
 
 def _open(src: DataSource, index: int):
@@ -102,43 +138,63 @@ def _open(src: DataSource, index: int):
     if files is not None and src.data_files:
         raise UserError(f"data.sources[{index}].data_files selects files of a hub dataset; "
                         f"for local files, point path at the file or folder")
-    if files is not None:
-        return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                     split="train", streaming=True)
-    return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
-                                 data_files=list(src.data_files) or None, streaming=True)
+    try:
+        if files is not None:
+            return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                         split="train", streaming=True)
+        return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
+                                     data_files=list(src.data_files) or None, streaming=True)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
+        raise UserError(f"data.sources[{index}]: {src.path} does not parse: {_parse_problem(e)}") from None
 
 
-def _values(src: DataSource, index: int) -> Iterator:
-    """The column's values, in order, up to max_rows; a row the tokenizer cannot take stops with one line."""
+def _values(src: DataSource, index: int, ds, seed: int = 0, shuffle_buffer: Optional[int] = None,
+            epoch: int = 0) -> Iterator:
+    """The column's values from the opened stream `ds`: the first max_rows rows, in order or shuffled
+    with the epoch's seed; a row the tokenizer cannot take stops with one line."""
     import datasets
 
     column, where = default_column(src), f"data.sources[{index}]: {src.path}"
+    if src.max_rows is not None:  # the first rows, then shuffled, as on the memory-mapped path
+        ds = ds.take(src.max_rows)
+    if shuffle_buffer is not None:
+        ds = ds.shuffle(generator=shuffle_generator(seed, index, epoch), buffer_size=shuffle_buffer)
     n = 0
     try:
-        for row in _open(src, index):
+        for row in ds:
             if column not in row:
                 raise UserError(f"{where} has no column {column!r} (columns: {', '.join(row)})")
             v = row[column]
             if v is None:
-                raise UserError(f"{where}: row {n} of column {column!r} is null (line {n + 1} of a "
-                                f"JSON-lines file); remove or fill it")
+                raise UserError(f"{where}: column {column!r} is null at {_row_name(n, shuffle_buffer, epoch)}; "
+                                f"remove or fill it")
             if (src.kind == "text") != isinstance(v, str) or (src.kind == "chat" and not isinstance(v, list)):
-                raise UserError(f"{where}: column {column!r} holds {type(v).__name__} at row {n}, not "
+                raise UserError(f"{where}: column {column!r} holds {type(v).__name__} at "
+                                f"{_row_name(n, shuffle_buffer, epoch)}, not "
                                 f"{'text' if src.kind == 'text' else 'conversations'}")
             yield v
             n += 1
-            if src.max_rows is not None and n >= src.max_rows:
-                return
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
         raise UserError(f"{where} does not parse: {_parse_problem(e)}") from None
+
+
+def _row_name(n: int, shuffle_buffer: Optional[int], epoch: int) -> str:
+    if shuffle_buffer is None:
+        return f"row {n} (line {n + 1} of a JSON-lines file)"
+    return f"row {n} of epoch {epoch}'s shuffle (data.shuffle=false gives its line)"
+
+
+def epoch_values(data: StreamData, s: int, epoch: int) -> Iterator:
+    """Source s's documents in its epoch `epoch`: in file order, or that epoch's shuffle."""
+    return _values(data.sources[s], s, data.open(s), data.seed, data.shuffle_buffer, epoch)
 
 
 class DocumentChain:
     """(g, source index, value) for g >= start: the sources chained, epoch after epoch."""
 
-    def __init__(self, sources: list[DataSource], docs_per_epoch: Optional[int] = None):
-        self.sources, self.docs_per_epoch = sources, docs_per_epoch
+    def __init__(self, data: StreamData, docs_per_epoch: Optional[int] = None):
+        self.data, self.docs_per_epoch = data, docs_per_epoch
+        self.period = docs_per_epoch  # documents per epoch, once known (a bound for RankStream's check)
 
     def rows_from(self, start: int) -> Iterator[tuple[int, int, object]]:
         g = 0
@@ -146,16 +202,68 @@ class DocumentChain:
             g = start // self.docs_per_epoch * self.docs_per_epoch
         while True:
             first = g
-            for s, src in enumerate(self.sources):
-                for v in _values(src, s):
+            epoch = g // self.docs_per_epoch if self.docs_per_epoch else 0
+            for s in range(len(self.data.sources)):
+                for v in epoch_values(self.data, s, epoch):
                     if g >= start:
                         yield g, s, v
                     g += 1
             if g == first:
                 raise UserError("data.sources yield no rows")
-            self.docs_per_epoch = g - first
+            self.docs_per_epoch = self.period = g - first
             if start > g:
                 g += (start - g) // self.docs_per_epoch * self.docs_per_epoch
+
+    def epochs(self, g: int) -> list[int]:
+        e = g // self.docs_per_epoch if self.docs_per_epoch else 0
+        return [e] * len(self.data.sources)
+
+
+class DocumentMix:
+    """(g, source index, value) for g >= start: document g is the next document of the source the
+    mixture draws for g; each source cycles through its own epochs."""
+
+    def __init__(self, data: StreamData, docs_per_epoch: Optional[list] = None):
+        self.data, self.mixture = data, Mixture(data.weights, data.seed)
+        self.docs_per_epoch = list(docs_per_epoch or [None] * len(data.sources))  # N_i once known
+        self.period = None
+
+    def rows_from(self, start: int) -> Iterator[tuple[int, int, object]]:
+        cursors = [self._cycle(s, int(k)) for s, k in enumerate(self.mixture.counts_before(start))]
+        g = start
+        while True:
+            block = self.mixture.block(g // BLOCK)
+            for i in range(g % BLOCK, BLOCK):
+                s = int(block[i])
+                yield g, s, next(cursors[s])
+                g += 1
+
+    def _cycle(self, s: int, k: int) -> Iterator:
+        """Source s's documents from its k-th on: row k % N of epoch k // N, N learned at the first end."""
+        n = self.docs_per_epoch[s]
+        epoch, skip = divmod(k, n) if n else (0, k)
+        while True:
+            n = 0
+            for v in epoch_values(self.data, s, epoch):
+                if n >= skip:
+                    yield v
+                n += 1
+            if n == 0:
+                raise UserError(f"data.sources[{s}] ({self.data.sources[s].path}) yields no rows")
+            self.docs_per_epoch[s] = n
+            skip = max(skip - n, 0)
+            epoch, skip = epoch + 1 + skip // n, skip % n  # a resume before N was known jumps here
+
+    def epochs(self, g: int) -> list[int]:
+        counts = self.mixture.counts_before(g)
+        return [int(c) // n if n else 0 for c, n in zip(counts, self.docs_per_epoch)]
+
+
+def document_order(data: StreamData, docs_per_epoch=None):
+    """The chain, or the mix when the sources have weights (docs_per_epoch: an int, or a list per source)."""
+    if data.weights is None:
+        return DocumentChain(data, docs_per_epoch)
+    return DocumentMix(data, docs_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,19 +285,19 @@ class RankStream:
     """One rank's rows: its documents, tokenized in batches and packed like the memory-mapped path."""
 
     def __init__(self, data: StreamData, rank: int, world: int, start: Position, skip: frozenset,
-                 docs_per_epoch: Optional[int] = None):
+                 docs_per_epoch=None):
         self.data, self.rank, self.world, self.start, self.skip = data, rank, world, start, skip
-        self.chain = DocumentChain(data.sources, docs_per_epoch)
+        self.order = document_order(data, docs_per_epoch)
         self.pad = _PadWriter(data.seq_len, data.tokenizer)
 
     def _mine(self) -> Iterator[tuple[int, int, object]]:
         last = self.start.g
-        for g, s, v in self.chain.rows_from(self.start.g):
+        for g, s, v in self.order.rows_from(self.start.g):
             if g % self.world == self.rank and g not in self.skip:
                 last = g
                 yield g, s, v
-            elif self.chain.docs_per_epoch and g - last > self.chain.docs_per_epoch + self.world:
-                raise UserError(f"data.sources hold {self.chain.docs_per_epoch} documents per epoch, none of "
+            elif self.order.period and g - last > self.order.period + self.world:
+                raise UserError(f"data.sources hold {self.order.period} documents per epoch, none of "
                                 f"them for rank {self.rank} of {self.world}: use more data or fewer ranks")
 
     def documents(self) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
@@ -262,11 +370,32 @@ def reshard(state: dict, rank: int, world: int) -> tuple[Position, frozenset]:
     return Position(frontier, 0), frozenset(consumed)
 
 
-def merge_positions(positions: list[Position], world: int, skip: frozenset, docs_per_epoch: Optional[int]) -> dict:
+def merge_positions(positions: list[Position], world: int, skip: frozenset, docs_per_epoch,
+                    order: Optional[dict] = None) -> dict:
     """The checkpoint's stream state; skip entries every rank has passed are dropped."""
     frontier = min(p.g for p in positions)
     return {"stream": True, "world": world, "positions": [[p.g, p.offset] for p in positions],
-            "skip": sorted(g for g in skip if g >= frontier), "docs_per_epoch": docs_per_epoch}
+            "skip": sorted(g for g in skip if g >= frontier), "docs_per_epoch": docs_per_epoch, **(order or {})}
+
+
+def check_order(state: dict, data: StreamData) -> None:
+    """One line if the checkpoint's documents came in another order than this config's (a checkpoint
+    written before streams had weights or a shuffle has none of these keys: chained, in order)."""
+    saved, want = {k: state.get(k) for k in ("weights", "shuffle_buffer", "seed")}, data.order_record()
+    if saved["weights"] != want["weights"]:
+        def say(w):
+            return "chained (no weight)" if w is None else f"mixed by weight, shares {w}"
+        raise UserError(f"the checkpoint's streams were {say(saved['weights'])}, this config's are "
+                        f"{say(want['weights'])}: set data.sources[i].weight as the checkpoint had, or start a new run")
+    if saved["shuffle_buffer"] != want["shuffle_buffer"]:
+        def say(b):
+            return "read in file order (data.shuffle=false)" if b is None else f"shuffled with data.shuffle_buffer={b}"
+        raise UserError(f"the checkpoint's streams were {say(saved['shuffle_buffer'])}, this config's are "
+                        f"{say(want['shuffle_buffer'])}: set data.shuffle and data.shuffle_buffer as the "
+                        f"checkpoint had, or start a new run")
+    if saved["seed"] != want["seed"]:
+        raise UserError(f"the checkpoint mixed or shuffled its streams with training.seed={saved['seed']}, "
+                        f"this config has {want['seed']}: resume with training.seed={saved['seed']}")
 
 
 class StreamLoader:
@@ -284,6 +413,7 @@ class StreamLoader:
         if not state.get("stream"):
             raise UserError("the checkpoint read memory-mapped data.sources; this config streams them: "
                             "resume with streaming=false, or start a new run")
+        check_order(state, self.data)
         self.position, self.skip = reshard(state, self.rank, self.world)
         self.docs_per_epoch = state.get("docs_per_epoch")
 
@@ -326,10 +456,15 @@ class StreamLoader:
             out.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return out
 
+    def _order(self):
+        """The thread's document order (what it has learned of the epochs' lengths), or the checkpoint's."""
+        if self._thread is not None:
+            return self._stream.order
+        return document_order(self.data, self.docs_per_epoch)
+
     def epochs(self) -> dict[str, int]:
-        n = self._stream.chain.docs_per_epoch if self._thread is not None else self.docs_per_epoch
-        e = self.position.g // n if n else 0
-        return {"data/epoch": e, **{f"data/epoch/{i}": e for i in range(len(self.data.sources))}}
+        per = self._order().epochs(self.position.g)
+        return {"data/epoch": min(per), **{f"data/epoch/{i}": e for i, e in enumerate(per)}}
 
     def state_dict(self) -> dict:
         """Collective: every rank's position, gathered."""
@@ -339,8 +474,9 @@ class StreamLoader:
         if dist.is_initialized() and self.world > 1:
             positions = [None] * self.world
             dist.all_gather_object(positions, self.position)
-        n = self._stream.chain.docs_per_epoch if self._thread is not None else self.docs_per_epoch
-        return merge_positions(positions, self.world, self.skip, n)
+        n = self._order().docs_per_epoch
+        return merge_positions(positions, self.world, self.skip, list(n) if isinstance(n, list) else n,
+                               self.data.order_record())
 
     def close(self) -> None:
         if self._thread is not None:
