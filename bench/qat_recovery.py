@@ -6,10 +6,12 @@ writes a markdown table of the recovered share of bits/byte and acc_norm (mean Â
 and each arm's median step time relative to plain QAT.
 
     python bench/qat_recovery.py --seeds 0 1 2 --modes full lora merged --out runs/recovery
+    python bench/qat_recovery.py --qat-from bf16 --out runs/recovery-from-bf16 --bf16-from runs/recovery
 
 Modes: full (full fine-tuning), lora (LoRA, default QAT: fake-quantize W, adapter in high
 precision), merged (LoRA with qat.lora_merged=true). The merged mode shares the LoRA mode's bf16
-arm (same seed, same training): whichever runs second copies it rather than training it again. Each compare resumes what it
+arm (same seed, same training): whichever runs second copies it rather than training it again,
+as it copies the bf16 arms of the sweeps named by --bf16-from. Each compare resumes what it
 finished, so an interrupted sweep continues where it stopped. A seed-0 full run already in
 runs/demo/compare (the demo's, same config) is reused when --reuse-demo is given.
 """
@@ -39,25 +41,28 @@ MODES = {"full": ["full=true", "lora=false"],
 LORA_TRAIN = ["optimizer.lr=2e-3"]
 
 
-def run_compare(out: Path, mode: str, seed: int) -> None:
+def run_compare(out: Path, mode: str, seed: int, qat_from: str) -> None:
     train = [f"training.seed={seed}"] + (LORA_TRAIN if mode != "full" else [])
     cmd = [sys.executable, str(ROOT / "recipes/compare.py"), "--config", str(ROOT / "configs/tiny/compare.yaml"),
-           f"output_dir={out}", "qad=true", "learn_scales=true", "wandb.enabled=false", *MODES[mode],
-           f"train_overrides=[{', '.join(train)}]"]
+           f"output_dir={out}", "qad=true", "learn_scales=true", f"qat_from={qat_from}", "wandb.enabled=false",
+           *MODES[mode], f"train_overrides=[{', '.join(train)}]"]
     print(f"[recovery] {mode} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def share_bf16_lora(root: Path, mode: str, seed: int) -> None:
-    """lora and merged modes train the same bf16 LoRA arm (same seed and data): the one that runs
-    second copies the finished arm of the other instead of training it again."""
-    other = {"lora": "merged", "merged": "lora"}.get(mode)
-    if other is None:
-        return
-    src, dst = root / f"{other}-s{seed}" / "bf16_lora", root / f"{mode}-s{seed}" / "bf16_lora"
-    if (src / "done.json").exists() and not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst, symlinks=True)
+def reuse_bf16(root: Path, mode: str, seed: int, elsewhere: list[Path]) -> None:
+    """The bf16 arm depends on neither the QAT options nor lora_merged: lora and merged modes train
+    the same bf16 LoRA arm, and another sweep (--bf16-from) trained the same bf16 arms. Copy a
+    finished one rather than train it again."""
+    arm = "bf16" if mode == "full" else "bf16_lora"
+    dst = root / f"{mode}-s{seed}" / arm
+    others = [root / f"{m}-s{seed}" for m in ("lora", "merged") if mode != "full" and m != mode]
+    for d in others + [r / f"{m}-s{seed}" for r in elsewhere
+                       for m in ([mode] if mode == "full" else ["lora", "merged"])]:
+        src = d / arm
+        if (src / "done.json").exists() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src.resolve(), dst, symlinks=True)
 
 
 def results_of(out: Path, mode: str) -> dict:
@@ -118,6 +123,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/recovery"))
     p.add_argument("--reuse-demo", action="store_true", help="take full seed 0 from runs/demo/compare")
     p.add_argument("--report-only", action="store_true", help="only aggregate what exists")
+    p.add_argument("--qat-from", choices=("base", "bf16"), default="base",
+                   help="compare's qat_from: the quantization-aware arms start from the base model or the "
+                        "fine-tuned bf16 arm")
+    p.add_argument("--bf16-from", type=Path, nargs="*", default=[],
+                   help="other sweeps' folders (same seeds and config): copy their finished bf16 arms")
     a = p.parse_args(argv)
     root = a.out.resolve()
     if not a.report_only:
@@ -127,8 +137,8 @@ def main(argv=None) -> None:
                 if a.reuse_demo and mode == "full" and seed == 0 and not out.exists():
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.symlink_to((ROOT / "runs/demo/compare").resolve())
-                share_bf16_lora(root, mode, seed)
-                run_compare(out, mode, seed)
+                reuse_bf16(root, mode, seed, [d.resolve() for d in a.bf16_from])
+                run_compare(out, mode, seed, a.qat_from)
     md = table(root, a.modes, a.seeds)
     (root / "recovery.md").write_text(md)
     print(md)

@@ -214,6 +214,11 @@ class CompareConfig:
     # Also a QAD arm: QAT trained on the KL from the fine-tuned bf16 arm's export (distill.teacher)
     qad: bool = False  # an arm distilling the fine-tuned bf16 arm into the QAT model (QAD)
     learn_scales: bool = False  # an arm with learned scales (qat_ls), and qad_ls when qad is on
+    # Where the quantization-aware arms start. "base": train_config's model, like the bf16 arm
+    # (one fine-tuning, with fake quantization from the start). "bf16": the fine-tuned bf16 arm
+    # (fine-tune, then quantization-aware training from it: ModelOpt's QAD recipe), whose QAD
+    # teacher is then the model it starts from (distill.teacher=base: no second copy with LoRA).
+    qat_from: str = rule("base", choices=("base", "bf16"))
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
     title: str = ""
     data_description: str = ""

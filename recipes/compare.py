@@ -48,11 +48,14 @@ def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
             continue
         merged = [f"qat.lora_merged={str(cfg.lora_merged).lower()}"] if kind == "lora" else []
         arms[f"bf16{suffix}"] = ["qat.enabled=false"] + lora
-        qad = ["distill.enabled=true", f"distill.teacher={teacher_of(out, suffix)}"]
+        fine_tuned = fine_tuned_export(out, suffix)
+        start = [f"model.path={fine_tuned}"] if cfg.qat_from == "bf16" else []
+        # from the bf16 arm, "base" (the model the arm starts from) is that same fine-tuned model
+        qad = ["distill.enabled=true", f"distill.teacher={'base' if start else fine_tuned}"]
         for arm, extra, on in (("qat", [], True), ("qad", qad, cfg.qad), ("qat_ls", LS, cfg.learn_scales),
                                ("qad_ls", qad + LS, cfg.qad and cfg.learn_scales)):
             if on:
-                arms[f"{arm}{suffix}"] = qat + lora + merged + extra
+                arms[f"{arm}{suffix}"] = qat + lora + merged + start + extra
     if not arms:
         raise UserError("compare has no arms: set full=true and/or lora=true")
     return arms
@@ -61,9 +64,9 @@ def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
 LS = ["qat.learn_scales=true"]
 
 
-def teacher_of(out: Path, suffix: str) -> Path:
-    """The QAD teacher: the fine-tuned bf16 arm's hf/ export (LoRA merged), as an absolute path so
-    the run's config.yaml stays valid from any directory."""
+def fine_tuned_export(out: Path, suffix: str) -> Path:
+    """The fine-tuned bf16 arm's hf/ export (LoRA merged): the QAD teacher, and with qat_from=bf16
+    the start of every quantization-aware arm. Absolute, so a run's config.yaml is valid anywhere."""
     return (out / f"bf16{suffix}" / "export" / "hf").resolve()
 
 
@@ -131,6 +134,8 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
             "eval": f"lm-eval tasks={cfg.eval.tasks}" + (f", limit={cfg.eval.limit}" if cfg.eval.limit else ""),
             "arms": "; ".join(a for a, on in (
                 ("PTQ: the bf16 arm quantized after training", True),
+                ("quantization-aware arms start from the fine-tuned bf16 arm (its hf/ export) and train "
+                 f"{train.training.steps} more steps", cfg.qat_from == "bf16"),
                 ("QAT: fake quantization, cross-entropy", True),
                 ("QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at T=1", cfg.qad),
                 (f"+LS: scales learned with LSQ (lr x {train.qat.scale_lr_multiplier})", cfg.learn_scales)) if on)}
@@ -176,7 +181,8 @@ def main(argv=None) -> None:
         load_config(cfg.train_config, list(cfg.train_overrides) + overrides + ["output_dir=x"])
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
-        if arm.startswith("qad"):  # its teacher is the bf16 arm's export
+        if arm.startswith("qad") or (cfg.qat_from == "bf16" and not arm.startswith("bf16")):
+            # a QAD arm's teacher, and with qat_from=bf16 every quantization-aware arm's start, is the bf16 arm's export
             suffix = "_lora" if arm.endswith("_lora") else ""
             export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", PTQRequest(cfg.scheme, cfg.group_size),
                        log=log)

@@ -124,6 +124,16 @@ def test_arms_with_distillation_and_learned_scales(tmp_path):
     assert "qat.learn_scales=true" in got["qad_ls_lora"] and teacher in got["qad_ls_lora"]
     assert "qat.lora_merged=true" in got["qat_ls_lora"] and "qat.learn_scales=true" not in got["qad_lora"]
     assert not any("distill" in o for o in got["qat_ls"])
+    assert not any(o.startswith("model.path=") for o in got["qad_ls_lora"])
+    # qat_from=bf16: every quantization-aware arm starts from its kind's fine-tuned bf16 arm, and a
+    # QAD arm's teacher is that same starting model; the bf16 arms still start from the base
+    cfg.qat_from = "bf16"
+    got = arms(cfg, tmp_path)
+    for suffix in ("", "_lora"):
+        start = f"model.path={(tmp_path / f'bf16{suffix}' / 'export' / 'hf').resolve()}"
+        assert all(start in got[f"{a}{suffix}"] for a in ("qat", "qad", "qat_ls", "qad_ls"))
+        assert "distill.teacher=base" in got[f"qad{suffix}"] and "distill.teacher=base" in got[f"qad_ls{suffix}"]
+        assert not any(o.startswith("model.path=") for o in got[f"bf16{suffix}"])
     res = {k: {"wikitext": {"bits_per_byte": v}} for k, v in
            {"bf16": 1.0, "ptq": 1.4, "qat": 1.1, "qad": 1.04, "qat_ls": 1.08, "qad_ls": 1.02}.items()}
     md = markdown(res, {"title": "t"})
