@@ -91,6 +91,8 @@ def run_mode(mode, folder, world, a, device) -> dict:
             "step_s": round(step, 4), "tokens_per_s": round(tokens / step),
             "mfu": round(flops / step / peak, 3) if peak else None,
             "peak_mem_gib": round(max(r.get("mem/peak_gib", 0.0) for r in rows), 2),
+            # host time waiting for the step's batches: ~0 when the prefetcher hides the loading
+            "data_s": round(statistics.median(r.get("perf/data_s", 0.0) for r in rows), 5),
             "loss": round(rows[-1]["train/loss"], 3)}
 
 

@@ -324,6 +324,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             batches = loader.next_batches()
+            data_s = time.perf_counter() - t0  # the wait the prefetcher (or the stream's thread) did not hide
             sums, n_tok = train_step(model, batches, device, world, teacher, cfg.distill)
             if cfg.qat.learn_scales and not fq_on:
                 fill_unused_grads(model)
@@ -340,6 +341,7 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
             if rank == 0 and (step % cfg.logging.log_every_n_steps == 0 or step == end):
                 m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/tokens": n_tok, "perf/tokens_per_sec": tps, "perf/step_time_s": dt,
+                     "perf/data_s": data_s,
                      "qat/fake_quant_enabled": int(fq_on), **loader.epochs()}
                 if teacher is not None:
                     m["train/ce_loss"], m["train/kd_loss"] = sums["ce"] / n_tok, sums["kd"] / n_tok

@@ -61,7 +61,7 @@ def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
         if rec.WhichOneof("record_type") == "run":
             group = rec.run.run_group
-    assert {"train/loss", "train/lr", "perf/tokens_per_sec", "qat/fake_quant_enabled"} <= keys
+    assert {"train/loss", "train/lr", "perf/tokens_per_sec", "perf/data_s", "qat/fake_quant_enabled"} <= keys
     assert group == "unit-group"
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
 
