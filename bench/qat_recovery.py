@@ -41,8 +41,8 @@ MODES = {"full": ["full=true", "lora=false"],
 LORA_TRAIN = ["optimizer.lr=2e-3"]
 
 
-def run_compare(out: Path, mode: str, seed: int, qat_from: str) -> None:
-    train = [f"training.seed={seed}"] + (LORA_TRAIN if mode != "full" else [])
+def run_compare(out: Path, mode: str, seed: int, qat_from: str, extra: list[str]) -> None:
+    train = [f"training.seed={seed}"] + (LORA_TRAIN if mode != "full" else []) + extra
     cmd = [sys.executable, str(ROOT / "recipes/compare.py"), "--config", str(ROOT / "configs/tiny/compare.yaml"),
            f"output_dir={out}", "qad=true", "learn_scales=true", f"qat_from={qat_from}", "wandb.enabled=false",
            *MODES[mode], f"train_overrides=[{', '.join(train)}]"]
@@ -128,6 +128,9 @@ def main(argv=None) -> None:
                         "fine-tuned bf16 arm")
     p.add_argument("--bf16-from", type=Path, nargs="*", default=[],
                    help="other sweeps' folders (same seeds and config): copy their finished bf16 arms")
+    p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more training overrides for every arm, e.g. lora.rank=64 lora.alpha=128 (then do "
+                        "not reuse bf16 arms trained without them)")
     a = p.parse_args(argv)
     root = a.out.resolve()
     if not a.report_only:
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.symlink_to((ROOT / "runs/demo/compare").resolve())
                 reuse_bf16(root, mode, seed, [d.resolve() for d in a.bf16_from])
-                run_compare(out, mode, seed, a.qat_from)
+                run_compare(out, mode, seed, a.qat_from, a.train)
     md = table(root, a.modes, a.seeds)
     (root / "recovery.md").write_text(md)
     print(md)
