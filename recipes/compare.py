@@ -181,9 +181,8 @@ def main(argv=None) -> None:
         load_config(cfg.train_config, list(cfg.train_overrides) + overrides + ["output_dir=x"])
     out.mkdir(parents=True, exist_ok=True)
     for arm, overrides in arms(cfg, out).items():
-        if arm.startswith("qad") or (cfg.qat_from == "bf16" and not arm.startswith("bf16")):
-            # a QAD arm's teacher, and with qat_from=bf16 every quantization-aware arm's start, is the bf16 arm's export
-            suffix = "_lora" if arm.endswith("_lora") else ""
+        suffix = "_lora" if arm.endswith("_lora") else ""
+        if any(str(fine_tuned_export(out, suffix)) in o for o in overrides):  # QAD's teacher, qat_from=bf16's start
             export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", PTQRequest(cfg.scheme, cfg.group_size),
                        log=log)
         train_arm(cfg, arm, overrides, out)
