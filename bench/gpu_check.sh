@@ -102,7 +102,8 @@ tests)
     versions
     # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
     # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
-    step pytest 400 python3 -m pytest -m gpu tests/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
+    # test_gpu_paths.py first: its unit-sized checks (~30 s) come before test_gpu.py's recipe runs.
+    step pytest 400 python3 -m pytest -m gpu tests/test_gpu_paths.py tests/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
         --timeout 300 --junitxml="$OUT/pytest.xml"
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py

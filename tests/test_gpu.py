@@ -14,6 +14,10 @@ Every check compares the CUDA path with the CPU path that the CPU suite already 
 - emulated NVFP4 and MXFP4 QAT train like bf16;
 - convert and evaluate run on the tiny world.
 
+tests/test_gpu_paths.py (run first) covers the paths built after this file: packed documents under
+sdpa, eager and flash-attention varlen, the CUDA prefetcher and the stream loader, learned scales,
+and MoE experts, each against the CPU reference.
+
 Only stable entry points are used: `qat.schemes.get_scheme` / `SCHEMES` and `Scheme.base_config`,
 the recipes as subprocesses, and the fake-quantizer classes.
 """
