@@ -322,8 +322,8 @@ MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_
 
 def moe_case(kind: str, impl: str, device: str, dtype=torch.float32) -> dict:
     """A tiny MoE model (tests/test_moe.py's), intx4 QAT on its experts, the expert forward `impl`
-    of transformers (eager: a loop over experts; grouped_mm: torch's grouped GEMM, or transformers'
-    own fallback where torch's kernel does not apply): fake-quantized expert weights, masks, logits
+    of transformers (eager: a loop over experts; grouped_mm: torch's grouped GEMM, which on CUDA is
+    CUTLASS in bf16 on sm90 and a loop of mm otherwise, or transformers' own fallback op): fake-quantized expert weights, masks, logits
     and expert weight gradients, on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -387,7 +387,8 @@ def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind):
 
 
 def check_moe_grouped_bf16(kind: str, device: str) -> None:
-    loop, grouped = moe_case(kind, "eager", device, torch.bfloat16), moe_case(kind, "grouped_mm", device, torch.bfloat16)
+    loop = moe_case(kind, "eager", device, torch.bfloat16)
+    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16)
     for k in loop:
         if k.startswith(("wq.", "mask.")):
             assert torch.equal(grouped[k], loop[k]), k
