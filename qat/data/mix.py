@@ -32,13 +32,18 @@ def shuffle_generator(seed: int, source: int, epoch: int) -> np.random.Generator
     return _rng(seed, _SHUFFLE, source, epoch)
 
 
+def shares(weights: list[float]) -> np.ndarray:
+    """Each source's probability, w_i / sum(w): what the draws use and what a checkpoint records."""
+    w = np.asarray(weights, np.float64)
+    return w / w.sum()
+
+
 class Mixture:
     """The source of every document g, and how many documents each source gave before g."""
 
     def __init__(self, weights: list[float], seed: int):
-        w = np.asarray(weights, np.float64)
-        self.shares, self.seed = w / w.sum(), seed
-        self._prefix = [np.zeros(len(w), np.int64)]  # documents per source before block b
+        self.shares, self.seed = shares(weights), seed
+        self._prefix = [np.zeros(len(self.shares), np.int64)]  # documents per source before block b
         self._block: tuple = (-1, None)
         self._lock = threading.Lock()  # the loader's metrics and the stream's thread share one Mixture
 

@@ -59,7 +59,7 @@ import torch
 
 from qat.config import DataConfig, DataSource
 from qat.data.cache import DOC_START, SUPERVISED, _PadWriter
-from qat.data.mix import BLOCK, Mixture, shuffle_generator
+from qat.data.mix import BLOCK, Mixture, shares, shuffle_generator
 from qat.data.packed import rows_to_batch
 from qat.data.sources import (BUILDERS, _parse_problem, default_column, encode_texts, local_files,
                               tokenize_chat_batch)
@@ -110,9 +110,9 @@ class StreamData:
 
     def order_record(self) -> dict:
         """What defines the documents' order, kept in the checkpoint: a resume must match it."""
-        shares = None if self.weights is None else [float(x) for x in Mixture(self.weights, 0).shares]
-        seeded = shares is not None or self.shuffle_buffer is not None
-        return {"weights": shares, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed if seeded else None}
+        mix = None if self.weights is None else [float(x) for x in shares(self.weights)]
+        seeded = mix is not None or self.shuffle_buffer is not None
+        return {"weights": mix, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed if seeded else None}
 
 
 def build_stream(cfg: DataConfig, tokenizer, log, seed: int = 0) -> StreamData:
