@@ -1,13 +1,17 @@
 """Benchmark our training recipe: tokens/s, MFU and peak memory per mode, random-init weights.
 
     python bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 [--compile] --out $OUT
+    python bench/bench_train.py --shape tiny --batch 32 --seq 128 --modes full-qat-8da4w,full-qad-ls-8da4w
+
+By default the four modes full/LoRA x bf16/QAT; --modes also takes compare's other quantization-
+aware arms (learned scales, QAD, merged LoRA), to time each against plain QAT.
 
 Each mode is a real `torchrun recipes/train.py` launch (FSDP2, our data path, our loss) on one
 GPU, with `model.init=random` from a config-only HF folder, so no weights are downloaded. Tokens
 come from the tiny world's corpus (values do not change throughput). Step time is the median
-over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N for LoRA
-(dense matmuls only), and MFU divides by the device's spec-sheet dense bf16 peak from
-qat.metrics.PEAK_BF16_FLOPS, the same table the training log uses. (The off-the-shelf anchor
+over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N for LoRA,
+plus 2N for a QAD mode's teacher forward (dense matmuls only), and MFU divides by the device's
+spec-sheet dense bf16 peak from qat.metrics.PEAK_BF16_FLOPS, the same table the training log uses. (The off-the-shelf anchor
 script divides by a measured 790 TFLOP/s on the H200 instead, so compare tokens/s with it, or
 scale its MFU by 790/989.)
 """
@@ -38,13 +42,28 @@ SHAPES = {
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
+QAT = ["qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"]
+LORA = ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]
+# QAD's teacher is the starting model: a frozen copy in a full run, the same network with adapters
+# and fake quantization off in a LoRA run (no copy)
+QAD = ["distill.enabled=true", "distill.teacher=base"]
+LS = ["qat.learn_scales=true"]
+MERGED = ["qat.lora_merged=true"]
 MODES = {
     "full-bf16": [],
-    "full-qat-8da4w": ["qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"],
-    "lora-bf16": ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"],
-    "lora-qat-8da4w": ["lora.enabled=true", "lora.rank=16", "lora.alpha=32",
-                       "qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"],
+    "full-qat-8da4w": QAT,
+    "lora-bf16": LORA,
+    "lora-qat-8da4w": LORA + QAT,
+    # the quantization-aware arms of compare, for their step time relative to plain QAT
+    "full-qat-ls-8da4w": QAT + LS,
+    "full-qad-8da4w": QAT + QAD,
+    "full-qad-ls-8da4w": QAT + QAD + LS,
+    "lora-merged-qat-8da4w": LORA + QAT + MERGED,
+    "lora-merged-qat-ls-8da4w": LORA + QAT + MERGED + LS,
+    "lora-merged-qad-8da4w": LORA + QAT + MERGED + QAD,
+    "lora-merged-qad-ls-8da4w": LORA + QAT + MERGED + QAD + LS,
 }
+DEFAULT_MODES = ["full-bf16", "full-qat-8da4w", "lora-bf16", "lora-qat-8da4w"]
 
 
 def model_folder(shape: str, world: Path, out: Path) -> Path:
@@ -85,7 +104,9 @@ def run_mode(mode, folder, world, a, device) -> dict:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B full: ~15 GB of weights + Adam state
     step = statistics.median(r["perf/step_time_s"] for r in rows)
     tokens = a.batch * a.seq
-    flops = (4 if mode.startswith("lora") else 6) * dense_params(a.shape) * tokens
+    # 6N per token to train, 4N with LoRA (no weight gradients), + 2N for QAD's teacher forward
+    per_token = (4 if mode.startswith("lora") else 6) + (2 if "-qad" in mode else 0)
+    flops = per_token * dense_params(a.shape) * tokens
     peak = device_peak_flops(torch.device(device))
     return {"shape": a.shape, "mode": mode, "compiled": a.compile, "batch": a.batch, "seq": a.seq,
             "step_s": round(step, 4), "tokens_per_s": round(tokens / step),
@@ -99,7 +120,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3.2-1b", choices=list(SHAPES))
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8, help="measured steps")
