@@ -7,6 +7,8 @@ and each arm's median step time relative to plain QAT.
 
     python bench/qat_recovery.py --seeds 0 1 2 --modes full lora merged --out runs/recovery
     python bench/qat_recovery.py --qat-from bf16 --out runs/recovery-from-bf16 --bf16-from runs/recovery
+    python bench/qat_recovery.py --qat-from bf16 --modes merged --out runs/recovery-r64 \
+        --bf16-from runs/recovery --qat-train lora.rank=64 lora.alpha=128
 
 Modes: full (full fine-tuning), lora (LoRA, default QAT: fake-quantize W, adapter in high
 precision), merged (LoRA with qat.lora_merged=true). The merged mode shares the LoRA mode's bf16
@@ -41,11 +43,11 @@ MODES = {"full": ["full=true", "lora=false"],
 LORA_TRAIN = ["optimizer.lr=2e-3"]
 
 
-def run_compare(out: Path, mode: str, seed: int, qat_from: str, extra: list[str]) -> None:
+def run_compare(out: Path, mode: str, seed: int, qat_from: str, extra: list[str], qat_extra: list[str]) -> None:
     train = [f"training.seed={seed}"] + (LORA_TRAIN if mode != "full" else []) + extra
     cmd = [sys.executable, str(ROOT / "recipes/compare.py"), "--config", str(ROOT / "configs/tiny/compare.yaml"),
            f"output_dir={out}", "qad=true", "learn_scales=true", f"qat_from={qat_from}", "wandb.enabled=false",
-           *MODES[mode], f"train_overrides=[{', '.join(train)}]"]
+           *MODES[mode], f"train_overrides=[{', '.join(train)}]", f"qat_overrides=[{', '.join(qat_extra)}]"]
     print(f"[recovery] {mode} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -131,6 +133,9 @@ def main(argv=None) -> None:
     p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more training overrides for every arm, e.g. lora.rank=64 lora.alpha=128 (then do "
                         "not reuse bf16 arms trained without them)")
+    p.add_argument("--qat-train", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="compare's qat_overrides: overrides for the quantization-aware arms only, e.g. "
+                        "lora.rank=64 lora.alpha=128 (the bf16 arms stay as they are, so --bf16-from can reuse them)")
     a = p.parse_args(argv)
     root = a.out.resolve()
     if not a.report_only:
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.symlink_to((ROOT / "runs/demo/compare").resolve())
                 reuse_bf16(root, mode, seed, [d.resolve() for d in a.bf16_from])
-                run_compare(out, mode, seed, a.qat_from, a.train)
+                run_compare(out, mode, seed, a.qat_from, a.train, a.qat_train)
     md = table(root, a.modes, a.seeds)
     (root / "recovery.md").write_text(md)
     print(md)

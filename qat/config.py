@@ -205,6 +205,9 @@ class CompareConfig:
     output_dir: str = MISSING
     train_config: str = MISSING  # the training YAML both arms start from
     train_overrides: list[str] = field(default_factory=list)  # applied to every arm
+    # applied after train_overrides to the quantization-aware arms only: with qat_from=bf16 the
+    # recovery stage's own length, lr or LoRA rank (the report's header names them)
+    qat_overrides: list[str] = field(default_factory=list)
     nproc_per_node: int = rule(1, ge=1)
     scheme: str = "8da4w"  # QAT scheme of the QAT arms, and PTQ scheme of the bf16 arms
     group_size: Optional[int] = rule(32, ge=1, why="null for per output channel")

@@ -55,7 +55,7 @@ def arms(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
         for arm, extra, on in (("qat", [], True), ("qad", qad, cfg.qad), ("qat_ls", LS, cfg.learn_scales),
                                ("qad_ls", qad + LS, cfg.qad and cfg.learn_scales)):
             if on:
-                arms[f"{arm}{suffix}"] = qat + lora + merged + start + extra
+                arms[f"{arm}{suffix}"] = qat + lora + merged + start + extra + list(cfg.qat_overrides)
     if not arms:
         raise UserError("compare has no arms: set full=true and/or lora=true")
     return arms
@@ -122,6 +122,7 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
     from qat.schemes import get_scheme
 
     train = load_train(cfg.train_config, list(cfg.train_overrides) + [f"output_dir={out}"])
+    qa = load_train(cfg.train_config, list(cfg.train_overrides) + list(cfg.qat_overrides) + [f"output_dir={out}"])
     t = train.training
     coverage = header_line(out / f"qat{'' if kind == 'full' else '_lora'}" / "export" / "verify.json")
     return {"title": cfg.title or f"{Path(train.model.path).name}, {kind} fine-tuning",
@@ -135,10 +136,13 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
             "arms": "; ".join(a for a, on in (
                 ("PTQ: the bf16 arm quantized after training", True),
                 ("quantization-aware arms start from the fine-tuned bf16 arm (its hf/ export) and train "
-                 f"{train.training.steps} more steps", cfg.qat_from == "bf16"),
+                 f"{qa.training.steps} more steps", cfg.qat_from == "bf16"),
+                (f"quantization-aware arms only: {', '.join(cfg.qat_overrides)}", bool(cfg.qat_overrides)),
                 ("QAT: fake quantization, cross-entropy", True),
-                ("QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at T=1", cfg.qad),
-                (f"+LS: scales learned with LSQ (lr x {train.qat.scale_lr_multiplier})", cfg.learn_scales)) if on)}
+                ("QAD: fake quantization, KL from the fine-tuned bf16 arm (its hf/ export) at "
+                 f"T={qa.distill.temperature:g}" + (f", weight {qa.distill.weight:g} (the rest cross-entropy)"
+                                                    if qa.distill.weight < 1 else ""), cfg.qad),
+                (f"+LS: scales learned with LSQ (lr x {qa.qat.scale_lr_multiplier})", cfg.learn_scales)) if on)}
 
 
 def arm_coverage(cfg: CompareConfig, out: Path, suffix: str) -> dict:

@@ -134,6 +134,19 @@ def test_arms_with_distillation_and_learned_scales(tmp_path):
         assert all(start in got[f"{a}{suffix}"] for a in ("qat", "qad", "qat_ls", "qad_ls"))
         assert "distill.teacher=base" in got[f"qad{suffix}"] and "distill.teacher=base" in got[f"qad_ls{suffix}"]
         assert not any(o.startswith("model.path=") for o in got[f"bf16{suffix}"])
+    # qat_overrides: the quantization-aware arms' own recovery stage, last so that they win; the
+    # header says what they changed
+    cfg.qat_overrides = ["training.steps=300", "lora.rank=64", "distill.weight=0.5"]
+    got = arms(cfg, tmp_path)
+    assert all(got[a][-3:] == cfg.qat_overrides for a in got if not a.startswith("bf16"))
+    assert not any("training.steps=300" in o for o in got["bf16"] + got["bf16_lora"])
+    import compare
+
+    cfg.train_config = str(ROOT / "configs/tiny/finetune.yaml")
+    head = compare.header(cfg, tmp_path, "lora")["arms"]
+    assert "start from the fine-tuned bf16 arm (its hf/ export) and train 300 more steps" in head
+    assert "quantization-aware arms only: training.steps=300, lora.rank=64, distill.weight=0.5" in head
+    assert "at T=1, weight 0.5 (the rest cross-entropy)" in head
     res = {k: {"wikitext": {"bits_per_byte": v}} for k, v in
            {"bf16": 1.0, "ptq": 1.4, "qat": 1.1, "qad": 1.04, "qat_ls": 1.08, "qad_ls": 1.02}.items()}
     md = markdown(res, {"title": "t"})
