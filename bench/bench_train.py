@@ -85,7 +85,7 @@ def dense_params(shape: str) -> int:
 
 
 def run_mode(mode, folder, world, a, device) -> dict:
-    run_dir = Path(a.out) / f"run-{a.shape}-{mode}-{'compiled' if a.compile else 'eager'}"
+    run_dir = Path(a.out) / f"run-{a.shape}-{mode}-{'compiled' if a.compile else 'eager'}{a.tag}"
     overrides = [
         f"output_dir={run_dir}", f"model.path={folder}", "model.init=random",
         f"data.sources=[{{path: {world}/data/pretrain.jsonl, kind: text}}]", f"data.seq_len={a.seq}",
@@ -93,7 +93,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
         f"training.dtype={'bf16' if device == 'cuda' else 'fp32'}", f"fsdp.device={device}",
         f"fsdp.compile={str(a.compile).lower()}", f"fsdp.activation_checkpointing={a.ac}",
         "checkpoint.keep_last=1", "logging.progress_bar=false", "logging.wandb.enabled=false",
-        *MODES[mode],
+        *MODES[mode], *a.train,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
            str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"), *overrides]
@@ -114,7 +114,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
             "peak_mem_gib": round(max(r.get("mem/peak_gib", 0.0) for r in rows), 2),
             # host time waiting for the step's batches: ~0 when the prefetcher hides the loading
             "data_s": round(statistics.median(r.get("perf/data_s", 0.0) for r in rows), 5),
-            "loss": round(rows[-1]["train/loss"], 3)}
+            "loss": round(rows[-1]["train/loss"], 3), "train": a.train}
 
 
 def main(argv=None) -> None:
@@ -127,6 +127,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="fsdp.compile=true (per-block torch.compile)")
     p.add_argument("--ac", default="none", choices=["none", "full"], help="activation checkpointing")
+    p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more training overrides for every mode, e.g. qat.quantize_frozen_once=false")
+    p.add_argument("--tag", default="", help="appended to the result file's name (runs with --train)")
     p.add_argument("--world", default=str(ROOT / "assets/world"), help="tiny world (built if missing)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = p.parse_args(argv)
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
         res = run_mode(mode, folder, world, a, device)
         print(json.dumps(res), flush=True)
         results.append(res)
-    name = f"ours_{a.shape}_{'compiled' if a.compile else 'eager'}.json"
+    name = f"ours_{a.shape}_{'compiled' if a.compile else 'eager'}{a.tag}.json"
     (Path(a.out) / name).write_text(json.dumps(results, indent=1))
 
 

@@ -56,6 +56,10 @@ class FakeQuantConfig:
     # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours
     backend: str = rule("auto", choices=("auto", "ours", "torchao"))
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
+    # LoRA (default mode): fake-quantize each frozen base weight once, when fake quantization
+    # starts, instead of in every forward and backward; the same numbers, bit for bit. Skipped
+    # where it cannot hold: merged mode, learned scales, distill.teacher=base, nvfp4.
+    quantize_frozen_once: bool = True
     # intx schemes: the weight scales become parameters, initialised by the dynamic rule when fake
     # quantization starts and trained with the LSQ estimator (qat/learned_scales.py)
     learn_scales: bool = False

@@ -34,6 +34,7 @@ class IntxWeight:
     every forward; or, with qat.learn_scales, a trained parameter `scale` [out, groups] that
     starts from that same rule (`init_scale`) and learns with the LSQ estimator (`scale_grad`).
     """
+    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
     bits: int
     group_size: Optional[int]
 
@@ -104,6 +105,7 @@ class Int4Asymmetric:
     `group_size` input features, scale = (max - min) / 15 and a floating-point zero point
     min + 8 * scale; values are round((w - min) / scale) in 0..15, shifted by 8. Computed in fp32
     like torchao's `Int4WeightFakeQuantizer` (bf16 activations), which it equals bit for bit."""
+    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
     group_size: int
 
     def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +123,7 @@ class Int4AfterFloat8:
     """The weights of torchao's `Float8DynamicActivationInt4WeightConfig` (mslk f8i4bf16 kernels):
     first float8 e4m3 per row, then symmetric int4 (-8..7) per group with scale absmax / 8, as
     torchao's `Int4WeightFakeQuantizer` with float8 activations computes it."""
+    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
     group_size: int = 128
 
     def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +144,7 @@ class Float8Rowwise:
     clip (the scale maps each row's absmax to the e4m3 maximum), so the mask is None: a pure
     straight-through gradient, computed in the high-precision dtype. torchao's own float8 fake
     quantizer lets autograd cast the incoming gradient to float8, where it underflows."""
+    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
@@ -157,6 +161,7 @@ class NVFP4Emulated:
     """NVFP4: E2M1 values, E4M3 scales per 16 elements and a per-tensor fp32 scale, emulated with
     torchao's reference quantize-dequantize (`NVFP4Tensor.to_nvfp4`), which runs on any device.
     Pure STE gradient."""
+    rows_independent = False  # the per-tensor scale needs the whole weight
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
@@ -171,6 +176,7 @@ class NVFP4Emulated:
 class MXFP4Emulated:
     """MXFP4: E2M1 values with E8M0 (power-of-two) scales per 32 elements, emulated with torchao's
     reference `MXTensor.to_mx`, which runs on any device. Pure STE gradient."""
+    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
@@ -233,6 +239,8 @@ class _FakeQuantLinear(torch.autograd.Function):
 
 
 def _weight_fq(wq_fn, w, scale):
+    if wq_fn is None:  # the weight already holds its fake-quantized values (quantize_frozen_weights)
+        return w, None
     return wq_fn(w) if scale is None else wq_fn(w, scale)
 
 
@@ -247,6 +255,7 @@ class QATLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias, weight_fq, act_fq, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fq, self.act_fq, self.enabled = weight_fq, act_fq, True
+        self.weight_quantized = False  # the frozen weight holds fq(W) (quantize_frozen_weights)
         self.register_parameter("weight_scale", None)
 
     @classmethod
@@ -267,6 +276,10 @@ class QATLinear(nn.Linear):
         return lin
 
     def forward(self, x):
+        if self.weight_quantized:
+            if not self.enabled:  # the original weight is gone: a teacher=base forward cannot use it
+                raise RuntimeError("fake quantization switched off after quantize_frozen_weights replaced the weight")
+            return fake_quant_linear(x, self.weight, self.bias, None, self.act_fq)
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
         return fake_quant_linear(x, self.weight, self.bias, self.weight_fq, self.act_fq, self.weight_scale)
@@ -274,6 +287,30 @@ class QATLinear(nn.Linear):
     def extra_repr(self) -> str:
         learned = ", learned scales" if self.weight_scale is not None else ""
         return f"{super().extra_repr()}, weight_fq={self.weight_fq}, act_fq={self.act_fq}{learned}"
+
+
+def quantize_frozen_weights(model: nn.Module) -> int:
+    """Replace every frozen fake-quantized weight by its fake-quantized values, once; returns how
+    many. A frozen weight (LoRA's default mode) never changes, so fq(W) is the same at every
+    forward and backward, and computing it once removes the weight passes from every step.
+
+    FSDP2 shards a weight [out, in] by rows and these quantizers work row by row (rows_independent),
+    so each rank quantizes its own shard and the all-gather brings back exactly fq(W). LoRA
+    checkpoints hold no frozen weights (they come from model.path again), so a quantized copy is
+    never saved as a weight. Not for weights with learned scales (fq depends on a trained scale)
+    or in merged mode (peft's layer quantizes W + s*B@A itself, from base.weight)."""
+    merged = {id(m.base_layer) for m in model.modules() if hasattr(m, "_qat_original_forward")}
+    n = 0
+    for mod in model.modules():
+        if (type(mod) is QATLinear and id(mod) not in merged and not mod.weight_quantized
+                and mod.weight_scale is None and not mod.weight.requires_grad and getattr(mod.weight_fq, "rows_independent", False)):
+            with torch.no_grad():
+                local = mod.weight.to_local() if hasattr(mod.weight, "to_local") else mod.weight
+                if local.numel():  # an uneven FSDP2 split can leave a rank no rows
+                    local.copy_(mod.weight_fq(local)[0])
+            mod.weight_quantized = True
+            n += 1
+    return n
 
 
 def merged_lora_forward(self, x, *args, **kwargs):

@@ -48,6 +48,7 @@ from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, kd_sum
 from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import UserError, exit_on_user_error
+from qat.fake_quant import quantize_frozen_weights
 from qat.learned_scales import fill_unused_grads, param_groups, reinit_at_start
 from qat.metrics import MetricLogger, device_peak_flops, flops_per_token, init_wandb, mfu
 from qat.model import (DTYPES, apply_activation_checkpointing, apply_compile, apply_fsdp, apply_lora,
@@ -312,6 +313,8 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
     peak = device_peak_flops(device)
     end = t.steps if t.stop_after_steps is None else min(t.steps, start + t.stop_after_steps)
     step, launched = start, time.perf_counter()
+    # a distill.teacher=base forward in a LoRA run needs the original frozen weights
+    quantize_once = cfg.qat.quantize_frozen_once and not (cfg.distill.enabled and cfg.distill.teacher == "base")
     try:
         while step < end:
             seed_step(t.seed, step, rank)
@@ -320,6 +323,12 @@ def run(cfg, device, mesh, model, data, scheme, resume_from) -> None:
                 set_fake_quant(model, fq_on)
                 if cfg.qat.learn_scales and step == cfg.qat.fake_quant_after_n_steps > 0:
                     reinit_at_start(model)  # the rule on the weights as fine-tuned so far
+                if fq_on and quantize_once:
+                    n = quantize_frozen_weights(model)
+                    quantize_once = False
+                    if rank == 0 and n:
+                        print(f"qat: {n} frozen weights fake-quantized once, at step {step} (qat.quantize_frozen_once)",
+                              flush=True)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()

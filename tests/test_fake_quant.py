@@ -97,6 +97,41 @@ def test_disabled_is_a_plain_linear():
     assert torch.equal(ours(x), lin(x))
 
 
+@pytest.mark.parametrize("name", sorted(__import__("qat.schemes", fromlist=["SCHEMES"]).SCHEMES))
+def test_a_frozen_weight_quantized_once_gives_the_same_forward_and_input_gradient(name):
+    """quantize_frozen_weights: a frozen weight replaced by fq(W) gives the same output and input
+    gradient bit for bit, also when each half of the rows (an FSDP2 shard) is quantized on its own;
+    a per-tensor format (nvfp4) is left to quantize in every forward."""
+    from qat.fake_quant import quantize_frozen_weights
+
+    s = get_scheme(name)
+    group = 128 if name == "fp8-int4" else 32
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
+    layers = [QATLinear.from_linear(copy.deepcopy(lin), *s.fake_quantizers(group)) for _ in range(2)]
+    ref, once = layers
+    x = (torch.randn(4, 7, 256) * 3).to(torch.bfloat16)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr = ref(xr)
+    assert quantize_frozen_weights(torch.nn.Sequential(once)) == (0 if name == "nvfp4" else 1)
+    if name == "nvfp4":
+        assert torch.equal(once.weight, lin.weight)
+        return
+    assert not torch.equal(once.weight, lin.weight) and once.weight.dtype == torch.bfloat16
+    halves = torch.cat([once.weight_fq(lin.weight[:48])[0], once.weight_fq(lin.weight[48:])[0]])
+    assert torch.equal(once.weight, halves)  # what two FSDP2 ranks hold after quantizing their shards
+    yo = once(xo)
+    assert torch.equal(yo, yr)
+    gy = torch.randn_like(yr)
+    yr.backward(gy)
+    yo.backward(gy)
+    assert torch.equal(xo.grad, xr.grad)
+    assert quantize_frozen_weights(torch.nn.Sequential(once)) == 0  # never twice
+    once.enabled = False  # the original weight is gone: refused, not silently wrong
+    with pytest.raises(RuntimeError, match="quantize_frozen_weights"):
+        once(x)
+
+
 def test_merged_lora_mode_with_learned_scales_exports_exactly_what_it_trained(world, tmp_path):
     """Train QAT+LoRA with fake quantization of W + s*B@A and learned scales at world size 2, convert,
     and check that the quantized model's logits equal the training-time forward bit for bit: convert
@@ -144,6 +179,12 @@ def test_merged_lora_mode_trains_the_adapters():
     m(x, labels=x).loss.backward()
     grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # quantizing frozen weights once skips the merged layers' bases (their forward adds s*B@A first)
+    from qat.fake_quant import quantize_frozen_weights
+
+    bases = [mod.base_layer for mod in m.modules() if hasattr(mod, "_qat_original_forward")]
+    assert len(bases) == 2 and quantize_frozen_weights(m) == 5  # k, v, o, gate, up: no adapter
+    assert not any(b.weight_quantized for b in bases)
 
 
 # --- float formats: float8 rowwise, NVFP4, MXFP4 (emulated on any hardware) -----------------

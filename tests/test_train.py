@@ -144,17 +144,28 @@ def test_rank0_broadcast_init_equals_loading_on_every_rank(world, full_qat_resum
 
 
 def test_lora_resume_and_only_adapters_train(world, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(base_overrides(world, straight) + LORA + QAT, 2)
-    run_train(base_overrides(world, split) + LORA + QAT + ["training.stop_after_steps=3"], 2)
+    """LoRA QAT with the frozen base weights fake-quantized once when fake quantization starts
+    (step 2 here; after the resume the run starts quantized): the same losses, bit for bit, as
+    quantizing them in every forward; a resume at another world size continues the run."""
+    straight, split, every = tmp_path / "straight", tmp_path / "split", tmp_path / "every"
+    args = LORA + QAT + ["qat.fake_quant_after_n_steps=2"]
+    once = "qat: 14 frozen weights fake-quantized once, at step"
+    assert f"{once} 2 " in run_train(base_overrides(world, straight) + args, 2).stdout
+    assert once not in run_train(base_overrides(world, every) + args + ["qat.quantize_frozen_once=false"], 2).stdout
+    run_train(base_overrides(world, split) + args + ["training.stop_after_steps=3"], 2)
     # resume at world 1: the adapter-only checkpoint reshards like any other
-    run_train(base_overrides(world, split) + LORA + QAT + ["checkpoint.resume=auto", "training.batch_size=8"], 1)
+    resumed = run_train(base_overrides(world, split) + args + ["checkpoint.resume=auto", "training.batch_size=8"], 1)
+    assert f"{once} 3 " in resumed.stdout
     assert losses(straight)[0] > losses(straight)[-1]
+    assert losses(every) == losses(straight)
     assert rel_close(losses(split), losses(straight), 1e-5)
+    assert losses(split)[:3] == losses(straight)[:3]
     state = load_checkpoint_tensors(straight / "checkpoints" / "step-000006")
     assert state["model"] and all(".lora_A." in k or ".lora_B." in k for k in state["model"])
     assert set(state["optim"]["state"]) == set(state["model"])
     assert any(v.abs().sum() > 0 for k, v in state["model"].items() if "lora_B" in k)  # B starts at 0
+    every_state = load_checkpoint_tensors(every / "checkpoints" / "step-000006")["model"]
+    assert all(torch.equal(every_state[k], v) for k, v in state["model"].items())
 
 
 def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path):
