@@ -1,19 +1,23 @@
 """Benchmark our training recipe: tokens/s, MFU and peak memory per mode, random-init weights.
 
     python bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 [--compile] --out $OUT
-    python bench/bench_train.py --shape tiny --batch 32 --seq 128 --modes full-qat-8da4w,full-qad-ls-8da4w
 
 By default the four modes full/LoRA x bf16/QAT; --modes also takes compare's other quantization-
-aware arms (learned scales, QAD, merged LoRA), to time each against plain QAT.
+aware arms (learned scales, QAD, merged LoRA), to time each against plain QAT. On a CPU, time them
+as compare runs them (2 ranks, one thread each): with 1 rank x 2 threads, intra-op threading made
+the learned-scale arms 1.5x slower on the 2-core machine, which says nothing about the method.
+
+    OMP_NUM_THREADS=1 python bench/bench_train.py --shape tiny --nproc 2 --batch 16 --seq 128 \
+        --modes full-qat-8da4w,full-qat-ls-8da4w,full-qad-8da4w,full-qad-ls-8da4w --out /tmp/bt
 
 Each mode is a real `torchrun recipes/train.py` launch (FSDP2, our data path, our loss) on one
-GPU, with `model.init=random` from a config-only HF folder, so no weights are downloaded. Tokens
-come from the tiny world's corpus (values do not change throughput). Step time is the median
-over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N for LoRA,
-plus 2N for a QAD mode's teacher forward (dense matmuls only), and MFU divides by the device's
-spec-sheet dense bf16 peak from qat.metrics.PEAK_BF16_FLOPS, the same table the training log uses. (The off-the-shelf anchor
-script divides by a measured 790 TFLOP/s on the H200 instead, so compare tokens/s with it, or
-scale its MFU by 790/989.)
+GPU (or --nproc ranks), with `model.init=random` from a config-only HF folder, so no weights are
+downloaded. Tokens come from the tiny world's corpus (values do not change throughput). Step time
+is the median over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N
+for LoRA, plus 2N for a QAD mode's teacher forward (dense matmuls only), and MFU divides by the
+device's spec-sheet dense bf16 peak from qat.metrics.PEAK_BF16_FLOPS, the same table the training
+log uses. (The off-the-shelf anchor script divides by a measured 790 TFLOP/s on the H200 instead,
+so compare tokens/s with it, or scale its MFU by 790/989.)
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def run_mode(mode, folder, world, a, device) -> dict:
         "checkpoint.keep_last=1", "logging.progress_bar=false", "logging.wandb.enabled=false",
         *MODES[mode], *a.train,
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--standalone",
            str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     if proc.returncode != 0:
@@ -103,14 +107,14 @@ def run_mode(mode, folder, world, a, device) -> dict:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][a.warmup:]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B full: ~15 GB of weights + Adam state
     step = statistics.median(r["perf/step_time_s"] for r in rows)
-    tokens = a.batch * a.seq
+    tokens = a.batch * a.seq * a.nproc  # per step, all ranks
     # 6N per token to train, 4N with LoRA (no weight gradients), + 2N for QAD's teacher forward
     per_token = (4 if mode.startswith("lora") else 6) + (2 if "-qad" in mode else 0)
     flops = per_token * dense_params(a.shape) * tokens
     peak = device_peak_flops(torch.device(device))
-    return {"shape": a.shape, "mode": mode, "compiled": a.compile, "batch": a.batch, "seq": a.seq,
+    return {"shape": a.shape, "mode": mode, "compiled": a.compile, "nproc": a.nproc, "batch": a.batch, "seq": a.seq,
             "step_s": round(step, 4), "tokens_per_s": round(tokens / step),
-            "mfu": round(flops / step / peak, 3) if peak else None,
+            "mfu": round(flops / step / (peak * a.nproc), 3) if peak else None,
             "peak_mem_gib": round(max(r.get("mem/peak_gib", 0.0) for r in rows), 2),
             # host time waiting for the step's batches: ~0 when the prefetcher hides the loading
             "data_s": round(statistics.median(r.get("perf/data_s", 0.0) for r in rows), 5),
@@ -121,7 +125,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3.2-1b", choices=list(SHAPES))
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {', '.join(MODES)}")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks (one GPU each; on a CPU, set OMP_NUM_THREADS so ranks x threads = cores)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8, help="measured steps")
     p.add_argument("--warmup", type=int, default=3)
