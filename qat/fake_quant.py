@@ -105,7 +105,7 @@ class Int4Asymmetric:
     `group_size` input features, scale = (max - min) / 15 and a floating-point zero point
     min + 8 * scale; values are round((w - min) / scale) in 0..15, shifted by 8. Computed in fp32
     like torchao's `Int4WeightFakeQuantizer` (bf16 activations), which it equals bit for bit."""
-    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
+    rows_independent = True
     group_size: int
 
     def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +123,7 @@ class Int4AfterFloat8:
     """The weights of torchao's `Float8DynamicActivationInt4WeightConfig` (mslk f8i4bf16 kernels):
     first float8 e4m3 per row, then symmetric int4 (-8..7) per group with scale absmax / 8, as
     torchao's `Int4WeightFakeQuantizer` with float8 activations computes it."""
-    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
+    rows_independent = True
     group_size: int = 128
 
     def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,7 @@ class Float8Rowwise:
     clip (the scale maps each row's absmax to the e4m3 maximum), so the mask is None: a pure
     straight-through gradient, computed in the high-precision dtype. torchao's own float8 fake
     quantizer lets autograd cast the incoming gradient to float8, where it underflows."""
-    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
+    rows_independent = True
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
@@ -176,7 +176,7 @@ class NVFP4Emulated:
 class MXFP4Emulated:
     """MXFP4: E2M1 values with E8M0 (power-of-two) scales per 32 elements, emulated with torchao's
     reference `MXTensor.to_mx`, which runs on any device. Pure STE gradient."""
-    rows_independent = True  # row by row: a row shard quantizes alone (quantize_frozen_weights)
+    rows_independent = True
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
@@ -303,7 +303,8 @@ def quantize_frozen_weights(model: nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if (type(mod) is QATLinear and id(mod) not in merged and not mod.weight_quantized
-                and mod.weight_scale is None and not mod.weight.requires_grad and getattr(mod.weight_fq, "rows_independent", False)):
+                and mod.weight_scale is None and not mod.weight.requires_grad
+                and getattr(mod.weight_fq, "rows_independent", False)):
             with torch.no_grad():
                 local = mod.weight.to_local() if hasattr(mod.weight, "to_local") else mod.weight
                 if local.numel():  # an uneven FSDP2 split can leave a rank no rows
