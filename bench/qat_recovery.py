@@ -47,9 +47,15 @@ def run_compare(out: Path, mode: str, seed: int, qat_from: str, extra: list[str]
     train = [f"training.seed={seed}"] + (LORA_TRAIN if mode != "full" else []) + extra
     cmd = [sys.executable, str(ROOT / "recipes/compare.py"), "--config", str(ROOT / "configs/tiny/compare.yaml"),
            f"output_dir={out}", "qad=true", "learn_scales=true", f"qat_from={qat_from}", "wandb.enabled=false",
-           *MODES[mode], f"train_overrides=[{', '.join(train)}]", f"qat_overrides=[{', '.join(qat_extra)}]"]
+           *MODES[mode], f"train_overrides={yaml_list(train)}", f"qat_overrides={yaml_list(qat_extra)}"]
     print(f"[recovery] {mode} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def yaml_list(items: list[str]) -> str:
+    """A YAML flow list of quoted strings, so that an override may hold commas and brackets
+    (data.sources=[{...}, {...}])."""
+    return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"
 
 
 def reuse_bf16(root: Path, mode: str, seed: int, elsewhere: list[Path]) -> None:
