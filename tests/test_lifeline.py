@@ -188,3 +188,26 @@ def test_a_user_error_ends_its_launcher_with_one_line(rank):
     want = "error: data file /x.jsonl does not exist on this node" + ("" if rank == "0" else " (rank 1)")
     assert lines == [want], proc.stderr
     assert elapsed < (30 if rank == "0" else 40)
+
+
+def test_an_entry_point_ends_with_a_frozen_heap_and_its_exit_handlers_run():
+    """exit_on_user_error keeps the collector off the heap at exit (about 1 s saved per process);
+    handlers registered before main (they run after the freeze) and during it still run."""
+    child = textwrap.dedent(f"""
+        import atexit, gc, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from qat import errors
+        atexit.register(lambda: print("first registered, last run: frozen", gc.get_freeze_count() > 0))
+
+        @errors.exit_on_user_error
+        def main():
+            atexit.register(lambda: print("registered by main: ran"))
+            assert gc.get_freeze_count() == 0  # not during the run: the tests call main() in-process
+
+        main()
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["registered by main: ran", "registered by main: ran",
+                                        "first registered, last run: frozen True"]
