@@ -77,7 +77,7 @@ def convert_and_evaluate(run, out, world):
     convert_recipe.main(["--checkpoint", str(run), "--out", str(out)])
     verify = json.loads((out / "verify.json").read_text())
     # lm-eval loads the folder itself: attention and experts must work there too (in-process, so
-    # lm-eval's TaskManager index is built once per test session)
+    # lm-eval is imported once per test session)
     res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
                                 str(world / "eval"), "--limit", "2", "--dtype", "float32"])
     assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1

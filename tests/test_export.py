@@ -104,6 +104,15 @@ def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
     res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     assert 0.0 <= res["hellaswag"]["acc,none"] <= 1.0
     assert res["wikitext"]["bits_per_byte,none"] > 0
+    # our harness indexes only lm-eval's hellaswag and wikitext folders, the CLI every task: the
+    # same task logic gives the same numbers
+    from eval.harness import evaluate
+
+    ours = evaluate(str(exported["full_qat"] / "quantized"), data_dir=world / "eval", limit=8, batch_size=1,
+                    dtype="float32")
+    for task, metric in [("hellaswag", "acc"), ("hellaswag", "acc_norm"), ("wikitext", "bits_per_byte"),
+                         ("wikitext", "word_perplexity")]:
+        assert ours[task][metric] == pytest.approx(res[task][f"{metric},none"], rel=1e-6), (task, metric)
 
 
 def test_evaluate_recipe_writes_results(exported, world, tmp_path):
