@@ -14,8 +14,11 @@ read -r -a pretrain_overrides <<< "${PRETRAIN_OVERRIDES:-}"
 
 [ -f assets/world/world.json ] || $PY -m qat.world.build --out assets/world
 echo "== pretrain the tiny base model"
-$PY -m torch.distributed.run --standalone --nproc_per_node 2 recipes/train.py \
-    --config configs/tiny/pretrain.yaml "${pretrain_overrides[@]}"
-[ -f runs/demo/base/verify.json ] || $PY recipes/convert.py --checkpoint runs/demo/pretrain --out runs/demo/base --only-hf >/dev/null
+# the stage is done once its base model is converted (delete runs/demo/base to pretrain again)
+if [ ! -f runs/demo/base/verify.json ]; then
+    $PY -m torch.distributed.run --standalone --nproc_per_node 2 recipes/train.py \
+        --config configs/tiny/pretrain.yaml "${pretrain_overrides[@]}"
+    $PY recipes/convert.py --checkpoint runs/demo/pretrain --out runs/demo/base --only-hf >/dev/null
+fi
 echo "== compare bf16 / PTQ / QAT / QAD"
 $PY recipes/compare.py --config configs/tiny/compare.yaml "$@"

@@ -42,6 +42,18 @@ def base_overrides(world: Path, out: Path) -> list[str]:
             "logging.progress_bar=false", "logging.wandb.enabled=false"]
 
 
+# An interrupted world-2 run (SIGUSR1, a Slurm requeue) must match this uninterrupted one bit for bit.
+LONG_B2 = ["training.steps=30", "training.batch_size=2"]
+
+
+@pytest.fixture(scope="session")
+def straight_b2_losses(world, tmp_path_factory) -> list[float]:
+    """The per-step losses of `LONG_B2` run straight through at world 2 (shared: one launch)."""
+    run_dir = tmp_path_factory.mktemp("straight-b2")
+    run_train(base_overrides(world, run_dir) + LONG_B2, 2)
+    return losses(run_dir)
+
+
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
              HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

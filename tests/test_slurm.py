@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_overrides, env, losses, run_train
+from conftest import LONG_B2, ROOT, base_overrides, env, losses, run_train
 from slurm_cluster import Cluster, missing_binaries
 
 NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20"]
@@ -79,13 +79,12 @@ def _tail(d):
     return "\n".join(f.read_text()[-1500:] for f in sorted(d.glob("slurm-*.out")))
 
 
-def test_requeued_job_resumes_with_identical_losses(cluster, world, tmp_path):
-    cut, straight = tmp_path / "cut", tmp_path / "straight"
-    long = ["training.steps=30", "training.batch_size=2", "logging.wandb.enabled=false"]
+def test_requeued_job_resumes_with_identical_losses(cluster, world, straight_b2_losses, tmp_path):
+    cut = tmp_path / "cut"
     out_file = tmp_path / "job.out"
     sub = cluster.run("sbatch", "--parsable", *NO_GPU, f"--output={out_file}", f"--chdir={ROOT}",
                       str(ROOT / "slurm/train.sbatch"), "--config", str(ROOT / "configs/tiny/full.yaml"),
-                      *base_overrides(world, cut), *long, env=job_env(cluster, REPO=str(ROOT)))
+                      *base_overrides(world, cut), *LONG_B2, env=job_env(cluster, REPO=str(ROOT)))
     job = sub.stdout.strip()
     metrics = cut / "metrics.jsonl"
     deadline = time.time() + 300
@@ -104,8 +103,7 @@ def test_requeued_job_resumes_with_identical_losses(cluster, world, tmp_path):
     assert 3 <= int(first) < 30
     # train.sbatch ran torchrun through srun with 2 processes: two DCP shards per checkpoint
     assert len(list((cut / "checkpoints" / "step-000030").glob("*.distcp"))) == 2
-    run_train(base_overrides(world, straight) + long, 2)
-    assert losses(cut) == losses(straight)
+    assert losses(cut) == straight_b2_losses
 
 
 def test_submit_time_errors(cluster, world, tmp_path):

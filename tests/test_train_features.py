@@ -9,15 +9,15 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, _free_port, base_overrides, env, load_checkpoint_tensors, losses, read_metrics, run_train
+from conftest import (LONG_B2, ROOT, _free_port, base_overrides, env, load_checkpoint_tensors, losses, read_metrics,
+                      run_train)
 
 
-def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, tmp_path):
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    long = ["training.steps=40", "training.batch_size=2"]
+def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, straight_b2_losses, tmp_path):
+    cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"),
-           *base_overrides(world, cut), *long]
+           *base_overrides(world, cut), *LONG_B2]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = cut / "metrics.jsonl"
     deadline = time.time() + 120
@@ -30,11 +30,10 @@ def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, tmp_
     assert proc.returncode == 0, err[-3000:]
     assert "stop requested: checkpoint at step" in out
     done = len(losses(cut))
-    assert 2 <= done < 40
+    assert 2 <= done < 30
     assert (cut / "checkpoints" / f"step-{done:06d}").is_dir()
-    run_train(base_overrides(world, cut) + long + ["checkpoint.resume=auto"], 2)
-    run_train(base_overrides(world, straight) + long, 2)
-    assert losses(cut) == losses(straight)
+    run_train(base_overrides(world, cut) + LONG_B2 + ["checkpoint.resume=auto"], 2)
+    assert losses(cut) == straight_b2_losses
 
 
 def _worker_pids(agent_pid: int) -> list[int]:
