@@ -72,8 +72,8 @@ BUILTIN_FOLDERS = ("hellaswag", "wikitext")
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: Optional[str], builtin_only: bool = False):
     """lm-eval's task index, once per process. The whole index parses every built-in task's YAML
-    (about 14,700 tasks, 13 s on a CPU machine); hellaswag and wikitext need only their own two
-    folders of it (the same files, so the same task logic), which index in milliseconds."""
+    (about 14,700 tasks, 13-17 s on a 2-core CPU machine); hellaswag and wikitext need only their
+    own two folders of it (the same files, so the same task logic), which index in milliseconds."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -86,7 +86,7 @@ def task_manager(include_path: Optional[str], builtin_only: bool = False):
 
 def check_tasks(tasks: str, data_dir: Optional[Path]) -> None:
     """Fail now on what resolve_tasks would refuse later: local files are checked as they are (fast);
-    other task names need lm-eval's whole index (13 s, cached for the evaluation itself)."""
+    other task names need lm-eval's whole index (13-17 s, cached for the evaluation itself)."""
     if tasks == "local":
         if data_dir is None:
             raise UserError("tasks=local needs a data folder (--data-dir) with hellaswag/ and wikitext/ jsonl files")

@@ -55,12 +55,10 @@ def is_rank0() -> bool:
 
 
 def exit_on_user_error(fn):
-    """Turn a UserError into one line on stderr and exit status 2 (under torchrun: see above), and
-    make the process's end quick (_skip_final_collections)."""
+    """Turn a UserError into one line on stderr and exit status 2 (under torchrun: see above)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _skip_final_collections()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -74,22 +72,14 @@ def exit_on_user_error(fn):
     return wrapper
 
 
-def _skip_final_collections() -> None:
-    """At interpreter exit, keep the cyclic garbage collector off the objects alive by then.
-
-    Python's shutdown runs full collections over every object that torch, transformers and
-    datasets created: 1.1-1.4 s per process on a 2-core CPU machine, 0.3 s with this, paid by every
-    rank of every launch. Nothing is lost: the process is ending, the OS reclaims its memory, and
-    every atexit handler (wandb, temporary folders) still runs. The freeze waits for the exit
-    because the tests call main() in-process, where a freeze now would keep cyclic garbage alive.
-    """
-    global _EXIT_FREEZE
-    if not _EXIT_FREEZE:
-        atexit.register(gc.freeze)
-        _EXIT_FREEZE = True
-
-
-_EXIT_FREEZE = False
+# At interpreter exit, keep the cyclic garbage collector off the objects alive by then. Python's
+# shutdown runs full collections over every object that torch, transformers and datasets created:
+# 1.1-1.4 s per process on a 2-core CPU machine, 0.3 s with this, paid by every rank of every
+# launch of every entry point (they all import this module). Nothing is lost: the process is
+# ending, the OS reclaims its memory, and atexit handlers registered after this one (wandb,
+# temporary folders) run before it. Not a freeze now: the tests call main() in-process, where it
+# would keep cyclic garbage alive for the rest of the session.
+atexit.register(gc.freeze)
 
 # Set by qat.lifeline.exit_with_launcher: the torchrun agent that started this worker.
 LAUNCHER_PID: int | None = None
