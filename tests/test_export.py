@@ -142,6 +142,7 @@ def test_convert_bad_input(exported, world, tmp_path):
 def test_eval_bad_input(exported, world, tmp_path):
     model = exported["full_bf16"] / "hf"
     for args, needle in [(["--tasks", "local", "--data-dir", str(tmp_path)], "local eval data missing"),
+                         (["--tasks", "local"], "tasks=local needs a data folder (--data-dir)"),
                          (["--tasks", "hellaswagg"], "unknown lm-eval task(s): hellaswagg")]:
         p = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model", str(model), *args,
                             "--out", str(tmp_path / "r.json")], env=env(), capture_output=True, text=True)
