@@ -18,7 +18,7 @@ venv: .venv/.installed
 	touch $@
 
 world: venv
-	$(PY) -m qat.world.build --out $(WORLD)
+	$(PY) -m qat.synthetic.build --out $(WORLD)
 
 test: venv
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 tests

@@ -15,7 +15,7 @@ GPU (or --nproc ranks), with `model.init=random` from a config-only HF folder, s
 downloaded. Tokens come from the tiny world's corpus (values do not change throughput). Step time
 is the median over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N
 for LoRA, plus 2N for a QAD mode's teacher forward (dense matmuls only), and MFU divides by the
-device's spec-sheet dense bf16 peak from qat.metrics.PEAK_BF16_FLOPS, the same table the training
+device's spec-sheet dense bf16 peak from qat.perf.PEAK_BF16_FLOPS, the same table the training
 log uses. (The off-the-shelf anchor script divides by a measured 790 TFLOP/s on the H200 instead,
 so compare tokens/s with it, or scale its MFU by 790/989.)
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from qat.distributed import pick_device  # noqa: E402
-from qat.metrics import device_peak_flops  # noqa: E402
+from qat.perf import device_peak_flops  # noqa: E402
 SHAPES = {
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     world = Path(a.world)
     if not (world / "world.json").exists():
-        from qat.world.build import build_world
+        from qat.synthetic.build import build_world
         build_world(world)
     folder = model_folder(a.shape, world, Path(a.out))
     results = []

@@ -73,7 +73,7 @@ setup() {
     fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    [ -f assets/world/world.json ] || python3 -m qat.world.build --out assets/world >/dev/null || exit 2
+    [ -f assets/world/world.json ] || python3 -m qat.synthetic.build --out assets/world >/dev/null || exit 2
 }
 
 versions() {

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.metrics import METRICS  # noqa: E402
-from eval.report import LABELS, recovered  # noqa: E402
+from qat.eval.metrics import METRICS  # noqa: E402
+from qat.eval.report import LABELS, recovered  # noqa: E402
 
 ARMS = ["qat", "qad", "qat_ls", "qad_ls"]
 SHOWN = [m for m in METRICS if m.name in ("bits_per_byte", "acc_norm")]

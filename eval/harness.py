@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from qat.convert.experts import register_expert_ops
 from qat.errors import UserError, boundary
+from qat.model import load_tokenizer
 
 LOCAL_FILES = {
     "hellaswag": ["train", "validation"],
@@ -120,9 +122,6 @@ def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8
     if isinstance(model, (str, Path)):
         if not (Path(model) / "config.json").is_file():
             raise UserError(f"{model} is not an HF model folder (no config.json)")
-        from qat.model import load_tokenizer
-        from qat.moe import register_expert_ops
-
         tokenizer = load_tokenizer(str(model), key="--model", need_pad=True)
         register_expert_ops()  # a quantized/ folder's MoE experts select one expert at a time
         with boundary(f"--model {model}: lm-eval cannot load it",
@@ -131,32 +130,6 @@ def load_lm(model: Union[str, Path, object], tokenizer=None, batch_size: int = 8
             return HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, device=device,
                         dtype=dtype)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-
-
-def simulated_model(folder: Path, scheme_name: str, group_size: Optional[int], dtype: str = "auto"):
-    """(model, tokenizer): an HF folder with our fake quantizers on the decoder Linears.
-
-    For schemes whose real kernels are missing on this machine (float8 without sm >= 8.9,
-    nvfp4/mxfp4 without Blackwell): the forward is exactly the QAT training forward, so the
-    numbers are those the format would give with exact kernels. Results must be labelled
-    simulated wherever they appear.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qat.config import FakeQuantConfig
-    from qat.model import apply_qat, load_tokenizer
-    from qat.schemes import get_scheme
-
-    if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"{folder} is not an HF model folder (no config.json)")
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, "auto")
-    with boundary(f"--model {folder}: its weights do not load", "convert or copy the folder again"):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    scheme = get_scheme(scheme_name)
-    apply_qat(model, FakeQuantConfig(enabled=True, scheme=scheme_name, group_size=group_size, backend="ours",
-                                     allow_unquantized=True), scheme)  # coverage was decided in training
-    return model.eval(), load_tokenizer(str(folder), key="--model", need_pad=True)
 
 
 def evaluate(model, tokenizer=None, tasks: str = "local", data_dir: Optional[Path] = None,

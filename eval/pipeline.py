@@ -6,9 +6,9 @@ slurm/sweep_report.py.
         for kind, target in run_models(export).items():       # {bf16, ptq} or {qat}
             results = evaluate_target(target, eval_cfg, run_dir / "eval" / f"{kind}.json")
 
-Each step is skipped when its output exists, so a rerun resumes. Where this machine lacks the
-scheme's real kernels, convert writes a simulated export and the evaluation applies the scheme's
-fake quantization to hf/; every result of such a model is labelled simulated.
+Each step is skipped when its output exists, so a rerun resumes. The convert plan decides PTQ or
+QAT convert, and real or simulated; this module only reads what convert recorded (verify.json)
+and evaluates the models it names (qat/convert/simulated.py loads a simulated one).
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from typing import Optional
 from qat import checkpoint as ckpt
 from qat.atomic import write_text_atomic
 from qat.config import EvalConfig
-
-
-@dataclass(frozen=True)
-class PTQRequest:
-    """The post-training quantization applied to bf16 runs (QAT runs use their own scheme)."""
-
-    scheme: str = "8da4w"
-    group_size: Optional[int] = 32  # None: per output channel
+from qat.convert import PTQRequest, make_plan, run_convert
+from qat.convert.plan import find_checkpoint
+from qat.convert.simulated import load_simulated
+from qat.distributed import pick_device
+from qat.model import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -50,18 +47,11 @@ def finished(run_dir: Path) -> bool:
 
 def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print) -> Path:
     """Convert the run's newest checkpoint into export_dir, once."""
-    from qat.convert import make_plan, run_convert
-    from qat.convert.plan import find_checkpoint
-
     if (export_dir / "verify.json").exists():
         log(f"convert {run_dir.name}: done already")
         return export_dir
-    path = find_checkpoint(run_dir)
-    trained = ckpt.read_meta(path).get("qat") is not None
-    plan = make_plan(path, out=export_dir, scheme=None if trained else ptq.scheme,
-                     group_size=None if trained else ptq.group_size,
-                     per_channel=not trained and ptq.group_size is None, simulate=True)
-    log(f"convert {run_dir.name}: {'QAT convert' if trained else 'PTQ'} {plan.scheme.describe(plan.group_size)}"
+    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=True)
+    log(f"convert {run_dir.name}: {'QAT convert' if plan.trained else 'PTQ'} {plan.scheme.describe(plan.group_size)}"
         + (" (simulated: no real kernels here)" if plan.quantize == "simulated" else ""))
     run_convert(plan)
     return export_dir
@@ -78,7 +68,7 @@ def run_models(export_dir: Path) -> dict[str, EvalTarget]:
     return {"bf16": EvalTarget(export_dir / "hf"), "ptq": quant}
 
 
-def qat_coverage(export_dir: Path) -> Optional[dict]:
+def export_coverage(export_dir: Path) -> Optional[dict]:
     """The share of decoder weights a QAT run fake-quantized, as convert recorded it (None for bf16)."""
     return json.loads((export_dir / "verify.json").read_text()).get("qat_coverage")
 
@@ -88,14 +78,13 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, result_file: Path, log=
     if result_file.exists():
         log(f"eval {result_file.stem}: done already")
         return json.loads(result_file.read_text())["results"]
-    from eval.harness import evaluate, simulated_model
-    from qat.distributed import pick_device
+    from qat.eval.harness import evaluate  # lm-eval: imported only where something is evaluated
 
     log(f"eval {result_file.stem}: {target.folder}" + (" (simulated)" if target.simulated else ""))
     model, tokenizer = target.folder, None
     if target.simulated:
-        model, tokenizer = simulated_model(target.folder, target.simulate["scheme"], target.simulate["group_size"],
-                                           cfg.dtype)
+        model = load_simulated(target.folder, target.simulate["scheme"], target.simulate["group_size"], cfg.dtype)
+        tokenizer = load_tokenizer(str(target.folder), key="--model", need_pad=True)
     limit = int(cfg.limit) if cfg.limit and cfg.limit >= 1 else cfg.limit
     results = evaluate(model, tokenizer, tasks=cfg.tasks, data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
                        limit=limit, batch_size=cfg.batch_size, num_fewshot=cfg.num_fewshot,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from eval.metrics import METRICS, Metric
+from qat.eval.metrics import METRICS, Metric
 
 MODELS = ["bf16", "ptq", "qat"]
 # Quantization-aware arms, in table order: plain QAT, QAT with distillation (QAD), and each with

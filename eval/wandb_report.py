@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from eval.metrics import METRICS, flat
+from qat.eval.metrics import METRICS, flat
 from qat.config import WandbConfig
-from qat.metrics import init_wandb
+from qat.loggers import init_wandb
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from qat.atomic import write_text_atomic
 from qat.errors import UserError
+from qat.schemes import same_record
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"
@@ -169,6 +170,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_resume(meta: dict, qat_record: Optional[dict], lora: bool) -> None:
+    """Refuse to resume a checkpoint trained otherwise than this config asks (scheme, LoRA)."""
+    if not same_record(meta.get("qat"), qat_record):
+        raise UserError(f"the checkpoint was trained with qat={meta.get('qat')}, this config asks for {qat_record}")
+    if bool(meta.get("lora")) != lora:
+        raise UserError(f"the checkpoint has lora={bool(meta.get('lora'))}, this config lora.enabled={lora}")
+
+
+def resume_training(path: Optional[Path], model, optimizer, scheduler, loader, qat_record: Optional[dict],
+                    lora: bool) -> tuple[int, float, float]:
+    """Load a training checkpoint into the model, optimizer, LR scheduler and data loader; returns
+    (step, loss, training seconds so far). path None: a fresh start (0, nan, 0)."""
+    if path is None:
+        return 0, float("nan"), 0.0
+    meta = load(path, model, optimizer, adapter_only=lora)
+    check_resume(meta, qat_record, lora)
+    scheduler.load_state_dict(meta["scheduler"])
+    loader.load_state_dict(meta["data"])
+    return meta["step"], meta.get("loss", float("nan")), meta.get("train_time_s", 0.0)
 
 
 DONE = "done.json"

@@ -19,7 +19,7 @@ from typing import Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qat.constraints import check_fields, rule
+from qat.validation import check_fields, rule
 from qat.errors import UserError, is_rank0
 
 @dataclass
@@ -53,8 +53,9 @@ class FakeQuantConfig:
     embedding_bits: Optional[int] = rule(None, ge=2, le=8, why="null: the scheme's weight bits (intx), else 8")
     embedding_group_size: Optional[int] = rule(32, ge=1, why="along the embedding width; null for per row")
     fake_quant_after_n_steps: int = rule(0, ge=0)  # train this many steps in bf16 before fake quantization
-    # "ours" (lean STE backward), "torchao" (FakeQuantizedLinear); auto: ours
-    backend: str = rule("auto", choices=("auto", "ours", "torchao"))
+    # "qatlinear": our QATLinear (torchao numerics, a backward that recomputes instead of saving);
+    # "torchao": torchao's FakeQuantizedLinear; auto: qatlinear
+    backend: str = rule("auto", choices=("auto", "qatlinear", "torchao"))
     lora_merged: bool = False  # LoRA: fake-quantize W + s*B@A, exactly what the merged export computes
     # LoRA (default mode): fake-quantize each frozen base weight once, when fake quantization
     # starts, instead of in every forward and backward; the same numbers, bit for bit. Skipped
@@ -157,6 +158,8 @@ class CheckpointConfig:
     every_n_steps: int = rule(0, ge=0)  # 0: only at the end
     keep_last: int = rule(2, ge=1)
     resume: Optional[str] = None  # null, "auto" (newest complete checkpoint) or a step-NNNNNN path
+    # false: no checkpoint at the last step (benchmarks, throwaway runs); a stop request still saves
+    save_final: bool = True
 
 
 @dataclass
@@ -255,7 +258,7 @@ def validate(cfg: TrainConfig) -> None:
 
         check_learnable(get_scheme(cfg.qat.scheme), True)
     if cfg.qat.learn_scales and cfg.qat.backend == "torchao":
-        raise UserError("qat.learn_scales=true needs qat.backend=ours (or auto): torchao's fake quantizers "
+        raise UserError("qat.learn_scales=true needs qat.backend=qatlinear (or auto): torchao's fake quantizers "
                         "compute their scales")
     if cfg.qat.lora_merged and cfg.lora.dropout:
         raise UserError("qat.lora_merged=true needs lora.dropout=0 (dropout only applies to the adapter path)")

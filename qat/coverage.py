@@ -17,16 +17,19 @@ adapters, which stay high precision by design.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch.nn as nn
 
+from qat.errors import UserError
+from qat.fake_quant import QATLinear
+from qat.layout import decoder_blocks, is_expert_bias, router_module_ids
+from qat.moe import QATExperts
+
 
 def decoder_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """{name relative to the blocks list: (owning module, parameter)} of every decoder weight."""
-    from qat.model import decoder_blocks
-    from qat.moe import is_expert_bias
-
     out = {}
     for mod_name, mod in decoder_blocks(model).named_modules():
         if re.search(r"(^|\.)lora_[AB](\.|$)", mod_name):
@@ -42,37 +45,31 @@ def pattern(name: str) -> str:
     return re.sub(r"^\d+\.", "*.", name)
 
 
-def router_ids(model: nn.Module) -> set[int]:
-    """The modules the router rule keeps in high precision."""
-    from qat.model import decoder_blocks
-    from qat.moe import routers
-
-    return {id(m) for r in routers(decoder_blocks(model)).values() for m in r.modules()}
-
-
 def uncovered(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[int]]:
     """{pattern: shape} of the decoder weights that no fake-quantization target owns (routers aside)."""
-    ids = {id(m) for m in targets.values()} | router_ids(model)
+    ids = {id(m) for m in targets.values()} | router_module_ids(model)
     return {pattern(n): list(p.shape) for n, (mod, p) in decoder_weights(model).items() if id(mod) not in ids}
 
 
 def refuse_uncovered(model: nn.Module, targets: dict[str, nn.Module], allow: bool) -> None:
-    from qat.errors import UserError
-
     left = uncovered(model, targets)
     if left and not allow:
         ids = {id(m) for m in targets.values()}
         share = coverage(model, lambda m: id(m) in ids)["share"]
         names = ", ".join(f"{k} {v}" for k, v in left.items())
-        raise UserError(f"QAT would fake-quantize only {share:.0%} of the decoder's weight parameters: "
+        raise UserError(f"QAT would fake-quantize only {percent(share)} of the decoder's weight parameters: "
                         f"{names} are neither nn.Linear nor MoE experts of a known layout, so no scheme covers them. Set qat.allow_unquantized=true to train with them in high precision")
+
+
+def percent(share: float) -> str:
+    """A share to 0.1%, rounded down so it never overstates: 99.97% covered reads "99.9%", not
+    "100.0%", and anything above zero but under 0.1% reads "<0.1%"."""
+    tenths = math.floor(share * 1000 + 1e-9)
+    return "<0.1%" if share > 0 and tenths == 0 else f"{tenths / 10:.1f}%"
 
 
 def is_fake_quantized(mod: nn.Module) -> bool:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
-
-    from qat.fake_quant import QATLinear
-    from qat.moe import QATExperts
 
     return isinstance(mod, (QATLinear, FakeQuantizedLinear, QATExperts))
 
@@ -82,12 +79,10 @@ def coverage(model: nn.Module, covered=is_fake_quantized) -> dict:
 
     Parameter counts are global: under FSDP2 a DTensor's numel is that of the whole tensor.
     """
-    from qat.moe import QATExperts
-
     total = done = n_done = 0
     left, rule, experts = {}, {}, 0
     weights = decoder_weights(model)
-    rids = router_ids(model)
+    rids = router_module_ids(model)
     for name, (mod, p) in weights.items():
         total += p.numel()
         if covered(mod):
@@ -109,7 +104,7 @@ def coverage(model: nn.Module, covered=is_fake_quantized) -> dict:
 
 def describe(cov: dict) -> str:
     text = (f"QAT fake-quantizes {cov['fake_quantized_tensors']} of {cov['weight_tensors']} weight tensors of "
-            f"the decoder blocks, {cov['share']:.1%} of their parameters")
+            f"the decoder blocks, {percent(cov['share'])} of their parameters")
     if cov.get("expert_tensors"):
         text += f"; {cov['expert_tensors']} of them MoE expert weights (weight-only)"
     if cov.get("router_high_precision"):
@@ -128,7 +123,7 @@ def header_line(verify_json) -> "str | None":
     cov = json.loads(path.read_text()).get("qat_coverage") if path.exists() else None
     if not cov:
         return None
-    text = (f"{cov['share']:.1%} of the decoder blocks' weight parameters quantized "
+    text = (f"{percent(cov['share'])} of the decoder blocks' weight parameters quantized "
             f"({cov['fake_quantized_tensors']} of {cov['weight_tensors']} tensors)")
     if cov.get("expert_tensors"):
         text += "; MoE experts weight-only"

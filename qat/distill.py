@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qat.config import DistillConfig
+from qat.config import DistillConfig, FSDPConfig, ModelConfig
 from qat.data.packed import flash_varlen_kwargs
+from qat.data.sources import IGNORE
 from qat.errors import UserError
-
-IGNORE = -100
+from qat.layout import base_model, decoder_blocks
+from qat.model import apply_fsdp, cast_keep_buffers, fake_quantizers, load_model
 
 
 def kd_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head_weight: torch.Tensor,
@@ -62,9 +63,7 @@ def kd_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head_weig
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied right before lm_head (HF decoder LMs keep it beside the decoder blocks)."""
-    from qat.model import decoder_blocks
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     blocks = decoder_blocks(base)
     for mod in base.modules():
         if any(child is blocks for child in mod.children()) and isinstance(getattr(mod, "norm", None), nn.Module):
@@ -84,7 +83,7 @@ class Teacher:
 
     def __init__(self, model: nn.Module, self_teacher: bool):
         self.model, self.self_teacher = model, self_teacher
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         self.config = base.config
         self.head = base.get_output_embeddings()
         self.norm = final_norm(model)
@@ -96,8 +95,6 @@ class Teacher:
             yield
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from qat.model import fake_quantizers
 
         # The switches themselves, not peft's disable_adapter(): that also flips requires_grad, and
         # under FSDP2 it would flip it on the gathered copies of a block, not on the shards that the
@@ -161,3 +158,31 @@ def build_teacher(cfg: DistillConfig, student: nn.Module, lora: bool, load_copy)
     if cfg.teacher == "base" and lora:
         return Teacher(student, self_teacher=True)
     return Teacher(load_copy(None if cfg.teacher == "base" else cfg.teacher), self_teacher=False)
+
+
+def load_teacher_copy(path: Optional[str], student: ModelConfig, seq_len: int, fsdp: FSDPConfig, mesh,
+                      dtype: torch.dtype) -> nn.Module:
+    """A frozen teacher sharded like the student, stored in the compute dtype (it needs no fp32
+    master weights). path None: the student's starting model."""
+    cfg = student if path is None else ModelConfig(path=path, trust_remote_code=student.trust_remote_code,
+                                                   attn_implementation=student.attn_implementation)
+    teacher = load_model(cfg, seq_len=seq_len).requires_grad_(False).eval()
+    cast_keep_buffers(teacher, dtype)
+    apply_fsdp(teacher, mesh, fsdp, dtype)
+    return teacher
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[Teacher],
+                    teacher_hidden: Optional[torch.Tensor], cfg: DistillConfig):
+    """(loss, ce, kd): sums over the supervised tokens of one micro-batch. Without a teacher the
+    loss is the cross-entropy; with one, weight * KL + (1 - weight) * CE."""
+    # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
+    with torch.set_grad_enabled(teacher is None or cfg.weight < 1):
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                             ignore_index=IGNORE, reduction="sum")
+    if teacher is None:
+        return ce, ce, torch.zeros((), device=logits.device)
+    weight, bias = teacher.head_params()
+    kd = kd_sum(logits, teacher_hidden, weight, bias, labels, cfg.temperature, cfg.chunk_size, teacher.softcap)
+    loss = kd if cfg.weight == 1 else cfg.weight * kd + (1 - cfg.weight) * ce
+    return loss, ce, kd

@@ -21,9 +21,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from qat import moe
 from qat.config import FakeQuantConfig, FSDPConfig, LoRAConfig, ModelConfig
-from qat.coverage import refuse_uncovered
+from qat.coverage import coverage, refuse_uncovered
 from qat.errors import UserError, boundary, is_rank0
+from qat.fake_quant import QATLinear, use_merged_lora
+from qat.layout import base_model, decoder_blocks, experts_modules, router_module_ids
+from qat.learned_scales import check_learnable
 from qat.schemes import Scheme, embedding_quant
 
 # Config dtype names (training.dtype, convert --dtype) to torch dtypes.
@@ -94,29 +98,6 @@ def load_tokenizer(path: str, revision: Optional[str] = None, trust_remote_code:
     return tokenizer
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks, found through HF's `_no_split_modules` (any architecture)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    for mod in base.modules():
-        if not isinstance(mod, nn.ModuleList):
-            continue
-        # Any block will do: under a sharded convert, blocks other ranks own are pass-through
-        # stand-ins. The MRO: fully_shard swaps a block's class for an FSDP subclass of it.
-        if names & {c.__name__ for b in mod for c in type(_unwrap(b)).__mro__}:
-            return mod
-    raise UserError(f"cannot find the decoder blocks of {type(base).__name__} (no _no_split_modules list)")
-
-
-def _unwrap(block: nn.Module) -> nn.Module:
-    """The decoder block inside activation-checkpoint or torch.compile wrappers."""
-    while True:
-        inner = getattr(block, "_checkpoint_wrapped_module", None) or getattr(block, "_orig_mod", None)
-        if inner is None:
-            return block
-        block = inner
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Wrap with peft LoRA; the base model is frozen, only adapters train.
 
@@ -166,9 +147,7 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
     blocks = decoder_blocks(model)
     in_blocks = {id(m) for m in blocks.modules()}
     out = {}
-    from qat.moe import routers
-
-    high_precision = {id(m) for r in routers(blocks).values() for m in r.modules()}  # the router rule
+    high_precision = router_module_ids(model)  # the router rule
     for fqn, mod in model.named_modules():
         if type(mod) is not nn.Linear or id(mod) not in in_blocks or id(mod) in high_precision:
             continue
@@ -181,22 +160,18 @@ def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
 def qat_backend(cfg: FakeQuantConfig, scheme: Scheme) -> str:
     """Our fake-quantized Linear by default (every scheme, any hardware); torchao's on request."""
     if cfg.backend == "torchao" and not scheme.torchao_qat:
-        raise UserError(f"scheme {scheme.name!r} has no torchao QAT prepare path here; use qat.backend=ours")
-    return "ours" if cfg.backend == "auto" else cfg.backend
+        raise UserError(f"scheme {scheme.name!r} has no torchao QAT prepare path here; use qat.backend=qatlinear")
+    return "qatlinear" if cfg.backend == "auto" else cfg.backend
 
 
-def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
-    """Swap targeted Linears (and optionally the input embedding) for fake-quantized ones."""
+def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> dict:
+    """Swap targeted Linears and MoE experts (and optionally the input embedding) for fake-quantized
+    ones; returns the coverage record (qat/coverage.py): what share of the decoder is covered."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig as AOQATConfig
 
-    from qat.fake_quant import QATLinear
-    from qat.learned_scales import check_learnable
-
-    from qat import moe
-
     targets = qat_targets(model)
-    experts = moe.experts_modules(decoder_blocks(model))
+    experts = experts_modules(decoder_blocks(model))
     refuse_uncovered(model, {**targets, **experts}, cfg.allow_unquantized)
     scheme.check_shapes(targets, cfg.group_size)
     check_learnable(scheme, cfg.learn_scales)
@@ -204,7 +179,7 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
         moe.check_expert_groups(name, mod, cfg.group_size if scheme.uses_group_size else None)
     # experts: our fake quantizer whatever the backend (torchao has no MoE QAT)
     moe.wrap_experts(decoder_blocks(model), scheme.fake_quantizers(cfg.group_size)[0])
-    if qat_backend(cfg, scheme) == "ours":
+    if qat_backend(cfg, scheme) == "qatlinear":
         wfq, afq = scheme.fake_quantizers(cfg.group_size)
         for fqn, lin in targets.items():
             parent, _, leaf = fqn.rpartition(".")
@@ -221,11 +196,12 @@ def apply_qat(model: nn.Module, cfg: FakeQuantConfig, scheme: Scheme) -> None:
         check_untied(model)
         equant.check_shapes("the input embedding", emb)
         quantize_(model, AOQATConfig(equant.config(), step="prepare"), filter_fn=lambda m, fqn: m is emb)
+    return coverage(model)
 
 
 def check_untied(model: nn.Module) -> None:
     """A tied embedding is also lm_head, which stays high precision: it cannot be quantized alone."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     out = base.get_output_embeddings()
     if getattr(base.config, "tie_word_embeddings", False) or \
             getattr(out, "weight", None) is base.get_input_embeddings().weight:
@@ -236,11 +212,9 @@ def check_untied(model: nn.Module) -> None:
 def _merge_lora_forward(model: nn.Module) -> None:
     from peft.tuners.lora import Linear as LoraLinear
 
-    from qat.fake_quant import QATLinear, use_merged_lora
-
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not layers or not all(isinstance(m.base_layer, QATLinear) for m in layers):
-        raise UserError("qat.lora_merged=true needs LoRA on intx-scheme Linears with qat.backend=ours")
+        raise UserError("qat.lora_merged=true needs LoRA on intx-scheme Linears with qat.backend=qatlinear")
     for m in layers:
         use_merged_lora(m)
 
@@ -249,9 +223,7 @@ def fake_quantizers(model: nn.Module) -> list[nn.Module]:
     """Everything with an `enabled` switch: torchao's fake quantizers, our QATLinear and QATExperts."""
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-    from qat.fake_quant import QATLinear
-    from qat.moe import QATExperts
-    return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear, QATExperts))]
+    return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear, moe.QATExperts))]
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -352,3 +324,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, train
+
+
+def shard_model(model: nn.Module, cfg: FSDPConfig, lora: bool, mesh, device: torch.device,
+                compute_dtype: torch.dtype) -> None:
+    """Activation checkpointing, compile and FSDP2, in that order; with fsdp.init_from_rank0, the
+    ranks that built the model on meta then receive rank 0's weights."""
+    import torch.distributed as dist
+
+    if lora:
+        cast_frozen(model, compute_dtype)
+    from_rank0 = cfg.init_from_rank0 and dist.get_world_size() > 1
+    full_state = {}
+    if from_rank0 and dist.get_rank() == 0:  # canonical FQNs, before the AC/compile wrappers
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        full_state = get_model_state_dict(model)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    apply_compile(model, cfg.compile)
+    apply_fsdp(model, mesh, cfg, compute_dtype)
+    if from_rank0:
+        fill_from_rank0(model, full_state, device)

@@ -1,5 +1,7 @@
 """QAT for MoE experts stored as fused 3D parameters, and the router rule.
 
+qat/layout.py finds the experts and routers; this module fake-quantizes the experts.
+
 Transformers 5 keeps every expert of a block in one 3D parameter per projection instead of
 nn.Linears: Qwen3-MoE and Mixtral `experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`
 (each expert's slice is a Linear weight [out, in]); gpt-oss stores them transposed,
@@ -31,17 +33,8 @@ it is tiny (E x H), its logits pick the experts, so a quantization error changes
 token uses rather than perturbing an output, and torchao's own recipes leave it out. Shared
 experts are ordinary Linears and follow the scheme.
 
-Convert. The intx schemes quantize each 3D weight into torchao's `IntxUnpackedToInt8Tensor`
-(block [1, 1, group]), and the transformers eager expert forward runs it: it selects one expert
-(`aten.select`, registered below) and calls F.linear, which the tensor implements. The converted
-forward equals the fake-quantized one exactly. The `quantized/` folder stores these tensors as
-they are (int8 qdata + scales, flattened by transformers' torchao quantizer, whose loader rebuilds
-them) with `experts_implementation: "eager"` in config.json, since the default grouped_mm forward
-transposes the weight, which the tensor does not implement. A process that runs the reloaded
-model needs `register_expert_ops()` (our evaluate does it). Transposed layouts (gpt-oss computes
-x @ W[e], a matmul the tensor does not implement) and the other schemes have no 3D format that
-runs: convert says so and their experts are simulated (the fake-quantized values), labelled in
-verify.json.
+Convert (qat/convert/experts.py) stores the experts in torchao's intx format where a 3D format runs,
+else their fake-quantized values (simulated, labelled).
 """
 
 from __future__ import annotations
@@ -52,52 +45,7 @@ import torch
 import torch.nn as nn
 
 from qat.errors import UserError
-
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
-
-
-# --- finding experts and routers ----------------------------------------------------------------
-
-def expert_weight_names(mod: nn.Module) -> list[str]:
-    """The fused expert weights a module holds directly (3D parameters), in registration order."""
-    return [n for n, p in mod.named_parameters(recurse=False) if p.ndim == 3]
-
-
-def is_experts(mod: nn.Module) -> bool:
-    return bool(expert_weight_names(mod))
-
-
-def is_expert_bias(mod: nn.Module, p: torch.Tensor) -> bool:
-    """gpt-oss's [E, out] expert biases: 2D, but biases (high precision, as a Linear's bias)."""
-    return p.ndim == 2 and is_experts(mod)
-
-
-def experts_modules(blocks: nn.Module) -> dict[str, nn.Module]:
-    """The experts modules whose layout is declared (transformers' `is_transposed`); one without
-    it is left out here, so coverage names it and training refuses it unless qat.allow_unquantized."""
-    return {n: m for n, m in blocks.named_modules() if is_experts(m) and hasattr(m, "is_transposed")}
-
-
-def routers(blocks: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the routers: a `gate`/`router` child of a module that also has experts."""
-    out = {}
-    for name, parent in blocks.named_modules():
-        if not any(is_experts(c) for c in parent.children()):
-            continue
-        for leaf in ROUTER_NAMES:
-            child = getattr(parent, leaf, None)
-            if isinstance(child, nn.Module) and not is_experts(child):
-                out[f"{name}.{leaf}" if name else leaf] = child
-    return out
-
-
-def is_transposed(mod: nn.Module, name: str) -> bool:
-    """True when expert slices are [in, out] (x @ W[e]), as transformers' decorator declares."""
-    return bool(mod.is_transposed)
-
-
-def reduction_dim(mod: nn.Module, name: str) -> int:
-    return 1 if is_transposed(mod, name) else 2
+from qat.layout import experts_modules, expert_weight_names, is_transposed, reduction_dim
 
 
 # --- fake quantization ----------------------------------------------------------------------------
@@ -212,7 +160,7 @@ def _qat_class(base: type) -> type:
 
 def check_expert_groups(name: str, mod: nn.Module, group_size: Optional[int], block: Optional[int] = None) -> None:
     for n in expert_weight_names(mod):
-        dim = mod._parameters[n].shape[reduction_dim(mod, n)]
+        dim = mod._parameters[n].shape[reduction_dim(mod)]
         need = block or group_size
         if need and dim % need:
             what = f"qat.group_size={group_size}" if block is None else f"the scheme's block of {block}"
@@ -226,7 +174,7 @@ def wrap_experts(blocks: nn.Module, weight_fq) -> dict[str, nn.Module]:
     for name, mod in experts_modules(blocks).items():
         if isinstance(mod, QATExperts):
             continue
-        fqs = {n: Experts3D(weight_fq, is_transposed(mod, n)) for n in expert_weight_names(mod)}
+        fqs = {n: Experts3D(weight_fq, is_transposed(mod)) for n in expert_weight_names(mod)}
         mod.__class__ = _qat_class(type(mod))
         mod.expert_fqs, mod.enabled = fqs, True
         out[name] = mod
@@ -238,75 +186,3 @@ def unwrap(mod: nn.Module) -> None:
     if isinstance(mod, QATExperts):
         mod.__class__ = mod._qat_base
         del mod.expert_fqs, mod.enabled
-
-
-# --- convert and PTQ -----------------------------------------------------------------------------
-
-def register_expert_ops() -> None:
-    """`aten.select` on a 3D IntxUnpackedToInt8Tensor (one expert): the 2D tensor F.linear runs.
-    torchao 0.18 implements slice and linear but not select. Idempotent; any process that runs
-    quantized experts (convert, and evaluate on a `quantized/` folder) calls it first."""
-    from torch.utils._python_dispatch import return_and_correct_aliasing
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
-    aten = torch.ops.aten
-    if aten.select.int in IntxUnpackedToInt8Tensor._ATEN_OP_TABLE.get(IntxUnpackedToInt8Tensor, {}):
-        return
-
-    @IntxUnpackedToInt8Tensor.implements(aten.select.int)
-    def _select(func, types, args, kwargs):
-        self, dim, index = args
-        if dim != 0 or self.block_size[0] != 1:
-            raise NotImplementedError(f"select on dim {dim} of an IntxUnpackedToInt8Tensor with block {self.block_size}")
-        new = IntxUnpackedToInt8Tensor(self.qdata[index], self.scale[index], self.zero_point[index], self.target_dtype,
-                                       tuple(self.block_size[1:]), self.dtype, self.activation_quantization)
-        return return_and_correct_aliasing(func, args, kwargs, new)
-
-
-def intx_expert_tensor(w: torch.Tensor, bits: int, group_size: Optional[int]):
-    """torchao's intx weight-only format of one 3D expert weight [E, out, in]."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-    from torchao.quantization.quant_primitives import MappingType
-
-    register_expert_ops()
-    block = [1, 1, group_size or w.shape[-1]]
-    return IntxUnpackedToInt8Tensor.from_hp(w, block, getattr(torch, f"int{bits}"), mapping_type=MappingType.SYMMETRIC)
-
-
-def quantize_experts(model: nn.Module, scheme, group_size: Optional[int]) -> Optional[dict]:
-    """Convert and PTQ: every expert weight in real quantized form where the forward runs it, else
-    its fake-quantized values (simulated). Returns the record for verify.json, None without experts."""
-    from qat.model import decoder_blocks
-
-    mods = experts_modules(decoder_blocks(model))
-    if not mods:
-        return None
-    wfq = scheme.fake_quantizers(group_size)[0]
-    real = simulated = 0
-    reason = None
-    for name, mod in mods.items():
-        unwrap(mod)
-        for n in expert_weight_names(mod):
-            w = mod._parameters[n].detach()
-            q = None if is_transposed(mod, n) else scheme.expert_tensor(w, group_size)
-            if q is None:
-                reason = reason or (f"the {type(mod).__name__} forward computes x @ W[e], which torchao's 3D tensor "
-                                    f"does not run" if is_transposed(mod, n) else
-                                    f"scheme {scheme.name!r} has no 3D torchao format here")
-                q, simulated = Experts3D(wfq, is_transposed(mod, n))(w)[0], simulated + 1
-            else:
-                real += 1
-            mod._parameters[n] = nn.Parameter(q, requires_grad=False)
-    if real:  # select + F.linear: what the quantized tensor runs (grouped_mm transposes, bmm indexes)
-        model.set_experts_implementation("eager")
-        # config.json: from_pretrained reads `experts_implementation` (the internal field is not saved)
-        model.config.experts_implementation = "eager"
-    rec = {"tensors": real + simulated, "real_quantized": real, "simulated": simulated,
-           "format": "IntxUnpackedToInt8Tensor [1, 1, group], weight-only" if real else None,
-           "stored": ("as torchao tensors (int8 qdata + scales), which from_pretrained reloads; config.json sets "
-                      "experts_implementation eager" if real else "fake-quantized values in the export dtype")}
-    if simulated:
-        rec["why_simulated"] = reason
-        print(f"convert: {simulated} expert weight tensors are simulated (fake-quantized values): {reason}", flush=True)
-    return rec
-

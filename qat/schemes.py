@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from qat.errors import UserError
+from qat.fake_quant import (Float8Rowwise, Int4AfterFloat8, Int4Asymmetric, Int8PerToken, IntxWeight, MXFP4Emulated,
+                            NVFP4Emulated)
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,10 @@ class Scheme:
     def check_shapes(self, targets: dict[str, nn.Module], group_size: Optional[int]) -> None:
         """Raise UserError naming the first targeted layer whose shape the format cannot split."""
 
-    def expert_tensor(self, w: torch.Tensor, group_size: Optional[int]):
-        """A 3D MoE expert weight [E, out, in] in a torchao format the experts' forward runs, or None
-        where there is none (convert then stores the fake-quantized values: simulated)."""
+    @property
+    def expert_weight_bits(self) -> Optional[int]:
+        """Bits of torchao's intx weight-only 3D format for MoE expert weights [E, out, in], or None
+        where the scheme has no 3D format that runs (convert then stores them simulated)."""
         return None
 
     @property
@@ -151,11 +154,9 @@ def embedding_quant(enabled: bool, bits: Optional[int], group_size: Optional[int
 
 
 def embedding_from_record(rec: dict, scheme: "Scheme") -> Optional[EmbeddingQuant]:
-    """Records before embedding bits were separate used the linear scheme's bits and group size."""
+    """The input embedding's quantization a checkpoint recorded, or None."""
     if not rec.get("embedding"):
         return None
-    if "embedding_bits" not in rec:
-        return EmbeddingQuant(scheme.default_embedding_bits, rec.get("group_size"))
     return EmbeddingQuant(rec["embedding_bits"], rec["embedding_group_size"])
 
 
@@ -204,18 +205,14 @@ class IntxScheme(Scheme):
         return self.bits
 
     def fake_quantizers(self, group_size):
-        from qat.fake_quant import Int8PerToken, IntxWeight
-
         return IntxWeight(self.bits, group_size), (Int8PerToken() if self.int8_activations else None)
 
     def check_shapes(self, targets, group_size):
         _check_groups_divide(targets, group_size)
 
-    def expert_tensor(self, w, group_size):
-        # weight-only also for 8da: expert inputs stay high precision (qat/moe.py says why)
-        from qat.moe import intx_expert_tensor
-
-        return intx_expert_tensor(w, self.bits, group_size)
+    @property
+    def expert_weight_bits(self):
+        return self.bits
 
     @property
     def convert_path(self) -> str:
@@ -239,8 +236,6 @@ class Float8Scheme(Scheme):
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
     def fake_quantizers(self, group_size):
-        from qat.fake_quant import Float8Rowwise
-
         return Float8Rowwise(), Float8Rowwise()
 
     @property
@@ -292,8 +287,6 @@ class Int4Scheme(Scheme):
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
 
     def fake_quantizers(self, group_size):
-        from qat.fake_quant import Float8Rowwise, Int4AfterFloat8, Int4Asymmetric
-
         if self.fp8_activations:
             return Int4AfterFloat8(128), Float8Rowwise()
         return Int4Asymmetric(group_size), None
@@ -358,8 +351,6 @@ class FP4Scheme(Scheme):
         return NVFP4DynamicActivationNVFP4WeightConfig()
 
     def fake_quantizers(self, group_size):
-        from qat.fake_quant import MXFP4Emulated, NVFP4Emulated
-
         fq = NVFP4Emulated() if self.kind == "nvfp4" else MXFP4Emulated()
         return fq, fq
 
@@ -387,7 +378,7 @@ class FP4Scheme(Scheme):
     def missing_kernels(self, device):
         if self.kind != "nvfp4":
             return (f"scheme {self.name!r} has no real-kernel convert here yet; its QAT runs emulated "
-                    f"(qat.backend=ours) and evaluation must use the simulated model")
+                    f"(qat.backend=qatlinear) and evaluation must use the simulated model")
         return _cuda_capability_gap(self, device, (10, 0), self.hardware)
 
 
@@ -407,18 +398,9 @@ def _registry() -> dict[str, Scheme]:
 SCHEMES = _registry()
 
 
-# Until November 2026 the symmetric intx weight-only schemes were called int{b}-weight-only; the name
-# int4-weight-only now means torchao's GPU int4. Checkpoints that recorded the old names convert as
-# they were trained (scheme_from_record); configs get a pointer to the new name.
-RENAMED = {f"int{b}-weight-only": f"intx{b}-weight-only" for b in range(2, 9)}
-
-
 def get_scheme(name: str) -> Scheme:
     if name in SCHEMES:
         return SCHEMES[name]
-    if name in RENAMED:
-        raise UserError(f"scheme {name!r} is now called {RENAMED[name]!r} (symmetric intx weights for CPUs and "
-                        f"ExecuTorch); 'int4-weight-only' is torchao's GPU int4 format")
     close = difflib.get_close_matches(name, SCHEMES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UserError(f"unknown QAT scheme {name!r}.{hint} Known: {', '.join(SCHEMES)}")
@@ -427,11 +409,8 @@ def get_scheme(name: str) -> Scheme:
 def scheme_from_record(rec: dict) -> Scheme:
     """The scheme a checkpoint recorded (by name). A record whose family disagrees with the name's,
     or that sets a group size for a scheme without groups, is refused rather than guessed."""
-    name, family = rec["scheme"], rec.get("family")  # records before families were named carry none
-    if name in RENAMED and family in (None, "intx"):
-        name = RENAMED[name]  # trained under the old name of the intx weight-only schemes
-    scheme = get_scheme(name)
-    family = family or scheme.family
+    scheme = get_scheme(rec["scheme"])
+    family = rec.get("family")
     if family != scheme.family:
         raise UserError(f"the checkpoint records scheme {scheme.name!r} as family {family!r}, but it is "
                         f"{scheme.family!r} here; convert it with the version that trained it")
@@ -439,6 +418,15 @@ def scheme_from_record(rec: dict) -> Scheme:
         raise UserError(f"the checkpoint records group_size={rec['group_size']} for scheme {scheme.name!r}, "
                         f"which has no groups")
     return scheme
+
+
+def training_record(scheme: Optional[Scheme], qat_cfg) -> Optional[dict]:
+    """The scheme record of a training run (`qat_cfg`: the qat config section), None for bf16."""
+    if scheme is None:
+        return None
+    q = qat_cfg
+    rec = scheme.record(q.group_size, embedding_quant(q.embedding, q.embedding_bits, q.embedding_group_size, scheme))
+    return {**rec, "learned_scales": True} if q.learn_scales else rec
 
 
 def same_record(a: Optional[dict], b: Optional[dict]) -> bool:

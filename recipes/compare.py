@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, qat_coverage, run_models
-from eval.report import ARMS
+from qat.convert import PTQRequest
+from qat.eval.pipeline import evaluate_target, export_run, finished, export_coverage, run_models
+from qat.eval.report import ARMS
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
 from qat.errors import UserError, exit_on_user_error
@@ -148,12 +147,12 @@ def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
 def arm_coverage(cfg: CompareConfig, out: Path, suffix: str) -> dict:
     """{arm: qat_coverage} of the quantization-aware arms of one comparison."""
     planned = arms(cfg, out)
-    return {a: qat_coverage(out / f"{a}{suffix}" / "export") for a in ARMS if f"{a}{suffix}" in planned}
+    return {a: export_coverage(out / f"{a}{suffix}" / "export") for a in ARMS if f"{a}{suffix}" in planned}
 
 
 def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool,
            coverage: Optional[dict] = None) -> str:
-    from eval.report import markdown, plot
+    from qat.eval.report import markdown, plot
 
     suffix = "" if kind == "full" else "_lora"
     md = markdown(results, head, simulated)
@@ -175,7 +174,7 @@ def main(argv=None) -> None:
     from qat.schemes import get_scheme
 
     get_scheme(cfg.scheme)
-    from eval.harness import check_tasks
+    from qat.eval.harness import check_tasks
     from qat.atomic import check_target
 
     out = Path(cfg.output_dir)
@@ -196,7 +195,7 @@ def main(argv=None) -> None:
         results, simulated = evaluate_comparison(cfg, out, "" if kind == "full" else "_lora")
         head = header(cfg, out, kind)
         coverage = arm_coverage(cfg, out, "" if kind == "full" else "_lora")
-        from eval.report import coverage_note
+        from qat.eval.report import coverage_note
 
         if coverage_note(coverage):  # qat.allow_unquantized: say which weights stayed high precision
             head["high precision"] = coverage_note(coverage)
@@ -211,8 +210,8 @@ def main(argv=None) -> None:
 def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool,
                    coverage: Optional[dict] = None) -> None:
     """W&B: an eval run per model and a comparison run, in the compare folder's group."""
-    from eval.report import labels, models, rows
-    from eval.wandb_report import ModelRow, log_models
+    from qat.eval.report import labels, models, rows
+    from qat.eval.wandb_report import ModelRow, log_models
 
     names = labels(simulated)
     models = [ModelRow(run_name=f"{out.name}-{kind}-{k}" + ("-simulated" if simulated and k != "bf16" else ""),

@@ -26,8 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # before torch's seconds of imports: a torchrun worker dies with torchrun
     from qat.lifeline import exit_with_launcher
 

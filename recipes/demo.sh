@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 read -r -a pretrain_overrides <<< "${PRETRAIN_OVERRIDES:-}"
 
-[ -f assets/world/world.json ] || $PY -m qat.world.build --out assets/world
+[ -f assets/world/world.json ] || $PY -m qat.synthetic.build --out assets/world
 echo "== pretrain the tiny base model"
 # the stage is done once its base model is converted (delete runs/demo/base to pretrain again)
 if [ ! -f runs/demo/base/verify.json ]; then

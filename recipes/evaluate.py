@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qat.atomic import write_text_atomic
 from qat.errors import exit_on_user_error
@@ -48,13 +46,15 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from qat.config import EvalConfig
-    from qat.constraints import check_fields
+    from qat.validation import check_fields
 
     check_fields(EvalConfig(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
                             num_fewshot=args.num_fewshot, device=args.device, dtype=args.dtype), as_flags=True)
-    from eval.harness import evaluate, simulated_model
     from qat.atomic import check_target
+    from qat.convert.simulated import load_simulated
     from qat.distributed import pick_device
+    from qat.eval.harness import evaluate
+    from qat.model import load_tokenizer
 
     model = Path(args.model)
     out = args.out or model.parent / f"eval_{model.name}{'_simulated' if args.simulate else ''}.json"
@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     target, tokenizer = args.model, None
     if args.simulate:
-        target, tokenizer = simulated_model(Path(args.model), args.simulate, args.group_size, args.dtype)
+        target = load_simulated(Path(args.model), args.simulate, args.group_size, args.dtype)
+        tokenizer = load_tokenizer(args.model, key="--model", need_pad=True)
     results = evaluate(target, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=limit,
                        batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=str(pick_device(args.device)),
                        dtype=args.dtype)
@@ -71,9 +72,9 @@ def main(argv=None) -> dict:
               "simulated": f"{args.simulate} fake-quantized forward, no real kernels" if args.simulate else None}
     write_text_atomic(out, json.dumps(record, indent=2))
     if args.wandb:
-        from eval.wandb_report import summary_keys
+        from qat.eval.wandb_report import summary_keys
         from qat.config import WandbConfig
-        from qat.metrics import init_wandb
+        from qat.loggers import init_wandb
 
         run = init_wandb(WandbConfig(), out.parent, {"model": str(model), "tasks": args.tasks},
                          job_type="eval", name=args.name or model.name)

@@ -1,6 +1,6 @@
 """Summarise a sweep from its run folders alone (no W&B account needed).
 
-    python -m slurm.summarize runs/sweeps/<name> [--sort eval/wikitext/bits_per_byte]
+    python slurm/summarize.py runs/sweeps/<name> [--sort eval/wikitext/bits_per_byte]
 
 One row per model of each run: the run's sweep parameters, its training status and final loss,
 and every evaluation metric found in <run>/eval/*.json (written by slurm/sweep_report.py); a model
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from eval.metrics import flat, higher_is_better
+from qat.eval.metrics import flat, higher_is_better
 from qat import checkpoint as ckpt
 from qat.errors import UserError, exit_on_user_error
 
@@ -97,5 +97,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

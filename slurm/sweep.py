@@ -1,10 +1,10 @@
 """Submit a sweep: one Slurm array task per overrides line, then a dependent comparison job.
 
-    python -m slurm.sweep --name lr-scheme --config configs/llama3_2_1b/qat.yaml \\
+    python slurm/sweep.py --name lr-scheme --config configs/llama3_2_1b/qat.yaml \\
         --grid optimizer.lr=1e-5,2e-5 --grid qat.scheme=8da4w,intx4-weight-only \\
         --sbatch=--partition=gpu --sbatch=--time=12:00:00 --dry-run
 
-    python -m slurm.sweep --name ranks --config configs/qwen3_8b/qat_lora.yaml --list ranks.txt
+    python slurm/sweep.py --name ranks --config configs/qwen3_8b/qat_lora.yaml --list ranks.txt
 
 --grid key=v1,v2,... may repeat (the product is taken); --list FILE has one line of key=value
 overrides per run (shell quoting). --set key=value applies to every run. Every line is validated
@@ -12,7 +12,7 @@ against the training schema before anything is submitted. The sweep folder
 (<out>/<name>/) gets overrides.txt (what array task i reads from line i+1), sweep.json, and one
 run folder per task; the whole sweep shares WANDB_RUN_GROUP=<name>. After the array, a job with
 --dependency=afterany:<array> converts and evaluates every finished run (slurm/compare.sbatch)
-and writes one comparison table. Summarise any time with `python -m slurm.summarize <sweep dir>`.
+and writes one comparison table. Summarise any time with `python slurm/summarize.py <sweep dir>`.
 """
 
 from __future__ import annotations
@@ -144,5 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

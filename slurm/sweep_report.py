@@ -1,6 +1,6 @@
 """Convert and evaluate every finished run of a sweep, then one table across all of them.
 
-    python -m slurm.sweep_report runs/sweeps/<name> [--tasks local --data-dir assets/world/eval --limit 100]
+    python slurm/sweep_report.py runs/sweeps/<name> [--tasks local --data-dir assets/world/eval --limit 100]
 
 For a QAT run, its quantized model is evaluated ("qat"). For a bf16 run, its fine-tuned model
 ("bf16") and its PTQ model ("ptq", --ptq-scheme) are evaluated. Where this machine lacks a
@@ -18,12 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from eval.pipeline import PTQRequest, evaluate_target, export_run, finished, run_models
+from qat.convert import PTQRequest
+from qat.eval.pipeline import evaluate_target, export_run, finished, run_models
 from qat.atomic import write_text_atomic
 from qat.config import EvalConfig, WandbConfig
-from qat.constraints import check_fields
+from qat.validation import check_fields
 from qat.errors import exit_on_user_error
-from slurm.summarize import load_sweep, markdown_table, run_rows
+from summarize import load_sweep, markdown_table, run_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def report_runs(sweep: dict, ptq: PTQRequest, eval_cfg: EvalConfig) -> None:
 
 
 def log_wandb(sweep: dict, rows: list[dict]) -> None:
-    from eval.wandb_report import ModelRow, log_models
+    from qat.eval.wandb_report import ModelRow, log_models
 
     models = []
     for r in rows:
@@ -83,5 +84,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

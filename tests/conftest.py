@@ -27,7 +27,7 @@ TEST_WORLD = dict(n_people=40, n_docs=200, vocab_size=512, hidden=128, layers=2)
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    from qat.world.build import build_world
+    from qat.synthetic.build import build_world
 
     return build_world(tmp_path_factory.mktemp("world") / "world", **TEST_WORLD)
 

@@ -225,7 +225,7 @@ def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, 
     ("wikitext/train.jsonl", "", "train.jsonl is empty"),
 ])
 def test_local_eval_data_is_checked_per_line(world, tmp_path, split, text, needle):
-    from eval.harness import local_group_yaml
+    from qat.eval.harness import local_group_yaml
     from qat.errors import UserError
 
     data = tmp_path / "eval"
@@ -237,7 +237,7 @@ def test_local_eval_data_is_checked_per_line(world, tmp_path, split, text, needl
 
 def test_lm_eval_model_folders(world, tmp_path):
     """What lm-eval cannot load is one line: corrupt weights, a tokenizer without pad and eos."""
-    from eval.harness import load_lm
+    from qat.eval.harness import load_lm
     from qat.errors import UserError
 
     def cut_weights(folder):

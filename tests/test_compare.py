@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, env
-from eval.report import degradation, markdown, recovered, rows
+from qat.eval.report import degradation, markdown, recovered, rows
 
 
 def test_recovery_arithmetic_by_hand():
@@ -176,7 +176,7 @@ def test_report_names_weights_left_in_high_precision(tmp_path):
     cfg = CompareConfig(train_config="configs/tiny/full.yaml", output_dir=str(tmp_path), lora=False)
     coverage = compare.arm_coverage(cfg, tmp_path, "")
     assert coverage == {"qat": cov}
-    from eval.report import coverage_note
+    from qat.eval.report import coverage_note
 
     note = coverage_note(coverage)
     assert note == ("QAT fake-quantized 20.0% of the decoder's weight parameters; left in high precision: "

@@ -66,7 +66,7 @@ def leaf_fields(schema, prefix=""):
     import dataclasses
     import typing
 
-    from qat.constraints import rule_of
+    from qat.validation import rule_of
 
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):

@@ -93,7 +93,7 @@ def test_merged_equals_base_plus_adapter(exported, world, arm):
 
 
 def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
-    from eval.harness import GROUP, local_group_yaml
+    from qat.eval.harness import GROUP, local_group_yaml
 
     (tmp_path / f"{GROUP}.yaml").write_text(local_group_yaml(world / "eval"))
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
@@ -106,7 +106,7 @@ def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
     assert res["wikitext"]["bits_per_byte,none"] > 0
     # our harness indexes only lm-eval's hellaswag and wikitext folders, the CLI every task: the
     # same task logic gives the same numbers
-    from eval.harness import evaluate
+    from qat.eval.harness import evaluate
 
     ours = evaluate(str(exported["full_qat"] / "quantized"), data_dir=world / "eval", limit=8, batch_size=1,
                     dtype="float32")

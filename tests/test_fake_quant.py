@@ -325,7 +325,7 @@ def test_reinit_sets_every_scale_to_the_rule_on_the_current_weights():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["qat.scheme=float8"], "qat.learn_scales=true is for the intx schemes"),
-    (["qat.backend=torchao"], "qat.learn_scales=true needs qat.backend=ours"),
+    (["qat.backend=torchao"], "qat.learn_scales=true needs qat.backend=qatlinear"),
 ])
 def test_learned_scales_bad_input_is_one_line(world, tmp_path, capsys, overrides, needle):
     import sys

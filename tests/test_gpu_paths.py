@@ -329,7 +329,8 @@ def moe_case(kind: str, impl: str, device: str, dtype=torch.float32) -> dict:
 
     from qat import moe
     from qat.config import FakeQuantConfig
-    from qat.model import apply_qat, decoder_blocks
+    from qat.layout import decoder_blocks, expert_weight_names, experts_modules
+    from qat.model import apply_qat
     from qat.schemes import get_scheme
 
     cfg = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -341,8 +342,8 @@ def moe_case(kind: str, impl: str, device: str, dtype=torch.float32) -> dict:
     apply_qat(model, FakeQuantConfig(enabled=True, scheme="intx4-weight-only", group_size=32),
               get_scheme("intx4-weight-only"))
     model.to(device=device, dtype=dtype).eval()
-    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
-    names = moe.expert_weight_names(ex)
+    ex = next(iter(experts_modules(decoder_blocks(model)).values()))
+    names = expert_weight_names(ex)
     out = {}
     with torch.no_grad():
         for n in names:

@@ -12,7 +12,9 @@ from qat import moe
 from qat.config import FakeQuantConfig
 from qat.coverage import coverage
 from qat.fake_quant import IntxWeight
-from qat.model import apply_qat, decoder_blocks, set_fake_quant
+from qat.layout import decoder_blocks, expert_weight_names, experts_modules, is_experts
+from qat.model import apply_qat, set_fake_quant
+from qat.convert.experts import quantize_experts
 from qat.schemes import get_scheme
 
 MOE = {
@@ -41,10 +43,10 @@ def reference(kind, fq, scheme="8da4w"):
     """QAT on the Linears, and each expert's [out, in] matrix fake-quantized by the 2D quantizer
     one expert at a time, in the model's own (unwrapped) experts module."""
     ref = qat(tiny(kind), scheme)
-    rex = next(iter(moe.experts_modules(decoder_blocks(ref)).values()))
+    rex = next(iter(experts_modules(decoder_blocks(ref)).values()))
     moe.unwrap(rex)
     masks = {}
-    for n in moe.expert_weight_names(rex):
+    for n in expert_weight_names(rex):
         w = rex._parameters[n].detach()
         t = rex.is_transposed
         pairs = [fq((w[e].t() if t else w[e]).contiguous()) for e in range(w.shape[0])]
@@ -60,7 +62,7 @@ def test_expert_fake_quant_equals_a_per_expert_reference(kind):
     quantizer gave expert by expert, groups along what each expert's matmul contracts over
     (dim 2, or dim 1 for gpt-oss's x @ W[e])."""
     model = qat(tiny(kind))
-    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+    ex = next(iter(experts_modules(decoder_blocks(model)).values()))
     assert isinstance(ex, moe.QATExperts) and ex.is_transposed is (kind == "gpt_oss")
     ref, _, _ = reference(kind, IntxWeight(4, 32))
     x = torch.randint(0, 96, (2, 12))
@@ -86,12 +88,12 @@ def test_expert_gradient_is_the_clipped_straight_through_one(kind):
     Symmetric int4 clips each group's largest positive value (absmax / scale = 7.5 rounds to 8 > 7),
     so the mask is not all ones."""
     model = qat(tiny(kind), "intx4-weight-only", 32)
-    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+    ex = next(iter(experts_modules(decoder_blocks(model)).values()))
     ref, rex, masks = reference(kind, IntxWeight(4, 32), "intx4-weight-only")
     x = torch.randint(0, 96, (2, 12))
     model(x).logits.square().mean().backward()
     ref(x).logits.square().mean().backward()
-    for n in moe.expert_weight_names(ex):
+    for n in expert_weight_names(ex):
         assert (masks[n] == 0).any()
         assert torch.equal(getattr(ex, n).grad, rex._parameters[n].grad * masks[n])
 
@@ -113,14 +115,14 @@ def test_fake_quantized_expert_weights_are_recomputed_not_saved(monkeypatch):
     monkeypatch.setattr(moe._Recompute, "pack", spy)
     for outer in (False, True):
         model = qat(tiny("qwen3_moe"))
-        ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+        ex = next(iter(experts_modules(decoder_blocks(model)).values()))
         if outer:
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 loss = model(x).logits.square().mean()
         else:
             loss = model(x).logits.square().mean()
         loss.backward()
-        grads.append([getattr(ex, n).grad for n in moe.expert_weight_names(ex)])
+        grads.append([getattr(ex, n).grad for n in expert_weight_names(ex)])
     assert len(recipes) >= 2 and {id(r) for r in recipes} == {id(recipes[0])}
     assert sorted(recipes[0].cache) == ["down_proj", "gate_up_proj"]  # recomputed once each
     assert all(torch.equal(a, b) for a, b in zip(*grads))
@@ -159,9 +161,9 @@ def test_converted_experts_equal_fake_quant_and_reload_from_the_folder(scheme, t
     with torch.no_grad():
         fake = model(x).logits
         conv = qat_convert(copy.deepcopy(model), get_scheme(scheme), 32, None)
-        rec = moe.quantize_experts(conv, get_scheme(scheme), 32)
+        rec = quantize_experts(conv, get_scheme(scheme), 32)
         assert rec["real_quantized"] == 4 and rec["simulated"] == 0
-        ex = next(iter(moe.experts_modules(decoder_blocks(conv)).values()))
+        ex = next(iter(experts_modules(decoder_blocks(conv)).values()))
         assert isinstance(ex.gate_up_proj.data, IntxUnpackedToInt8Tensor) and not isinstance(ex, moe.QATExperts)
         assert torch.equal(conv(x).logits, fake)
         plain = unfake(model)
@@ -198,7 +200,7 @@ def test_transposed_experts_convert_simulated(capsys):
         fake = model(x).logits
         from qat.convert.transforms import qat_convert
         conv = qat_convert(copy.deepcopy(model), get_scheme("8da4w"), 32, None)
-        rec = moe.quantize_experts(conv, get_scheme("8da4w"), 32)
+        rec = quantize_experts(conv, get_scheme("8da4w"), 32)
     assert rec["simulated"] == 2 and rec["real_quantized"] == 0 and "x @ W[e]" in rec["why_simulated"]
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("convert: ")]
     assert len(line) == 1 and "simulated" in line[0]
@@ -239,7 +241,7 @@ def test_ptq_quantizes_experts_like_qat_convert():
     with torch.no_grad():
         fake = qat(copy.deepcopy(plain), "intx4-weight-only")(x).logits
         q = ptq(plain, get_scheme("intx4-weight-only"), 32)
-        assert moe.quantize_experts(q, get_scheme("intx4-weight-only"), 32)["real_quantized"] == 2
+        assert quantize_experts(q, get_scheme("intx4-weight-only"), 32)["real_quantized"] == 2
         assert torch.equal(q(x).logits, fake)
 
 
@@ -249,7 +251,7 @@ def test_experts_of_an_undeclared_layout_are_refused_unless_allowed():
     from qat.errors import UserError
 
     model = tiny("qwen3_moe")
-    ex = next(m for m in model.modules() if moe.is_experts(m))
+    ex = next(m for m in model.modules() if is_experts(m))
     del ex.is_transposed
     with pytest.raises(UserError, match=r"\*\.mlp\.experts\.gate_up_proj \[4, 128, 64\], \*\.mlp\.experts\.down_proj "
                                         r"\[4, 64, 64\] are neither nn.Linear nor MoE experts of a known layout"):

@@ -32,7 +32,7 @@ def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
     runs.append({"index": 2, "overrides": ["qat.enabled=false"], "dir": str(unfinished)})
     (sweep_dir / "sweep.json").write_text(json.dumps({"name": "sim", "config": "configs/tiny/full.yaml",
                                                        "grid": [], "set": [], "runs": runs}))
-    proc = subprocess.run([sys.executable, "-m", "slurm.sweep_report", str(sweep_dir), "--ptq-scheme", "float8",
+    proc = subprocess.run([sys.executable, str(ROOT / "slurm/sweep_report.py"), str(sweep_dir), "--ptq-scheme", "float8",
                            "--tasks", "local", "--data-dir", str(world / "eval"), "--limit", "4", "--dtype", "float32"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

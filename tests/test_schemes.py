@@ -37,7 +37,7 @@ def probe(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("backend", ["ours", "torchao"])
+@pytest.mark.parametrize("backend", ["qatlinear", "torchao"])
 @pytest.mark.parametrize("name, group", [("8da4w", 32), ("intx4-weight-only", 32), ("8da2w", 32),
                                          ("intx3-weight-only", None), ("8da8w", 64)])
 def test_qat_convert_equals_torchao_ptq_exactly(base, name, group, backend):

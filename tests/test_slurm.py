@@ -34,7 +34,7 @@ def job_env(cluster, **extra):
 
 
 def sweep(cluster, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "slurm.sweep", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "slurm/sweep.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, env=job_env(cluster))
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_sweep_with_dependent_comparison(cluster, world, tmp_path):
                 groups.add(rec.run.run_group)
     assert groups == {"s2"}
     assert len(list(sweep_dir.rglob("offline-run-*"))) >= 2 + 4 + 1  # 2 train, 4 eval, 1 comparison
-    summary = subprocess.run([sys.executable, "-m", "slurm.summarize", str(sweep_dir)], cwd=ROOT,
+    summary = subprocess.run([sys.executable, str(ROOT / "slurm/summarize.py"), str(sweep_dir)], cwd=ROOT,
                              capture_output=True, text=True, env=env(), check=True).stdout
     assert summary.count("| run-00") == 4 and "sorted by eval/wikitext/bits_per_byte" in summary
 

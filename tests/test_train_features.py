@@ -68,7 +68,7 @@ def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
 @pytest.fixture(scope="module")
 def tied_world(tmp_path_factory):
     from conftest import TEST_WORLD
-    from qat.world.build import build_world
+    from qat.synthetic.build import build_world
 
     return build_world(tmp_path_factory.mktemp("tied") / "world", **{**TEST_WORLD, "tie": True})
 

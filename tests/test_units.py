@@ -160,7 +160,7 @@ def test_scheduler_drives_the_optimizer_and_resumes_from_its_state():
 # --- FLOPs and MFU --------------------------------------------------------------------------
 
 def test_flops_per_token_and_mfu_by_hand():
-    from qat.metrics import device_peak_flops, flops_per_token, mfu
+    from qat.perf import device_peak_flops, flops_per_token, mfu
 
     # Llama-3.2-1B-like: 1.2358e9 matmul parameters, 16 layers, hidden 2048, seq 2048
     n, attn = 1.2358e9, 12 * 16 * 2048 * 2048

@@ -12,6 +12,6 @@
 """
 
 from qat.convert.pipeline import run_convert
-from qat.convert.plan import ConvertPlan, make_plan
+from qat.convert.plan import ConvertPlan, PTQRequest, make_plan
 
-__all__ = ["ConvertPlan", "make_plan", "run_convert"]
+__all__ = ["ConvertPlan", "PTQRequest", "make_plan", "run_convert"]

@@ -22,12 +22,13 @@ from typing import Callable, ClassVar, Optional
 import torch
 import torch.nn as nn
 
-from qat.config import FakeQuantConfig, TrainConfig
+from qat.config import TrainConfig
+from qat.convert.experts import quantize_experts
 from qat.convert.io import ConvertIO
 from qat.convert.plan import ConvertPlan
+from qat.convert.simulated import simulate
 from qat.convert.transforms import compare_logits, ptq, qat_convert, quantized_config
 from qat.errors import is_rank0
-from qat.moe import quantize_experts
 from qat.schemes import Scheme
 
 Stage = Callable[[str], None]
@@ -133,16 +134,11 @@ class SimulatedExporter(Exporter):
         return ["unquantized forward", "simulated forward"]
 
     def export(self, job, io, tmp, stage):
-        from qat.model import apply_qat
-
         plan = job.plan
         stage("unquantized forward")
         plain_logits = job.forward("plain", job.plain, io)
         stage("simulated forward")
-        sim = copy.deepcopy(job.plain)
-        # allow_unquantized: what training covered was decided (and recorded) when it ran
-        apply_qat(sim, FakeQuantConfig(enabled=True, scheme=plan.scheme.name, group_size=plan.group_size,
-                                       backend="ours", allow_unquantized=True), plan.scheme)
+        sim = simulate(copy.deepcopy(job.plain), plan.scheme, plan.group_size)
         sim_logits = io.forward(sim, job.probe)
         job.report.update({"mode": "simulated", "simulated": True, "scheme": plan.scheme.record(plan.group_size, None),
                            "scheme_description": plan.scheme.describe(plan.group_size)

@@ -47,7 +47,7 @@ class LocalIO:
     has_logits = True
 
     def record(self) -> dict:
-        from qat.metrics import peak_rss_mib
+        from qat.perf import peak_rss_mib
 
         return {"memory": {"peak_rss_mib": peak_rss_mib()}}
 

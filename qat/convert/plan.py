@@ -15,11 +15,20 @@ import torch
 
 from qat import checkpoint as ckpt
 from qat.atomic import check_target
+from qat.distributed import pick_device
 from qat.errors import UserError
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, get_scheme, scheme_from_record
 
 QUANTIZE_MODES = ("real", "simulated", "none")
-DEFAULT_PTQ_SCHEME, DEFAULT_PTQ_GROUP = "8da4w", 32
+
+
+@dataclass(frozen=True)
+class PTQRequest:
+    """The post-training quantization for a bf16 checkpoint; a QAT checkpoint converts with its own
+    scheme whatever is requested here (the plan decides which applies)."""
+
+    scheme: str = "8da4w"
+    group_size: Optional[int] = 32  # None: per output channel
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,11 @@ def find_checkpoint(path: Path) -> Path:
     raise UserError(f"{path} is not a checkpoint: no complete step-NNNNNN folder in it or in {path}/checkpoints")
 
 
-def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int],
-                  per_channel: bool) -> tuple[Scheme, Optional[int], Optional[EmbeddingQuant]]:
+def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int], per_channel: bool,
+                  ptq: PTQRequest) -> tuple[Scheme, Optional[int], Optional[EmbeddingQuant]]:
     """(scheme, group size, embedding quantization): a QAT checkpoint's own record, refusing a
-    disagreeing request; for a bf16 checkpoint, the requested PTQ scheme (decoder Linears only)."""
+    disagreeing explicit request; for a bf16 checkpoint, PTQ (decoder Linears only) with the
+    explicit request, else `ptq`."""
     rec = meta.get("qat")
     if rec is not None:
         if scheme and scheme != rec["scheme"]:
@@ -74,21 +84,23 @@ def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int],
             raise UserError(f"this checkpoint was trained with group_size={rec['group_size']}, not {group_size}")
         trained = scheme_from_record(rec)
         return trained, rec["group_size"], embedding_from_record(rec, trained)
-    chosen = get_scheme(scheme or DEFAULT_PTQ_SCHEME)
-    group = None if per_channel or not chosen.uses_group_size else (group_size or DEFAULT_PTQ_GROUP)
+    chosen = get_scheme(scheme or ptq.scheme)
+    per_channel = per_channel or (scheme is None and ptq.group_size is None)
+    group = None if per_channel or not chosen.uses_group_size else (group_size or ptq.group_size or
+                                                                     PTQRequest.group_size)
     return chosen, group, None
 
 
 def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str] = None,
               group_size: Optional[int] = None, per_channel: bool = False, dtype: str = "auto",
               simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
-              device: Optional[torch.device] = None) -> ConvertPlan:
-    """Resolve a conversion request; `device` is where real kernels would run (default: this machine's)."""
-    from qat.distributed import pick_device
-
+              device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest()) -> ConvertPlan:
+    """Resolve a conversion request. scheme/group_size/per_channel: an explicit request (must agree
+    with a QAT checkpoint's record); `ptq`: what a bf16 checkpoint gets without one; `device`: where
+    real kernels would run (default: this machine's)."""
     path = find_checkpoint(Path(checkpoint))
     meta = ckpt.read_meta(path)
-    chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel)
+    chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
     why = None if only_hf else chosen.missing_kernels(device or pick_device("auto"))
     if why and not simulate:

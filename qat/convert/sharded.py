@@ -33,8 +33,9 @@ import torch.nn as nn
 from qat.atomic import atomic_dir
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
-from qat.metrics import peak_rss_mib
-from qat.model import decoder_blocks, load_model, non_persistent_buffers
+from qat.perf import peak_rss_mib
+from qat.layout import decoder_blocks
+from qat.model import load_model, non_persistent_buffers
 
 
 @dataclass(frozen=True)

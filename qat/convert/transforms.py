@@ -19,9 +19,11 @@ import torch.nn as nn
 from qat import checkpoint as ckpt
 from qat.config import TrainConfig, config_from_dict
 from qat.errors import UserError
+from qat.fake_quant import QATLinear
 from qat.learned_scales import learned as learned_scale_layers
 from qat.learned_scales import use_learned_scales
 from qat.model import apply_lora, apply_qat, cast_keep_buffers, load_model, qat_targets
+from qat.moe import unwrap
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, scheme_from_record
 
 
@@ -81,9 +83,6 @@ def unfake(model: nn.Module) -> nn.Module:
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
-    from qat.fake_quant import QATLinear
-    from qat.moe import unwrap
-
     plain = copy.deepcopy(model)
     for mod in plain.modules():
         unwrap(mod)  # MoE experts: back to the model's own class
@@ -112,8 +111,6 @@ def qat_convert(model: nn.Module, scheme: Scheme, group_size: Optional[int],
     from torchao.quantization.qat import QATConfig as AOQATConfig
     from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
     from torchao.quantization.qat.linear import FakeQuantizedLinear
-
-    from qat.fake_quant import QATLinear
 
     # Our QATLinear: back to nn.Linear, then the base config. That is what QATConfig(step=
     # "convert") does for torchao's modules, with the same numerics (tests assert equality).

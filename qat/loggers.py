@@ -1,4 +1,4 @@
-"""Rank-0 logging: a tqdm bar, a metrics JSONL file in the run folder, and W&B.
+"""Rank-0 logging: a metrics JSONL file in the run folder, and W&B.
 
 W&B runs offline unless an API key is configured (WANDB_API_KEY, or a netrc login) or the user
 set WANDB_MODE. We set WANDB_MODE=offline in the environment ourselves: `mode="offline"` passed
@@ -12,39 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from qat.config import WandbConfig
-
-# Spec-sheet dense bf16 peak FLOP/s by device-name substring: the one table behind every MFU we
-# report (training log, bench/bench_train.py). Unknown devices report no MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
-
-
-def peak_rss_mib() -> int:
-    """This process's peak resident host memory (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-
-
-def device_peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(matmul_params: int, layers: int, hidden: int, seq_len: int, lora: bool) -> float:
-    """Training FLOPs per token (PaLM appendix B): 2N forward, 2N input-grad, 2N weight-grad
-    (skipped for frozen weights under LoRA), plus attention scores 12 * layers * hidden * seq."""
-    return (4 if lora else 6) * matmul_params + 12 * layers * hidden * seq_len
-
-
-def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops_per_device: float, devices: int) -> float:
-    """Model FLOPs utilization: achieved model FLOP/s over the peak of all devices of the job."""
-    return tokens_per_s * flops_per_tok / (peak_flops_per_device * devices)
-
 
 def wandb_mode() -> str:
     """Offline by default: online only when the user configured a key or asked explicitly."""
@@ -98,6 +66,13 @@ class MetricLogger:
     def __init__(self, run_dir: Optional[Path], wandb_run=None):
         self.run_dir, self.wandb = run_dir, wandb_run
         self._file = open(run_dir / "metrics.jsonl", "a") if run_dir is not None else None
+
+    @classmethod
+    def for_training(cls, run_dir: Path, wandb_cfg: WandbConfig, config: dict, summary: dict) -> "MetricLogger":
+        """Rank 0 of a training run: metrics.jsonl in run_dir, and a W&B run named after it."""
+        logger = cls(run_dir, init_wandb(wandb_cfg, run_dir, config, job_type="train", name=run_dir.name))
+        logger.summary(summary)
+        return logger
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is not None:

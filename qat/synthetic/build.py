@@ -1,6 +1,6 @@
 """Build the tiny offline world: data files, a BPE tokenizer and a tiny Llama HF folder.
 
-    python -m qat.world.build --out assets/world
+    python -m qat.synthetic.build --out assets/world
 
 Everything is a pure function of (--seed, sizes), so two machines build identical files. The
 model folder is a real HF folder (config, safetensors, tokenizer) that `from_pretrained` loads:
@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from qat.atomic import atomic_dir
-from qat.world import facts
+from qat.synthetic import facts
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # The chat template keeps the "prefix property" (rendering the first k turns gives a prefix of
