@@ -1,5 +1,6 @@
 """Recipe features beyond the core loop: signals, W&B offline, tied embeddings, AC, compile."""
 
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -7,17 +8,17 @@ import sys
 import time
 
 import pytest
+
 import torch
 
-from conftest import (LONG_B2, ROOT, _free_port, base_overrides, env, load_checkpoint_tensors, losses, read_metrics,
-                      run_train)
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, straight_b2_losses, tmp_path):
+def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, straight_b2_losses, tmp_path, base_overrides, env, free_port, long_b2_args, losses, run_train):
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"),
-           *base_overrides(world, cut), *LONG_B2]
+           str(free_port()), str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"),
+           *base_overrides(world, cut), *long_b2_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = cut / "metrics.jsonl"
     deadline = time.time() + 120
@@ -32,7 +33,7 @@ def test_sigusr1_checkpoints_and_exits_then_resume_continues_exactly(world, stra
     done = len(losses(cut))
     assert 2 <= done < 30
     assert (cut / "checkpoints" / f"step-{done:06d}").is_dir()
-    run_train(base_overrides(world, cut) + LONG_B2 + ["checkpoint.resume=auto"], 2)
+    run_train(base_overrides(world, cut) + long_b2_args + ["checkpoint.resume=auto"], 2)
     assert losses(cut) == straight_b2_losses
 
 
@@ -41,7 +42,7 @@ def _worker_pids(agent_pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
+def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path, wandb_records, base_overrides, env, read_metrics):
     e = env()
     for k in ("WANDB_MODE", "WANDB_API_KEY"):
         e.pop(k, None)
@@ -52,10 +53,10 @@ def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
     subprocess.run(cmd, cwd=ROOT, env=e, check=True, capture_output=True, timeout=300)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "expected exactly one offline W&B run"
-    from wandb_records import records
+
 
     keys, group = set(), None
-    for rec in records(next(runs[0].glob("*.wandb"))):
+    for rec in wandb_records(next(runs[0].glob("*.wandb"))):
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
         if rec.WhichOneof("record_type") == "run":
@@ -66,14 +67,13 @@ def test_wandb_offline_by_default_with_the_documented_keys(world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tied_world(tmp_path_factory):
-    from conftest import TEST_WORLD
+def tied_world(tmp_path_factory, test_world_args):
     from qat.synthetic.build import build_world
 
-    return build_world(tmp_path_factory.mktemp("tied") / "world", **{**TEST_WORLD, "tie": True})
+    return build_world(tmp_path_factory.mktemp("tied") / "world", **{**test_world_args, "tie": True})
 
 
-def test_tied_embeddings_stay_tied_under_fsdp2(tied_world, tmp_path):
+def test_tied_embeddings_stay_tied_under_fsdp2(tied_world, tmp_path, base_overrides, load_checkpoint_tensors, losses, run_train):
     run_train(base_overrides(tied_world, tmp_path) + ["training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"], 2)
     sd = load_checkpoint_tensors(tmp_path / "checkpoints" / "step-000003")["model"]
     emb = sd["model.embed_tokens.weight"]
@@ -85,14 +85,14 @@ def test_tied_embeddings_stay_tied_under_fsdp2(tied_world, tmp_path):
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
 
 
-def test_activation_checkpointing_does_not_change_the_numbers(world, tmp_path):
+def test_activation_checkpointing_does_not_change_the_numbers(world, tmp_path, base_overrides, losses, run_train):
     run_train(base_overrides(world, tmp_path / "ac") + ["training.steps=3", "fsdp.activation_checkpointing=full"], 1)
     run_train(base_overrides(world, tmp_path / "no") + ["training.steps=3"], 1)
     a, b = losses(tmp_path / "ac"), losses(tmp_path / "no")
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
 
 
-def test_per_block_compile_matches_eager(world, tmp_path):
+def test_per_block_compile_matches_eager(world, tmp_path, base_overrides, losses, run_train):
     """Cold compile on CPU costs about a minute; this is the one test that pays it."""
     extra = ["training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"]
     run_train(base_overrides(world, tmp_path / "c") + extra + ["fsdp.compile=true"], 1)

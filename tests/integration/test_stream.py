@@ -1,6 +1,7 @@
 """Streaming sources: the memory-mapped path's rows, sharded by rank, mixed by weight, shuffled,
 resumable bitwise and across world sizes."""
 
+from pathlib import Path
 import itertools
 import json
 import shutil
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, base_overrides, losses, read_metrics, run_train
 from qat.config import DataConfig, DataSource
 from qat.data import StreamLoader, build_dataset, build_loader
 from qat.data.mix import BLOCK, Mixture
@@ -18,12 +18,7 @@ from qat.data.packed import rows_to_batch
 from qat.data.stream import Position, RankStream, document_order, epoch_values, merge_positions, reshard
 from qat.errors import UserError
 
-
-@pytest.fixture(scope="module")
-def tok(world):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(world / "model")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stream_cfg(world, packing="documents", kind="text", max_rows=120, streaming=True, seq_len=64,
@@ -266,7 +261,7 @@ def test_stream_loader_batches_positions_and_labels(world, tok):
     one.close()
 
 
-def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path, capsys):
+def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path, capsys, base_overrides, losses, read_metrics, run_train, recipe):
     """torchrun world 2, streams mixed by weight and shuffled, 6 steps with a checkpoint at 3, then
     resumed from step 3 at world 2: the same losses, exactly, and per-source epochs (the text source
     is small for its weight and cycles). (The rule at another world size, and the chain without
@@ -294,14 +289,12 @@ def test_streaming_training_resumes_bitwise_from_its_checkpoint(world, tmp_path,
     end = json.loads((again / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
     assert end == json.loads((straight / "checkpoints" / "step-000006" / "meta.json").read_text())["data"]
     # the same checkpoint resumed without the weights: one line, exit 2 (in-process, world 1)
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import train as train_recipe
 
     chained = sources.replace(", weight: 1", "").replace(", weight: 3", "")
     (tmp_path / "chained" / "checkpoints").mkdir(parents=True)
     shutil.copytree(step3, tmp_path / "chained" / "checkpoints" / step3.name)
     with pytest.raises(SystemExit) as e:
-        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"),
+        recipe("train").main(["--config", str(ROOT / "configs/tiny/full.yaml"),
                            *base_overrides(world, tmp_path / "chained"), *common[1:], f"data.sources={chained}",
                            "checkpoint.resume=auto"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -350,3 +343,18 @@ def test_flash_varlen_kwargs_keep_documents_apart_at_batch_2(world, tok):
                 alone = sdpa(input_ids=ids[r:r + 1, s:e], use_cache=False).logits[0]
                 assert torch.allclose(packed[r, s:e], alone, atol=1e-5), (r, s, e)
     assert flash_varlen_kwargs(sdpa, pos) == {}
+
+
+def test_prepare_command_builds_the_cache_ahead_of_training(world, tmp_path, env):
+    import subprocess
+    import sys
+
+
+    cmd = [sys.executable, "-m", "qat.data", "prepare", "--config", str(ROOT / "configs/tiny/full.yaml"),
+           f"model.path={world}/model", f"data.cache_dir={tmp_path}", "data.seq_len=64",
+           f"data.sources=[{{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 200}}]"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: sources[0] built" in out.stderr and "tokens/s)" in out.stderr
+    assert "sources[0]" in out.stdout and "rows of 64 tokens (documents)" in out.stdout
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 1

@@ -1,5 +1,6 @@
 """Each mistake gets one clear line on stderr, exit status 2, and nothing written is damaged."""
 
+from pathlib import Path
 import json
 import shutil
 import subprocess
@@ -7,15 +8,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT, base_overrides, env, run_train
 
-sys.path.insert(0, str(ROOT / "recipes"))
-import train as train_recipe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def fails_with(capsys, argv, needle):
+def fails_with(capsys, argv, needle, *, recipe):
     with pytest.raises(SystemExit) as e:
-        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"), *argv])
+        recipe("train").main(["--config", str(ROOT / "configs/tiny/full.yaml"), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], err
@@ -43,44 +42,44 @@ def fails_with(capsys, argv, needle):
     (["logging.wandb.projct=x"], "unknown config key 'logging.wandb.projct'"),
     (["nosection.key=1"], "unknown config key 'nosection'"),
 ])
-def test_config_mistakes(capsys, world, tmp_path, extra, needle):
-    fails_with(capsys, base_overrides(world, tmp_path) + extra, needle)
+def test_config_mistakes(capsys, world, tmp_path, extra, needle, base_overrides, recipe):
+    fails_with(capsys, base_overrides(world, tmp_path) + extra, needle, recipe=recipe)
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_data_file_and_column(capsys, world, tmp_path):
+def test_missing_data_file_and_column(capsys, world, tmp_path, base_overrides, recipe):
     fails_with(capsys, base_overrides(world, tmp_path) + [f"data.sources=[{{path: {tmp_path}/none.jsonl}}]"],
-               "data.sources[0].path: no such file or folder")
+               "data.sources[0].path: no such file or folder", recipe=recipe)
     fails_with(capsys, base_overrides(world, tmp_path) + [
-        f"data.sources=[{{path: {world}/data/finetune.jsonl, kind: text}}]"], "has no column 'text' (columns: messages)")
+        f"data.sources=[{{path: {world}/data/finetune.jsonl, kind: text}}]"], "has no column 'text' (columns: messages)", recipe=recipe)
 
 
 @pytest.fixture(scope="module")
-def trained(world, tmp_path_factory):
+def trained(world, tmp_path_factory, base_overrides, run_train):
     out = tmp_path_factory.mktemp("trained")
     run_train(base_overrides(world, out) + ["training.steps=2"], 1)
     return out
 
 
-def test_resume_from_incomplete_and_corrupt_checkpoints(capsys, world, trained, tmp_path):
+def test_resume_from_incomplete_and_corrupt_checkpoints(capsys, world, trained, tmp_path, base_overrides, recipe):
     good = trained / "checkpoints" / "step-000002"
     before = sorted((p.name, p.stat().st_size) for p in good.iterdir())
     incomplete = tmp_path / "step-000002"
     shutil.copytree(good, incomplete)
     (incomplete / "meta.json").unlink()
     fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={incomplete}"],
-               "is not a complete checkpoint (missing meta.json)")
+               "is not a complete checkpoint (missing meta.json)", recipe=recipe)
     (incomplete / "meta.json").write_text("{not json")
     fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={incomplete}"],
-               "is corrupt: meta.json does not parse")
+               "is corrupt: meta.json does not parse", recipe=recipe)
     fails_with(capsys, base_overrides(world, tmp_path / "o") + [f"checkpoint.resume={tmp_path}/step-000009"],
-               "does not exist")
+               "does not exist", recipe=recipe)
     # a starting run never overwrites an earlier run's checkpoints
-    fails_with(capsys, base_overrides(world, trained), "already holds checkpoints; set checkpoint.resume=auto")
+    fails_with(capsys, base_overrides(world, trained), "already holds checkpoints; set checkpoint.resume=auto", recipe=recipe)
     assert sorted((p.name, p.stat().st_size) for p in good.iterdir()) == before
 
 
-def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path):
+def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path, base_overrides, run_train):
     """Corruption DCP finds only while loading: one error line, exit 2, the source left intact."""
     bad = tmp_path / "run" / "checkpoints" / "step-000002"
     shutil.copytree(trained / "checkpoints" / "step-000002", bad)
@@ -96,47 +95,47 @@ def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path
     assert not (tmp_path / "run" / "checkpoints" / "step-000003").exists()
 
 
-def test_help_explains_the_recipe():
+def test_help_explains_the_recipe(env):
     out = subprocess.run([sys.executable, str(ROOT / "recipes/train.py"), "--help"], env=env(),
                          capture_output=True, text=True, check=True).stdout
     assert "torchrun" in out and "key=value" in out and "checkpoint.resume=auto" in out
 
 
-def test_wrong_scheme_on_resume_is_refused(capsys, world, trained):
+def test_wrong_scheme_on_resume_is_refused(capsys, world, trained, base_overrides, recipe):
     meta = json.loads((trained / "checkpoints/step-000002/meta.json").read_text())
     assert meta["qat"] is None
     fails_with(capsys, base_overrides(world, trained) + [
         "checkpoint.resume=auto", "training.steps=3", "qat.enabled=true", "qat.scheme=8da4w"],
-               "the checkpoint was trained with qat=None")
+               "the checkpoint was trained with qat=None", recipe=recipe)
 
 
-def test_malformed_yaml_and_overrides(capsys, world, tmp_path):
+def test_malformed_yaml_and_overrides(capsys, world, tmp_path, base_overrides, recipe):
     cases = {"a: [1,\n": "is not valid YAML at line 2, column 1", "- a\n- b\n": "must hold a mapping of config keys"}
     for text, needle in cases.items():
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(SystemExit):
-            train_recipe.main(["--config", str(bad)])
+            recipe("train").main(["--config", str(bad)])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
-    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.lr"], "override 'optimizer.lr' is not key=value")
-    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.betas=[0.9,"], "override optimizer.betas: the value")
+    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.lr"], "override 'optimizer.lr' is not key=value", recipe=recipe)
+    fails_with(capsys, base_overrides(world, tmp_path) + ["optimizer.betas=[0.9,"], "override optimizer.betas: the value", recipe=recipe)
 
 
-def test_missing_and_corrupt_model_folders(capsys, world, tmp_path):
-    fails_with(capsys, base_overrides(world, tmp_path / "a") + [f"model.path={tmp_path}/nowhere"], "no such folder")
+def test_missing_and_corrupt_model_folders(capsys, world, tmp_path, base_overrides, recipe):
+    fails_with(capsys, base_overrides(world, tmp_path / "a") + [f"model.path={tmp_path}/nowhere"], "no such folder", recipe=recipe)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(world / "model", corrupt)
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
     fails_with(capsys, base_overrides(world, tmp_path / "b") + [f"model.path={corrupt}"],
-               f"model.path='{corrupt}': its weights do not load")
+               f"model.path='{corrupt}': its weights do not load", recipe=recipe)
 
 
 @pytest.mark.parametrize("args, needle", [(["--limit", "-3"], "--limit=-3.0 must be greater than 0"),
                                           (["--batch-size", "0"], "--batch-size=0 must be at least 1"),
                                           (["--dtype", "fp8"], "--dtype='fp8' is not one of auto")])
-def test_evaluate_options_out_of_range(world, tmp_path, args, needle):
+def test_evaluate_options_out_of_range(world, tmp_path, args, needle, env):
     p = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model", str(world / "model"), *args,
                         "--out", str(tmp_path / "r.json")], env=env(), capture_output=True, text=True, timeout=300)
     err = p.stderr.strip().splitlines()
@@ -153,10 +152,10 @@ def test_evaluate_options_out_of_range(world, tmp_path, args, needle):
     ("empty.jsonl", "", "text", "empty.jsonl is empty"),
     ("chat.jsonl", '{"messages": "hello"}\n', "chat", "column 'messages' holds string, not conversations"),
 ])
-def test_malformed_data_files(capsys, world, tmp_path, name, content, kind, needle):
+def test_malformed_data_files(capsys, world, tmp_path, name, content, kind, needle, base_overrides, recipe):
     (tmp_path / name).write_text(content)
     fails_with(capsys, base_overrides(world, tmp_path / "out") + [
-        f"data.sources=[{{path: {tmp_path / name}, kind: {kind}}}]"], needle)
+        f"data.sources=[{{path: {tmp_path / name}, kind: {kind}}}]"], needle, recipe=recipe)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
@@ -191,13 +190,13 @@ def drop_tokenizer(folder):
     (set_chat_template("{{ raise_exception('Conversation roles must alternate') }}"),
      "TemplateError: Conversation roles must alternate; fix chat_template in the model folder"),
 ])
-def test_broken_tokenizer_folders(capsys, world, tmp_path, edit, needle):
+def test_broken_tokenizer_folders(capsys, world, tmp_path, edit, needle, base_overrides, recipe):
     folder = model_copy(world, tmp_path, edit)
-    fails_with(capsys, base_overrides(world, tmp_path / "out") + [f"model.path={folder}"], needle)
+    fails_with(capsys, base_overrides(world, tmp_path / "out") + [f"model.path={folder}"], needle, recipe=recipe)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, trained, tmp_path):
+def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, trained, tmp_path, convert_cli):
     """convert --out, evaluate --out and compare's output_dir on an existing file: one line, and the
     file is untouched (convert used to rename it aside, then crash)."""
     import compare
@@ -206,7 +205,7 @@ def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, 
 
     victim = tmp_path / "notes.txt"
     victim.write_text("precious")
-    calls = [(convert.main, ["--checkpoint", str(trained), "--out", str(victim)], "--out: "),
+    calls = [(convert_cli.main, ["--checkpoint", str(trained), "--out", str(victim)], "--out: "),
              (evaluate.main, ["--model", str(world / "model"), "--out", str(victim / "r.json")], "--out: "),
              (compare.main, ["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={victim}"],
               "output_dir: ")]

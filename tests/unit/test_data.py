@@ -3,7 +3,10 @@ import shutil
 import threading
 
 import numpy as np
+from pathlib import Path
+
 import pytest
+
 import torch
 
 from qat.config import DataConfig, DataSource
@@ -11,12 +14,7 @@ from qat.data import (IGNORE, MixSampler, StepSampler, build_dataset, build_samp
                       tokenize_chat, tokenize_text)
 from qat.errors import UserError
 
-
-@pytest.fixture(scope="module")
-def tok(world):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(world / "model")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def text_cfg(world, cache, **kw) -> DataConfig:
@@ -224,17 +222,3 @@ def test_prefetcher_gives_the_step_its_own_rows_and_leaves_the_sampler_alone(wor
         pre.close()
 
 
-def test_prepare_command_builds_the_cache_ahead_of_training(world, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, env
-
-    cmd = [sys.executable, "-m", "qat.data", "prepare", "--config", str(ROOT / "configs/tiny/full.yaml"),
-           f"model.path={world}/model", f"data.cache_dir={tmp_path}", "data.seq_len=64",
-           f"data.sources=[{{path: {world}/data/pretrain.jsonl, kind: text, max_rows: 200}}]"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "data: sources[0] built" in out.stderr and "tokens/s)" in out.stderr
-    assert "sources[0]" in out.stdout and "rows of 64 tokens (documents)" in out.stdout
-    assert len(list(tmp_path.glob("*/manifest.json"))) == 1

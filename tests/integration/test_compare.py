@@ -1,5 +1,6 @@
 """The comparison: recovery arithmetic, a reduced demo through the real script, kill + resume."""
 
+from pathlib import Path
 import json
 import os
 import signal
@@ -9,8 +10,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, env
 from qat.eval.report import degradation, markdown, recovered, rows
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_recovery_arithmetic_by_hand():
@@ -56,18 +58,18 @@ REDUCED = ["train_overrides=[training.steps=30,training.batch_size=8,data.seq_le
            "learn_scales=false"]  # the _ls arms differ by one training override: see test_arms
 
 
-def run_demo(tree, extra=(), pretrain_steps=60, **popen):
+def run_demo(tree, extra=(), pretrain_steps=60, *, env, **popen):
     e = dict(env(), PY=sys.executable, PRETRAIN_OVERRIDES=f"training.steps={pretrain_steps} data.seq_len=64 "
              "logging.wandb.enabled=false logging.progress_bar=false")
     return subprocess.Popen(["bash", str(tree / "recipes/demo.sh"), *REDUCED, *extra], cwd=tree, env=e,
                             start_new_session=True, **popen)
 
 
-def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, tmp_path):
+def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, tmp_path, env):
     """The real demo script at reduced size, killed after the first arm and run again."""
     tree = demo_tree(world, tmp_path)
     cmp = tree / "runs/demo/compare"
-    proc = run_demo(tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = run_demo(tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (cmp / "bf16" / "done.json").exists():
         assert proc.poll() is None and time.time() < deadline, "demo ended before the first arm finished"
@@ -76,7 +78,7 @@ def test_reduced_demo_killed_between_stages_resumes_and_shows_the_effect(world, 
     proc.wait()
     bf16_metrics = (cmp / "bf16" / "metrics.jsonl").read_text()
     assert not (cmp / "report.md").exists()
-    proc = run_demo(tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = run_demo(tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert "[compare] train bf16: done already" in out
@@ -109,9 +111,8 @@ def test_report_rows_for_a_qad_arm():
     assert md.startswith("# bf16 vs PTQ vs QAT vs QAD: t") and "| QAD | n/a | n/a | n/a | n/a | 1.0400 |" in md
 
 
-def test_arms_with_distillation_and_learned_scales(tmp_path):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from compare import arms
+def test_arms_with_distillation_and_learned_scales(tmp_path, recipe):
+    arms = recipe("compare").arms
 
     from qat.config import CompareConfig
 
@@ -160,11 +161,10 @@ def test_simulated_rows_are_labelled():
     assert "| PTQ (simulated) |" in md and "| QAT (simulated) |" in md and "| no quantization |" in md
 
 
-def test_report_names_weights_left_in_high_precision(tmp_path):
+def test_report_names_weights_left_in_high_precision(tmp_path, recipe):
     """A QAT arm trained with qat.allow_unquantized=true: the report, results.json and the W&B
     summary say what stayed high precision, read from the arm's verify.json (qat_coverage)."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import compare
+    compare = recipe("compare")
     from qat.config import CompareConfig
 
     cov = {"share": 0.2, "weight_tensors": 14, "fake_quantized_tensors": 8, "parameters": 1000,
@@ -190,11 +190,10 @@ def test_report_names_weights_left_in_high_precision(tmp_path):
     assert record["qat_coverage"]["qat"]["share"] == 0.2 and record["header"]["high precision"] == note
 
 
-def test_an_arm_config_that_cannot_train_is_refused_before_any_training(world, tmp_path, capsys):
+def test_an_arm_config_that_cannot_train_is_refused_before_any_training(world, tmp_path, capsys, recipe):
     """learned scales need an intx scheme: the qat_ls arm's config is checked before the bf16 arm
     trains for hours."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import compare
+    compare = recipe("compare")
 
     with pytest.raises(SystemExit) as e:
         compare.main(["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={tmp_path / 'c'}",

@@ -4,8 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import base_overrides, losses, read_metrics, run_train
-from test_train import LORA, QAT, rel_close
 
 DISTILL = ["distill.enabled=true"]
 
@@ -35,21 +33,21 @@ def test_chunked_kl_equals_the_whole_kl_in_value_and_gradient(temperature):
 
 
 @pytest.fixture(scope="module")
-def lora_distill_parity(world, tmp_path_factory):
+def lora_distill_parity(world, tmp_path_factory, base_overrides, lora_args, run_train):
     """LoRA with the student as its own teacher (adapters and fake quantization off), 5 steps two
     ways: 1 rank x 8 against 2 ranks x 2 x accumulation 2. No fake quantization here: see
     test_train's parity fixture for why."""
     root = tmp_path_factory.mktemp("distill_parity")
     out = {}
     for name, (nproc, bs, accum) in {"w1b8": (1, 8, 1), "w2b2a2": (2, 2, 2)}.items():
-        run_train(base_overrides(world, root / name) + LORA + DISTILL + [
+        run_train(base_overrides(world, root / name) + lora_args + DISTILL + [
             "distill.weight=0.7", "distill.chunk_size=16", "training.steps=5", f"training.batch_size={bs}",
             f"training.gradient_accumulation_steps={accum}"], nproc)
         out[name] = root / name
     return out
 
 
-def test_self_teacher_starts_at_zero_kl_and_is_world_size_independent(lora_distill_parity):
+def test_self_teacher_starts_at_zero_kl_and_is_world_size_independent(lora_distill_parity, losses, read_metrics, rel_close):
     runs = lora_distill_parity
     first = read_metrics(runs["w2b2a2"])[0]
     # LoRA's B starts at 0: before the first update, student and teacher are the same function
@@ -61,8 +59,8 @@ def test_self_teacher_starts_at_zero_kl_and_is_world_size_independent(lora_disti
     assert rel_close([m["train/kd_loss"] for m in read_metrics(runs["w1b8"])[1:]], later, 1e-4)
 
 
-def test_qad_resume_is_bitwise_with_the_fake_quant_delay_across_it(world, tmp_path):
-    args = LORA + QAT + DISTILL + ["qat.fake_quant_after_n_steps=2"]
+def test_qad_resume_is_bitwise_with_the_fake_quant_delay_across_it(world, tmp_path, base_overrides, lora_args, losses, qat_args, read_metrics, run_train):
+    args = lora_args + qat_args + DISTILL + ["qat.fake_quant_after_n_steps=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(base_overrides(world, straight) + args, 2)
     run_train(base_overrides(world, split) + args + ["training.stop_after_steps=3"], 2)
@@ -72,7 +70,7 @@ def test_qad_resume_is_bitwise_with_the_fake_quant_delay_across_it(world, tmp_pa
     assert abs(kd[0]) < 1e-6 and kd[2] > kd[1]  # fake quantization from step 3 widens the gap
 
 
-def test_full_run_teacher_is_a_frozen_copy_of_the_start(world, tmp_path):
+def test_full_run_teacher_is_a_frozen_copy_of_the_start(world, tmp_path, base_overrides, read_metrics, run_train):
     """distill.teacher=base in a full run starts at KL 0 without fake quantization, and the student
     moves away from its frozen teacher. (A teacher given as a path is compare's QAD arm, tested
     in test_compare.)"""

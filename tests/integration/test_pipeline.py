@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, base_overrides, env, run_train
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path):
+def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path, base_overrides, env, run_train):
     """A CPU has no real kernels for float8 (the bf16 run's PTQ) or for torchao's GPU int4 (the QAT
     run): both are exported simulated, evaluated as the fake-quantized forward, and labelled."""
     sweep_dir = tmp_path / "sim"

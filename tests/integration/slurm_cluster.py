@@ -32,7 +32,7 @@ def _node_line() -> str:
     return re.sub(r"RealMemory=\d+", f"RealMemory={max(1000, mem - 1024)}", line) + " NodeAddr=127.0.0.1"
 
 
-def write_conf(root: Path) -> Path:
+def write_conf(root: Path, free_port) -> Path:
     node = _node_line()
     name = re.search(r"NodeName=(\S+)", node).group(1)
     for d in ("state", "spool", "log"):
@@ -42,8 +42,8 @@ def write_conf(root: Path) -> Path:
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=cred_expire=5
 StateSaveLocation={root}/state
@@ -67,12 +67,6 @@ PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
     return conf
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_munge() -> bool:
     """Start munged unless one runs; True when we started it (and must stop it)."""
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
@@ -88,9 +82,9 @@ def start_munge() -> bool:
 
 
 class Cluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, free_port):
         self.root = Path(root)
-        self.conf = write_conf(self.root)
+        self.conf = write_conf(self.root, free_port)
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.started_munge = False
 

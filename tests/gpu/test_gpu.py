@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, base_overrides, env, load_checkpoint_tensors, losses, run_train
+ROOT = Path(__file__).resolve().parents[2]
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -53,7 +54,7 @@ def capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
 
-def gpu_overrides(world: Path, out: Path, steps: int = STEPS) -> list[str]:
+def gpu_overrides(world: Path, out: Path, steps: int = STEPS, *, base_overrides) -> list[str]:
     """The CPU suite's tiny run, moved to one GPU in bf16 (fp32 master weights, as on clusters)."""
     drop = ("training.dtype=", "fsdp.device=", "training.steps=")
     return [o for o in base_overrides(world, out) if not o.startswith(drop)] + [
@@ -68,7 +69,7 @@ def deterministic_cublas():
         yield
 
 
-def run_recipe(script: str, args: list) -> subprocess.CompletedProcess:
+def run_recipe(script: str, args: list, *, env) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *map(str, args)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -79,7 +80,7 @@ def tail_mean(ls: list[float]) -> float:
     return sum(ls[-5:]) / 5
 
 
-def final_weights(run_dir: Path, step: int) -> dict:
+def final_weights(run_dir: Path, step: int, *, load_checkpoint_tensors) -> dict:
     return load_checkpoint_tensors(run_dir / "checkpoints" / f"step-{step:06d}")["model"]
 
 
@@ -236,10 +237,6 @@ def test_compiled_qat_block_forward_and_backward_match_eager():
 
 # --- real kernels -----------------------------------------------------------------------------
 
-def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.float(), ref.float()
-    return float((got - ref).norm() / ref.norm())
-
 
 def linear_stack(device="cuda", dtype=torch.bfloat16, k: int = 1024, n: int = 512) -> torch.nn.Sequential:
     torch.manual_seed(0)
@@ -247,7 +244,7 @@ def linear_stack(device="cuda", dtype=torch.bfloat16, k: int = 1024, n: int = 51
 
 
 @pytest.mark.skipif(capability() < (8, 9), reason="torchao's float8 kernels need sm >= 8.9")
-def test_float8_real_kernels_equal_fake_quant_to_the_format_tolerance():
+def test_float8_real_kernels_equal_fake_quant_to_the_format_tolerance(rel_error):
     from torchao.quantization import quantize_
 
     from qat.fake_quant import Float8Rowwise, QATLinear
@@ -266,7 +263,7 @@ def test_float8_real_kernels_equal_fake_quant_to_the_format_tolerance():
     assert rel_error(got, fake) < 1e-2
 
 
-def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant():
+def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant(rel_error):
     """torchao's GPU int4 (`Int4WeightOnlyConfig`, PyTorch's tinygemm through `tile_packed_to_4d`)
     on this torch: the converted Linear against torchao's own QAT fake quantizer for it."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
@@ -285,7 +282,7 @@ def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant():
 
 
 @pytest.mark.skipif(capability() < (9, 0), reason="torchao's fp8-int4 kernels need sm >= 9.0")
-def test_torchao_fp8_int4_converts_and_matches_its_fake_quant():
+def test_torchao_fp8_int4_converts_and_matches_its_fake_quant(rel_error):
     """torchao's `Float8DynamicActivationInt4WeightConfig`, the Hopper serving format. Its `plain`
     packing runs through mslk-cuda, which is carried only with WITH_MSLK=1 (docs/gpu.md)."""
     import importlib.util
@@ -309,31 +306,31 @@ def test_torchao_fp8_int4_converts_and_matches_its_fake_quant():
 # --- training through the recipe (each run is a process: these come after the unit checks) ----
 
 @pytest.fixture(scope="module")
-def trained(world, tmp_path_factory) -> dict[str, Path]:
+def trained(world, tmp_path_factory, base_overrides, run_train) -> dict[str, Path]:
     """Each mode trains STEPS steps with a checkpoint at MID (one process, one GPU, NCCL)."""
     root = tmp_path_factory.mktemp("gpu_train")
     for mode, extra in MODES.items():
-        run_train(gpu_overrides(world, root / mode) + extra + [f"checkpoint.every_n_steps={MID}"])
+        run_train(gpu_overrides(world, root / mode, base_overrides=base_overrides) + extra + [f"checkpoint.every_n_steps={MID}"])
     return {mode: root / mode for mode in MODES}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_bf16_training_decreases_the_loss(trained, mode):
+def test_one_gpu_bf16_training_decreases_the_loss(trained, mode, losses):
     ls = losses(trained[mode])
     assert len(ls) == STEPS and all(l == l for l in ls), ls  # no NaN
     assert tail_mean(ls) < 0.97 * ls[0], ls
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode):
+def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode, base_overrides, load_checkpoint_tensors, losses, run_train):
     """Resume from the mid-run checkpoint in a fresh process: the same losses and weights, bit for bit."""
     straight = trained[mode]
     (tmp_path / "checkpoints").mkdir()
     shutil.copytree(straight / "checkpoints" / f"step-{MID:06d}", tmp_path / "checkpoints" / f"step-{MID:06d}")
-    run_train(gpu_overrides(world, tmp_path) + MODES[mode] + [f"checkpoint.every_n_steps={MID}",
+    run_train(gpu_overrides(world, tmp_path, base_overrides=base_overrides) + MODES[mode] + [f"checkpoint.every_n_steps={MID}",
                                                              "checkpoint.resume=auto"])
     assert losses(tmp_path) == losses(straight)[MID:]
-    ref, got = final_weights(straight, STEPS), final_weights(tmp_path, STEPS)
+    ref, got = final_weights(straight, STEPS, load_checkpoint_tensors=load_checkpoint_tensors), final_weights(tmp_path, STEPS, load_checkpoint_tensors=load_checkpoint_tensors)
     assert ref.keys() == got.keys()
     assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
 
@@ -341,15 +338,15 @@ def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode):
 # --- emulated float formats train like bf16 ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_float(world, tmp_path_factory) -> dict[str, Path]:
+def trained_float(world, tmp_path_factory, base_overrides, run_train) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gpu_float")
     for scheme in FLOAT_SCHEMES:
-        run_train(gpu_overrides(world, root / scheme) + FULL + ["qat.enabled=true", f"qat.scheme={scheme}"])
+        run_train(gpu_overrides(world, root / scheme, base_overrides=base_overrides) + FULL + ["qat.enabled=true", f"qat.scheme={scheme}"])
     return {scheme: root / scheme for scheme in FLOAT_SCHEMES}
 
 
 @pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
-def test_float_format_qat_trains_like_bf16(trained, trained_float, scheme):
+def test_float_format_qat_trains_like_bf16(trained, trained_float, scheme, losses):
     """Emulated QAT runs on any GPU (NVFP4 through torchao's own kernels fails on Hopper)."""
     ref, ls = losses(trained["full_bf16"]), losses(trained_float[scheme])
     assert len(ls) == STEPS and all(l == l for l in ls), ls
@@ -376,7 +373,7 @@ def schemes_using(config_name: str) -> list[str]:
 
 @pytest.mark.parametrize("config_name, min_cap", [("Int4WeightOnlyConfig", (8, 0)),
                                                    ("Float8DynamicActivationInt4WeightConfig", (9, 0))])
-def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_path, config_name, min_cap):
+def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_path, config_name, min_cap, base_overrides, env, run_train):
     """Issue 13's torchao int4 (tinygemm) and fp8-int4 schemes: skipped until one is registered."""
     names = schemes_using(config_name)
     if not names:
@@ -391,9 +388,9 @@ def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_pat
     quantize_(real, get_scheme(names[0]).convert_config(128))  # the packing convert uses here
     with torch.no_grad():
         assert real(sample((64, 1024), 13, 1.0, torch.bfloat16).cuda()).isfinite().all()
-    run_train(gpu_overrides(world, tmp_path, steps=4) + FULL + ["qat.enabled=true", f"qat.scheme={names[0]}",
+    run_train(gpu_overrides(world, tmp_path, steps=4, base_overrides=base_overrides) + FULL + ["qat.enabled=true", f"qat.scheme={names[0]}",
                                                                 "qat.group_size=128"])
-    run_recipe("convert.py", ["--checkpoint", tmp_path])
+    run_recipe("convert.py", ["--checkpoint", tmp_path], env=env)
     report = json.loads((tmp_path / "export/step-000004/verify.json").read_text())
     assert report["mode"] == "qat" and not report.get("simulated"), report
     assert report["converted_vs_fake_quant"]["rel_error"] < 5e-2, report
@@ -402,25 +399,25 @@ def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_pat
 
 # --- convert and evaluate on the tiny world ---------------------------------------------------
 
-def test_convert_and_evaluate_8da4w_on_the_gpu_machine(world, trained, tmp_path):
+def test_convert_and_evaluate_8da4w_on_the_gpu_machine(world, trained, tmp_path, env):
     run = trained["full_qat"]
-    run_recipe("convert.py", ["--checkpoint", run])
+    run_recipe("convert.py", ["--checkpoint", run], env=env)
     out = run / "export" / f"step-{STEPS:06d}"
     report = json.loads((out / "verify.json").read_text())
     assert report["mode"] == "qat" and report["converted_equals_fake_quant"] is True, report
     assert report["reload_equal"] is True
     res_path = tmp_path / "eval.json"
     run_recipe("evaluate.py", ["--model", out / "quantized", "--tasks", "local", "--data-dir", world / "eval",
-                               "--limit", "16", "--device", "cuda", "--out", res_path])
+                               "--limit", "16", "--device", "cuda", "--out", res_path], env=env)
     res = json.loads(res_path.read_text())["results"]
     assert 0.0 <= res["hellaswag"]["acc"] <= 1.0
     assert res["wikitext"]["bits_per_byte"] > 0
 
 
 @pytest.mark.skipif(capability() < (8, 9), reason="torchao's float8 kernels need sm >= 8.9")
-def test_float8_qat_converts_with_real_kernels(trained_float):
+def test_float8_qat_converts_with_real_kernels(trained_float, env):
     run = trained_float["float8"]
-    run_recipe("convert.py", ["--checkpoint", run])
+    run_recipe("convert.py", ["--checkpoint", run], env=env)
     report = json.loads((run / "export" / f"step-{STEPS:06d}" / "verify.json").read_text())
     assert report["mode"] == "qat" and not report.get("simulated"), report
     assert report["converted_vs_fake_quant"]["rel_error"] < 5e-2, report

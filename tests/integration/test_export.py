@@ -1,6 +1,7 @@
 """convert on world-size-2 checkpoints (full and LoRA, bf16 and QAT), in one process and sharded
 under torchrun; evaluate; the lm_eval CLI."""
 
+from pathlib import Path
 import json
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, _free_port, base_overrides, env, run_train
+ROOT = Path(__file__).resolve().parents[2]
+
 
 ARMS = {
     "full_bf16": [],
@@ -19,44 +21,19 @@ ARMS = {
 }
 
 
-def convert(args, check=True, nproc=1):
-    """The real entry point: plain python, or torchrun (sharded convert) for nproc > 1."""
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                   str(nproc), "--master_port", str(_free_port())]
-    proc = subprocess.run([*launch, str(ROOT / "recipes/convert.py"), *map(str, args)], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
-    return proc
-
-
 @pytest.fixture(scope="module")
-def exported(world, tmp_path_factory):
+def exported(world, tmp_path_factory, base_overrides, env, free_port, run_train, convert_cli):
     root = tmp_path_factory.mktemp("export")
     out = {}
     for arm, extra in ARMS.items():
         run_train(base_overrides(world, root / arm) + extra + ["training.steps=4"], 2)
-        convert(["--checkpoint", root / arm, "--scheme", "8da4w"] if "bf16" in arm else ["--checkpoint", root / arm])
+        convert_cli(["--checkpoint", root / arm, "--scheme", "8da4w"] if "bf16" in arm else ["--checkpoint", root / arm])
         out[arm] = root / arm / "export" / "step-000004"
     return out
 
 
-def probe(world):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(world / "model")
-    return tok(["Ada Ash lives in Arden and keeps a cat. Bram Cole works as a baker."], return_tensors="pt")["input_ids"]
-
-
-def logits(folder, x):
-    from transformers import AutoModelForCausalLM
-
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(folder).eval()(x).logits
-
-
 @pytest.mark.parametrize("arm", list(ARMS))
-def test_export_folders_load_and_verify(exported, world, arm):
+def test_export_folders_load_and_verify(exported, world, arm, logits, probe):
     out = exported[arm]
     report = json.loads((out / "verify.json").read_text())
     assert report["reload_equal"] is True
@@ -77,7 +54,7 @@ def test_export_folders_load_and_verify(exported, world, arm):
 
 
 @pytest.mark.parametrize("arm", ["lora_bf16", "lora_qat"])
-def test_merged_equals_base_plus_adapter(exported, world, arm):
+def test_merged_equals_base_plus_adapter(exported, world, arm, logits, probe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +69,7 @@ def test_merged_equals_base_plus_adapter(exported, world, arm):
     assert not torch.allclose(adapted, logits(world / "model", x), atol=1e-4)  # the adapter did train
 
 
-def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
+def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path, env):
     from qat.eval.harness import GROUP, local_group_yaml
 
     (tmp_path / f"{GROUP}.yaml").write_text(local_group_yaml(world / "eval"))
@@ -115,7 +92,7 @@ def test_lm_eval_cli_runs_on_the_quantized_folder(exported, world, tmp_path):
         assert ours[task][metric] == pytest.approx(res[task][f"{metric},none"], rel=1e-6), (task, metric)
 
 
-def test_evaluate_recipe_writes_results(exported, world, tmp_path):
+def test_evaluate_recipe_writes_results(exported, world, tmp_path, env):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(ROOT / "recipes/evaluate.py"), "--model",
                            str(exported["full_bf16"] / "quantized"), "--tasks", "local", "--data-dir",
@@ -130,16 +107,16 @@ def test_evaluate_recipe_writes_results(exported, world, tmp_path):
     assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(res["wikitext"])
 
 
-def test_convert_bad_input(exported, world, tmp_path):
-    p = convert(["--checkpoint", tmp_path], check=False)
+def test_convert_bad_input(exported, world, tmp_path, env, free_port, convert_cli):
+    p = convert_cli(["--checkpoint", tmp_path], check=False)
     assert p.returncode == 2 and "is not a checkpoint" in p.stderr.strip().splitlines()[-1]
     ckpt = exported["full_qat"].parent.parent / "checkpoints" / "step-000004"
-    p = convert(["--checkpoint", ckpt, "--scheme", "8da4w", "--out", tmp_path / "x"], check=False)
+    p = convert_cli(["--checkpoint", ckpt, "--scheme", "8da4w", "--out", tmp_path / "x"], check=False)
     assert p.returncode == 2 and "trained with QAT scheme '8da2w'" in p.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
 
 
-def test_eval_bad_input(exported, world, tmp_path):
+def test_eval_bad_input(exported, world, tmp_path, env):
     model = exported["full_bf16"] / "hf"
     for args, needle in [(["--tasks", "local", "--data-dir", str(tmp_path)], "local eval data missing"),
                          (["--tasks", "local"], "tasks=local needs a data folder (--data-dir)"),
@@ -150,48 +127,16 @@ def test_eval_bad_input(exported, world, tmp_path):
         assert not (tmp_path / "r.json").exists()
 
 
-def folder_tensors(folder, pattern="model*.safetensors") -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob(pattern)):
-        out.update(load_file(f))
-    return out
-
-
-def assert_same_export(local, sharded, world, shards=2):
-    """A sharded convert writes what one process writes: same tensors bit for bit, same configs,
-    the same quantized model after from_pretrained, the same verification numbers."""
-    for sub, pattern in [("hf", "model*.safetensors"), ("quantized", "model*.safetensors"),
-                         ("adapter", "adapter_model.safetensors")]:
-        if not (local / sub).exists():
-            assert not (sharded / sub).exists()
-            continue
-        a, b = folder_tensors(local / sub, pattern), folder_tensors(sharded / sub, pattern)
-        assert set(a) == set(b), (sub, set(a) ^ set(b))
-        assert all(torch.equal(a[k], b[k]) for k in a), sub
-        if sub != "adapter":
-            assert len(list((sharded / sub).glob("model-*-of-*.safetensors"))) == shards
-            assert json.loads((local / sub / "config.json").read_text()) == \
-                json.loads((sharded / sub / "config.json").read_text())
-    x = probe(world)
-    assert torch.equal(logits(local / "quantized", x), logits(sharded / "quantized", x))
-    ra, rb = (json.loads((d / "verify.json").read_text()) for d in (local, sharded))
-    assert rb.pop("sharded")["world_size"] == shards and rb["reload_equal"] is True
-    ra.pop("checkpoint"), rb.pop("checkpoint"), ra.pop("memory")
-    assert ra == rb
-
-
 @pytest.mark.parametrize("arm", list(ARMS))
-def test_sharded_convert_equals_one_process(exported, world, tmp_path, arm):
+def test_sharded_convert_equals_one_process(exported, world, tmp_path, arm, env, free_port, assert_same_export, convert_cli):
     """torchrun, 2 ranks, one decoder block each: neither rank ever holds the whole model."""
     ckpt = exported[arm].parent.parent / "checkpoints" / "step-000004"
     extra = ["--scheme", "8da4w"] if "bf16" in arm else []
-    convert(["--checkpoint", ckpt, "--out", tmp_path / "out", *extra], nproc=2)
+    convert_cli(["--checkpoint", ckpt, "--out", tmp_path / "out", *extra], nproc=2)
     assert_same_export(exported[arm], tmp_path / "out", world)
 
 
-def test_sharded_convert_tied_embeddings(world, tmp_path):
+def test_sharded_convert_tied_embeddings(world, tmp_path, base_overrides, env, free_port, run_train, assert_same_export, convert_cli, folder_tensors):
     """Llama-3.2-1B and Qwen3-1.7B tie lm_head to the embedding, which ranks 0 and 1 own apart:
     the base load, the adapter and both folders must still match one process, in bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -206,16 +151,16 @@ def test_sharded_convert_tied_embeddings(world, tmp_path):
                                                           "qat.scheme=8da4w", "qat.group_size=32"]
     run_train(overrides, 2)
     # bf16 export: RoPE's inv_freq must stay fp32 as from_pretrained keeps it, or reload differs
-    convert(["--checkpoint", tmp_path / "run", "--out", tmp_path / "local", "--dtype", "bf16"])
-    convert(["--checkpoint", tmp_path / "run", "--out", tmp_path / "sharded", "--dtype", "bf16"], nproc=2)
+    convert_cli(["--checkpoint", tmp_path / "run", "--out", tmp_path / "local", "--dtype", "bf16"])
+    convert_cli(["--checkpoint", tmp_path / "run", "--out", tmp_path / "sharded", "--dtype", "bf16"], nproc=2)
     assert "lm_head.weight" not in folder_tensors(tmp_path / "sharded" / "hf")
     assert json.loads((tmp_path / "local" / "verify.json").read_text())["reload_equal"] is True
     assert_same_export(tmp_path / "local", tmp_path / "sharded", world)
 
 
-def test_sharded_convert_bad_input(exported, tmp_path):
+def test_sharded_convert_bad_input(exported, tmp_path, env, free_port, convert_cli):
     ckpt = exported["full_qat"].parent.parent / "checkpoints" / "step-000004"
-    p = convert(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=3)
+    p = convert_cli(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=3)
     assert p.returncode != 0
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert errors == ["error: convert under torchrun needs at most one rank per decoder block: the model has "
@@ -223,7 +168,7 @@ def test_sharded_convert_bad_input(exported, tmp_path):
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
 
 
-def test_sharded_convert_reports_an_error_seen_by_one_rank(exported, world, tmp_path):
+def test_sharded_convert_reports_an_error_seen_by_one_rank(exported, world, tmp_path, env, free_port, convert_cli):
     """Only rank 1 reads layer 1's base weights: its error is printed once (by rank 0) and every
     rank exits 2 before any output exists."""
     import shutil
@@ -240,7 +185,7 @@ def test_sharded_convert_reports_an_error_seen_by_one_rank(exported, world, tmp_
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["config"]["model"]["path"] = str(base)
     (ckpt / "meta.json").write_text(json.dumps(meta))
-    p = convert(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=2)
+    p = convert_cli(["--checkpoint", ckpt, "--out", tmp_path / "x"], check=False, nproc=2)
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]
     assert errors[0].startswith("error: rank 1: model.path=") and "model.layers.1.mlp.down_proj.weight" in errors[0]

@@ -5,25 +5,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import base_overrides, load_checkpoint_tensors, losses, read_metrics, run_train
 
-QAT = ["qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32"]
-LORA = ["lora.enabled=true", "lora.rank=8", "lora.alpha=16"]
 LEARNED_DELAYED = ["qat.fake_quant_after_n_steps=4", "qat.learn_scales=true"]
 
 
-def rel_close(a, b, tol):
-    """Relative error ||a - b|| / ||b|| within tol (the L2 norm over all elements)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30)) <= tol
-
-
-def grad_norms(run_dir):
+def grad_norms(run_dir, *, read_metrics):
     return [m["train/grad_norm"] for m in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
-def parity_runs(world, tmp_path_factory):
+def parity_runs(world, tmp_path_factory, base_overrides, run_train):
     """Same 5 full fine-tuning steps three ways: 1 rank x 8, 2 ranks x 4, 2 ranks x 2 x accumulation 2.
 
     Parity is checked without fake quantization: with 2-bit weights, a 1e-7 difference from
@@ -42,33 +33,33 @@ def parity_runs(world, tmp_path_factory):
     return out
 
 
-def final_model(run_dir, step):
+def final_model(run_dir, step, *, load_checkpoint_tensors):
     return load_checkpoint_tensors(run_dir / "checkpoints" / f"step-{step:06d}")["model"]
 
 
-def test_fsdp2_world_2_matches_single_process_on_the_combined_batch(parity_runs):
+def test_fsdp2_world_2_matches_single_process_on_the_combined_batch(parity_runs, load_checkpoint_tensors, losses, read_metrics, rel_close):
     a, b = parity_runs["w1b8"], parity_runs["w2b4"]
     la, lb = losses(a), losses(b)
     assert len(la) == 5 and la[-1] < la[0]
     assert rel_close(lb, la, 1e-5), (la, lb)
-    assert rel_close(grad_norms(b), grad_norms(a), 1e-5)  # catches loss-scaling mistakes Adam would hide
-    pa, pb = final_model(a, 5), final_model(b, 5)
+    assert rel_close(grad_norms(b, read_metrics=read_metrics), grad_norms(a, read_metrics=read_metrics), 1e-5)  # catches loss-scaling mistakes Adam would hide
+    pa, pb = final_model(a, 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(b, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     assert pa.keys() == pb.keys()
     for k in pa:
         assert rel_close(pb[k], pa[k], 1e-5), k
 
 
-def test_gradient_accumulation_equals_the_larger_micro_batch(parity_runs):
+def test_gradient_accumulation_equals_the_larger_micro_batch(parity_runs, load_checkpoint_tensors, losses, read_metrics, rel_close):
     b, c = parity_runs["w2b4"], parity_runs["w2b2a2"]
     assert rel_close(losses(c), losses(b), 1e-5)
-    assert rel_close(grad_norms(c), grad_norms(b), 1e-5)
-    pb, pc = final_model(b, 5), final_model(c, 5)
+    assert rel_close(grad_norms(c, read_metrics=read_metrics), grad_norms(b, read_metrics=read_metrics), 1e-5)
+    pb, pc = final_model(b, 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(c, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     for k in pb:
         assert rel_close(pc[k], pb[k], 1e-5), k
 
 
 @pytest.mark.parametrize("src, dst, nproc", [("w2b4", "w1", 1), ("w1b8", "w2", 2)])
-def test_checkpoint_resumes_at_another_world_size(world, parity_runs, tmp_path, src, dst, nproc):
+def test_checkpoint_resumes_at_another_world_size(world, parity_runs, tmp_path, src, dst, nproc, base_overrides, load_checkpoint_tensors, losses, rel_close, run_train):
     other = tmp_path / dst
     (other / "checkpoints").mkdir(parents=True)
     shutil.copytree(parity_runs[src] / "checkpoints" / "step-000003", other / "checkpoints" / "step-000003")
@@ -76,14 +67,14 @@ def test_checkpoint_resumes_at_another_world_size(world, parity_runs, tmp_path, 
     run_train(base_overrides(world, other) + ["training.steps=5", f"training.batch_size={bs}",
                                               "checkpoint.resume=auto"], nproc)
     assert rel_close(losses(other), losses(parity_runs[src])[3:], 1e-5)
-    ref, got = final_model(parity_runs[src], 5), final_model(other, 5)
+    ref, got = final_model(parity_runs[src], 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(other, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     for k in ref:
         assert rel_close(got[k], ref[k], 1e-5), k
 
 
-def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_path):
+def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_path, base_overrides, losses, qat_args, run_train, logits):
     """Step 1's loss under FSDP2 (2 ranks) equals the loss of the plain module on that batch."""
-    run_train(base_overrides(world, tmp_path) + QAT + ["training.steps=1"], 2)
+    run_train(base_overrides(world, tmp_path) + qat_args + ["training.steps=1"], 2)
     import torch.nn.functional as F
 
     from qat.config import load_config
@@ -92,7 +83,7 @@ def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_
     from qat.schemes import get_scheme
     from transformers import AutoTokenizer
 
-    cfg = load_config("configs/tiny/full.yaml", base_overrides(world, tmp_path) + QAT)
+    cfg = load_config("configs/tiny/full.yaml", base_overrides(world, tmp_path) + qat_args)
     data = build_dataset(cfg.data, AutoTokenizer.from_pretrained(cfg.model.path))
     idx = StepSampler(len(data), 8, cfg.training.seed, True).next_step()
     model = load_model(cfg.model)
@@ -107,11 +98,11 @@ def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_
 
 
 @pytest.fixture(scope="module")
-def full_qat_resume(world, tmp_path_factory):
+def full_qat_resume(world, tmp_path_factory, base_overrides, losses, qat_args, run_train):
     """6 steps straight, versus 3 steps + stop + resume; the fake-quant delay (4) crosses the stop.
     The scales are learned: they start from the weights at step 4, after the resume."""
     root = tmp_path_factory.mktemp("resume")
-    args = QAT + LEARNED_DELAYED
+    args = qat_args + LEARNED_DELAYED
     straight, split = root / "straight", root / "split"
     run_train(base_overrides(world, straight) + args, 2)
     run_train(base_overrides(world, split) + args + ["training.stop_after_steps=3"], 2)
@@ -121,34 +112,34 @@ def full_qat_resume(world, tmp_path_factory):
     return straight, split, (first_half, unfinished)
 
 
-def test_resume_is_bitwise_identical_with_fake_quant_delay_across_it(full_qat_resume):
+def test_resume_is_bitwise_identical_with_fake_quant_delay_across_it(full_qat_resume, load_checkpoint_tensors, losses, read_metrics):
     straight, split, (first_half, unfinished) = full_qat_resume
     assert len(first_half) == 3 and unfinished
     assert losses(split) == losses(straight)  # exact float equality, all 6 steps
     flags = [m["qat/fake_quant_enabled"] for m in read_metrics(split)]
     assert flags == [0, 0, 0, 0, 1, 1]
-    ps, pt = final_model(split, 6), final_model(straight, 6)
+    ps, pt = final_model(split, 6, load_checkpoint_tensors=load_checkpoint_tensors), final_model(straight, 6, load_checkpoint_tensors=load_checkpoint_tensors)
     assert all(torch.equal(ps[k], pt[k]) for k in pt)
     scales = [k for k in pt if k.endswith("weight_scale")]
     assert len(scales) == 14 and all(k.replace("weight_scale", "weight") in pt for k in scales)
 
 
-def test_rank0_broadcast_init_equals_loading_on_every_rank(world, full_qat_resume, tmp_path):
+def test_rank0_broadcast_init_equals_loading_on_every_rank(world, full_qat_resume, tmp_path, base_overrides, load_checkpoint_tensors, losses, qat_args, run_train):
     """fsdp.init_from_rank0 (default): rank 1 built on meta and filled by broadcast trains exactly
     like a rank that loaded the weights itself."""
     straight, _, _ = full_qat_resume
-    run_train(base_overrides(world, tmp_path) + QAT + LEARNED_DELAYED + ["fsdp.init_from_rank0=false"], 2)
+    run_train(base_overrides(world, tmp_path) + qat_args + LEARNED_DELAYED + ["fsdp.init_from_rank0=false"], 2)
     assert losses(tmp_path) == losses(straight)
-    ps, pt = final_model(tmp_path, 6), final_model(straight, 6)
+    ps, pt = final_model(tmp_path, 6, load_checkpoint_tensors=load_checkpoint_tensors), final_model(straight, 6, load_checkpoint_tensors=load_checkpoint_tensors)
     assert all(torch.equal(ps[k], pt[k]) for k in pt)
 
 
-def test_lora_resume_and_only_adapters_train(world, tmp_path):
+def test_lora_resume_and_only_adapters_train(world, tmp_path, base_overrides, load_checkpoint_tensors, lora_args, losses, qat_args, rel_close, run_train):
     """LoRA QAT with the frozen base weights fake-quantized once when fake quantization starts
     (step 2 here; after the resume the run starts quantized): the same losses, bit for bit, as
     quantizing them in every forward; a resume at another world size continues the run."""
     straight, split, every = tmp_path / "straight", tmp_path / "split", tmp_path / "every"
-    args = LORA + QAT + ["qat.fake_quant_after_n_steps=2"]
+    args = lora_args + qat_args + ["qat.fake_quant_after_n_steps=2"]
     once = "qat: 14 frozen weights fake-quantized once, at step"
     assert f"{once} 2 " in run_train(base_overrides(world, straight) + args, 2).stdout
     assert once not in run_train(base_overrides(world, every) + args + ["qat.quantize_frozen_once=false"], 2).stdout
@@ -168,10 +159,10 @@ def test_lora_resume_and_only_adapters_train(world, tmp_path):
     assert all(torch.equal(every_state[k], v) for k, v in state["model"].items())
 
 
-def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path):
+def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path, base_overrides, losses, qat_args, run_train):
     import json
 
-    run_train(base_overrides(world, tmp_path) + QAT + ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
+    run_train(base_overrides(world, tmp_path) + qat_args + ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
                                                       "qat.embedding=true", "qat.embedding_bits=8"], 1)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-000004", "step-000006"]

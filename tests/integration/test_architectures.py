@@ -3,6 +3,7 @@ train (QAT 8da4w + LoRA, default targets and attention), convert and evaluate; t
 (Qwen3-MoE, Mixtral) at world size 2 with their experts fake-quantized and converted; weights
 that no scheme covers (GPT-2's Conv1D) are refused in one line unless qat.allow_unquantized=true."""
 
+from pathlib import Path
 import json
 import shutil
 import sys
@@ -10,12 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, base_overrides, load_checkpoint_tensors, losses, read_metrics, run_train
 
-sys.path.insert(0, str(ROOT / "recipes"))
-import convert as convert_recipe  # noqa: E402
-import evaluate as evaluate_recipe  # noqa: E402
-import train as train_recipe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # Dimensions are multiples of 32 so that group size 32 divides every in_features.
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -62,33 +59,33 @@ def build(kind: str, world, out):
     return out
 
 
-def train(capsys, world, model, out, extra=()):
+def train(capsys, world, model, out, extra=(), *, base_overrides, recipe):
     argv = [*base_overrides(world, out), f"model.path={model}", "training.steps=2", "qat.enabled=true",
             "qat.scheme=8da4w", "lora.enabled=true", *extra]
     try:
-        train_recipe.main(["--config", str(ROOT / "configs/tiny/full.yaml"), *argv])
+        recipe("train").main(["--config", str(ROOT / "configs/tiny/full.yaml"), *argv])
         code = 0
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr()
 
 
-def convert_and_evaluate(run, out, world):
-    convert_recipe.main(["--checkpoint", str(run), "--out", str(out)])
+def convert_and_evaluate(run, out, world, *, recipe):
+    recipe("convert").main(["--checkpoint", str(run), "--out", str(out)])
     verify = json.loads((out / "verify.json").read_text())
     # lm-eval loads the folder itself: attention and experts must work there too (in-process, so
     # lm-eval is imported once per test session)
-    res = evaluate_recipe.main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
+    res = recipe("evaluate").main(["--model", str(out / "quantized"), "--tasks", "local", "--data-dir",
                                 str(world / "eval"), "--limit", "2", "--dtype", "float32"])
     assert 0 <= res["hellaswag"]["acc"] <= 1 and res["wikitext"]["word_perplexity"] > 1
     return verify
 
 
 @pytest.mark.parametrize("kind", [k for k in ARCHS if k not in MOE_WORLD2])
-def test_defaults_train_convert_evaluate(kind, world, tmp_path, capsys):
+def test_defaults_train_convert_evaluate(kind, world, tmp_path, capsys, base_overrides, recipe):
     model = build(kind, world, tmp_path / kind)
     capsys.readouterr()
-    code, logs = train(capsys, world, model, tmp_path / "run")
+    code, logs = train(capsys, world, model, tmp_path / "run", base_overrides=base_overrides, recipe=recipe)
     assert code == 0, logs.err[-3000:]
     assert f"lora: every Linear of the decoder blocks: {LINEARS[kind]}" in logs.out
     meta = json.loads((tmp_path / "run/checkpoints/step-000002/meta.json").read_text())
@@ -99,7 +96,7 @@ def test_defaults_train_convert_evaluate(kind, world, tmp_path, capsys):
         assert cov["unquantized"] == {} and cov["share"] == pytest.approx(1 - 2 * 4 * 64 / cov["parameters"])
     else:
         assert cov["share"] == 1.0 and cov["unquantized"] == {}
-    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world)
+    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world, recipe=recipe)
     assert verify["qat_coverage"] == cov
     assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
     if kind == "gpt_oss":  # x @ W[e] on a 3D quantized tensor does not run: simulated, labelled
@@ -108,7 +105,7 @@ def test_defaults_train_convert_evaluate(kind, world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", MOE_WORLD2)
-def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, capsys):
+def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, capsys, base_overrides, run_train, recipe):
     """MoE: experts sharded on dim 0 by FSDP2 across 2 ranks, fake-quantized after a delay of one
     step; LoRA on attention; >= 95% of the decoder's weights covered (20% before experts were);
     convert turns the experts into torchao intx tensors that equal the fake-quantized forward."""
@@ -125,7 +122,7 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert cov["share"] == pytest.approx((linear + experts) / (linear + experts + router), abs=1e-12)
     assert cov["share"] > 0.95 and cov["unquantized"] == {} and cov["expert_tensors"] == 4
     assert "the router stays high precision by rule" in proc.stdout
-    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world)
+    verify = convert_and_evaluate(tmp_path / "run", tmp_path / "export", world, recipe=recipe)
     assert verify["qat_coverage"] == cov
     assert verify["experts"]["real_quantized"] == 4 and verify["experts"]["simulated"] == 0
     assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
@@ -140,7 +137,7 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert json.loads((tmp_path / "export/quantized/config.json").read_text())["experts_implementation"] == "eager"
 
 
-def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys):
+def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys, base_overrides, load_checkpoint_tensors, losses, read_metrics, recipe):
     """Experts trained (no LoRA) with fake quantization switched on at step 2: 3 steps straight
     equal 1 step + stop + resume, losses and every tensor of the final checkpoint."""
     model = build("qwen3_moe", world, tmp_path / "qwen3_moe")
@@ -149,7 +146,7 @@ def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path
     runs = [(straight, args), (split, args + ["training.stop_after_steps=1"]),
             (split, args + ["checkpoint.resume=auto"])]
     for out, extra in runs:
-        code, logs = train(capsys, world, model, out, extra)
+        code, logs = train(capsys, world, model, out, extra, base_overrides=base_overrides, recipe=recipe)
         assert code == 0, logs.err[-3000:]
     assert len(losses(straight)) == 3 and losses(split) == losses(straight)
     a, b = (load_checkpoint_tensors(r / "checkpoints/step-000003")["model"] for r in (straight, split))
@@ -162,11 +159,11 @@ def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path
     assert [m["qat/fake_quant_enabled"] for m in read_metrics(split)] == [0, 0, 1]
 
 
-def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys):
+def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys, base_overrides, recipe):
     """GPT-2 keeps its projections in Conv1D, which no scheme covers."""
     model = build("gpt2", world, tmp_path / "gpt2")
     capsys.readouterr()
-    code, logs = train(capsys, world, model, tmp_path / "run", ["lora.enabled=false"])
+    code, logs = train(capsys, world, model, tmp_path / "run", ["lora.enabled=false"], base_overrides=base_overrides, recipe=recipe)
     err = [l for l in logs.err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(err) == 1, logs.err[-2000:]
     assert err[0].startswith("error: QAT would fake-quantize only 0% of the decoder's weight parameters: ")
@@ -175,10 +172,10 @@ def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("impl, needle", [("foo", 'attn_implementation="foo"` is not supported'),
                                           ("flash_attention_2", "FlashAttention2 has been toggled on")])
-def test_unusable_attention_implementation_is_one_line(world, tmp_path, capsys, impl, needle):
+def test_unusable_attention_implementation_is_one_line(world, tmp_path, capsys, impl, needle, base_overrides, recipe):
     # flash attention keeps packed documents apart at any batch size (varlen kwargs): what fails here is the import
     code, logs = train(capsys, world, world / "model", tmp_path, [f"model.attn_implementation={impl}",
-                                                                  "training.batch_size=1"])
+                                                                  "training.batch_size=1"], base_overrides=base_overrides, recipe=recipe)
     err = logs.err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"error: model.attn_implementation='{impl}' does not work here: ")
     assert needle in err[-1] and "null lets transformers pick" in err[-1]

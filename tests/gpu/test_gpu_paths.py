@@ -29,23 +29,11 @@ from qat.config import DataConfig, DataSource
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.fixture(scope="module")
-def tok(world):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(world / "model")
-
-
 def text_data(world: Path, tok, cache: Path, seq_len: int, streaming: bool = False):
     src = DataSource(path=str(world / "data/pretrain.jsonl"), max_rows=300, streaming=streaming)
     from qat.data import build_dataset
 
     return build_dataset(DataConfig(sources=[src], seq_len=seq_len, num_proc=1, cache_dir=str(cache)), tok)
-
-
-def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # --- packed documents: each document attends only to itself, on CUDA ---------------------------
@@ -103,18 +91,18 @@ DOC_TOL = {torch.float32: 1e-4, torch.bfloat16: 0.03}
 @pytest.fixture(scope="module")
 def packed_rows(world, tok, tmp_path_factory):
     """Two packed `documents` rows of 512 tokens (several documents each), as the CPU test takes them."""
-    data = text_data(world, tok, tmp_path_factory.mktemp("cache"), 512)
+    data = text_data(world, tok, tmp_path_factory.mktemp("cache"), 512, tok=tok)
     ids, _, pos = data.batch(torch.arange(2))
     return ids, pos
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_document_inside_a_packed_row_has_its_logits_alone_on_cuda(world, packed_rows, attn, dtype):
-    check_packed_documents(world / "model", *packed_rows, attn, dtype, "cuda")
+def test_a_document_inside_a_packed_row_has_its_logits_alone_on_cuda(world, packed_rows, attn, dtype, rel_error):
+    check_packed_documents(world / "model", *packed_rows, attn, dtype, "cuda", rel_error=rel_error)
 
 
-def check_packed_documents(model_dir: Path, ids, pos, attn: str, dtype, device: str) -> None:
+def check_packed_documents(model_dir: Path, ids, pos, attn: str, dtype, device: str, *, rel_error) -> None:
     packed, alone, crossing = document_logits(model_dir, ids, pos, device, dtype, attn)
     check_documents_apart(packed, alone, crossing, DOC_TOL[dtype])
     ref = document_logits(model_dir, ids, pos, "cpu", torch.float32, attn)[0]  # the CPU's fp32 packed rows
@@ -134,7 +122,7 @@ def flash_attention_2_missing() -> str | None:
     return None
 
 
-def test_flash_varlen_kwargs_keep_documents_apart_on_cuda(world, packed_rows):
+def test_flash_varlen_kwargs_keep_documents_apart_on_cuda(world, packed_rows, rel_error):
     """The real flash_attn_varlen_func at batch 2 (tests/test_stream.py checks the kwargs against a
     reference varlen attention on the CPU): each document's logits are its logits alone (flash, bf16),
     and the packed rows match sdpa's in bf16."""
@@ -199,7 +187,7 @@ def target(device: str) -> torch.device:
 
 
 def test_memmap_prefetcher_on_cuda_gives_the_cpu_batches_bitwise(world, tok, tmp_path):
-    check_memmap_prefetcher(text_data(world, tok, tmp_path, 64), "cuda")
+    check_memmap_prefetcher(text_data(world, tok, tmp_path, 64, tok=tok), "cuda")
 
 
 def check_memmap_prefetcher(data, device: str) -> None:
@@ -234,7 +222,7 @@ def stream_steps(data, device: str, steps: int = 4) -> tuple[list, set]:
 
 
 def test_stream_loader_on_cuda_gives_the_cpu_rows(world, tok, tmp_path):
-    check_stream_loader(text_data(world, tok, tmp_path, 64, streaming=True), "cuda")
+    check_stream_loader(text_data(world, tok, tmp_path, 64, streaming=True, tok=tok), "cuda")
 
 
 def check_stream_loader(data, device: str) -> None:
@@ -320,7 +308,7 @@ MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_
        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)}
 
 
-def moe_case(kind: str, impl: str, device: str, dtype=torch.float32) -> dict:
+def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, *, logits) -> dict:
     """A tiny MoE model (tests/test_moe.py's), intx4 QAT on its experts, the expert forward `impl`
     of transformers (eager: a loop over experts; grouped_mm: torch's grouped GEMM, which on CUDA is
     CUTLASS in bf16 on sm90 and a loop of mm otherwise, or transformers' own fallback op): fake-quantized expert weights, masks, logits
@@ -359,14 +347,14 @@ def moe_case(kind: str, impl: str, device: str, dtype=torch.float32) -> dict:
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl):
+def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl, rel_error, logits):
     """fp32, CUDA against the CPU with the same expert forward. Our code calls no grouped kernel: it
     substitutes the fake-quantized 3D weights and runs the model's own expert forward."""
-    check_moe(kind, impl, "cuda")
+    check_moe(kind, impl, "cuda", rel_error=rel_error, logits=logits)
 
 
-def check_moe(kind: str, impl: str, device: str) -> None:
-    ref, got = moe_case(kind, impl, "cpu"), moe_case(kind, impl, device)
+def check_moe(kind: str, impl: str, device: str, *, rel_error, logits) -> None:
+    ref, got = moe_case(kind, impl, "cpu", logits=logits), moe_case(kind, impl, device, logits=logits)
     for k in ref:
         if k.startswith(("wq.", "mask.")):  # elementwise per-group arithmetic: exact
             assert torch.equal(got[k], ref[k]), k
@@ -380,16 +368,16 @@ def check_moe(kind: str, impl: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind):
+def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind, rel_error, logits):
     """bf16, training's dtype: where torch's grouped GEMM runs (sm >= 8.0 in transformers' rule), it
     takes our fake-quantized weights as the eager loop does. Same device, so the router's choices are
     identical; the expert matmuls round differently in bf16 (2**-8 relative per op)."""
-    check_moe_grouped_bf16(kind, "cuda")
+    check_moe_grouped_bf16(kind, "cuda", rel_error=rel_error, logits=logits)
 
 
-def check_moe_grouped_bf16(kind: str, device: str) -> None:
-    loop = moe_case(kind, "eager", device, torch.bfloat16)
-    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16)
+def check_moe_grouped_bf16(kind: str, device: str, *, rel_error, logits) -> None:
+    loop = moe_case(kind, "eager", device, torch.bfloat16, logits=logits)
+    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16, logits=logits)
     for k in loop:
         if k.startswith(("wq.", "mask.")):
             assert torch.equal(grouped[k], loop[k]), k

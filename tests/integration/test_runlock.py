@@ -1,5 +1,6 @@
 """One writer per run folder (qat/runlock.py): a second run is refused, a dead holder's lock is taken."""
 
+from pathlib import Path
 import json
 import os
 import signal
@@ -11,9 +12,11 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_overrides, env, losses, train_cmd
+
 from qat import runlock
 from qat.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # A holder in a process of its own: takes the lock, says so, then waits to be killed.
 HOLDER = textwrap.dedent("""
@@ -93,7 +96,7 @@ def test_output_dir_that_is_a_file(tmp_path):
         runlock.acquire(tmp_path / "f")
 
 
-def test_second_training_launch_on_one_output_dir_is_refused(world, tmp_path):
+def test_second_training_launch_on_one_output_dir_is_refused(world, tmp_path, base_overrides, env, losses, train_cmd):
     """A running training run, then a 2-rank torchrun launch on its folder: every rank of the second
     exits non-zero, with one error line naming the holder, and the first finishes untouched."""
     first = subprocess.Popen(train_cmd(base_overrides(world, tmp_path) + ["training.steps=100000"], nproc=1),
@@ -160,16 +163,15 @@ dist.destroy_process_group()
 """
 
 
-def test_rank0_decides_once_for_every_rank(tmp_path):
+def test_rank0_decides_once_for_every_rank(tmp_path, env, free_port):
     """Two gloo ranks: both get rank 0's value (its pid), and both raise rank 0's UserError."""
-    from conftest import _free_port
 
     script = tmp_path / "decide.py"
     script.write_text(DECIDE.format(root=str(ROOT)))
     procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               env={**env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port)})
-             for port in [_free_port()] for r in range(2)]
+             for port in [free_port()] for r in range(2)]
     outs = [p.communicate(timeout=120)[0].splitlines() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] == [f"pid {procs[0].pid}", "raised rank 0 says no"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_overrides, env, run_train, train_cmd
+ROOT = Path(__file__).resolve().parents[2]
+
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -102,7 +103,7 @@ def test_plain_python_is_not_tied_to_its_parent():
     assert out.stdout.strip() == "False"
 
 
-def test_sigkill_of_torchrun_ends_training_workers_without_partial_checkpoints(world, tmp_path):
+def test_sigkill_of_torchrun_ends_training_workers_without_partial_checkpoints(world, tmp_path, base_overrides, env, run_train, train_cmd):
     """The real thing: 2-rank torchrun training that saves every step; SIGKILL torchrun mid-run,
     then relaunch on the same folder."""
     overrides = base_overrides(world, tmp_path) + ["training.steps=100000", "checkpoint.every_n_steps=1",
@@ -161,7 +162,7 @@ def test_a_launcher_started_by_compare_stops_when_compare_dies():
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_user_error_ends_its_launcher_with_one_line(rank):
+def test_a_user_error_ends_its_launcher_with_one_line(rank, env):
     """A worker's user error under a launcher (a stand-in for torchrun: a parent process that
     would wait a minute): rank 0 prints at once; a rank whose error rank 0 did not share (rank 0
     never raises here) prints after its grace, tagged with its rank. Either way the launcher is
@@ -190,7 +191,7 @@ def test_a_user_error_ends_its_launcher_with_one_line(rank):
     assert elapsed < (30 if rank == "0" else 40)
 
 
-def test_an_entry_point_ends_with_a_frozen_heap_and_its_exit_handlers_run():
+def test_an_entry_point_ends_with_a_frozen_heap_and_its_exit_handlers_run(env):
     """qat.errors keeps the collector off the heap at exit (about 1 s saved per process), not
     during main(); handlers registered before it (they run after the freeze) and during main run."""
     child = textwrap.dedent(f"""

@@ -1,0 +1,62 @@
+"""QAT through the real entry points: the float schemes train on a CPU, learned scales with merged LoRA export exactly what they trained, and their bad input is one line."""
+
+import copy
+import json
+from pathlib import Path
+import pytest
+import torch
+from qat.fake_quant import QATLinear
+from qat.schemes import get_scheme
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_merged_lora_mode_with_learned_scales_exports_exactly_what_it_trained(world, tmp_path, base_overrides, run_train, convert_cli, load_checkpoint_tensors):
+    """Train QAT+LoRA with fake quantization of W + s*B@A and learned scales at world size 2, convert,
+    and check that the quantized model's logits equal the training-time forward bit for bit: convert
+    used the trained scales, which moved away from the rule they started from."""
+    from qat.fake_quant import IntxWeight
+
+    args = ["lora.enabled=true", "lora.rank=8", "qat.enabled=true", "qat.scheme=8da2w", "qat.group_size=32",
+            "qat.lora_merged=true", "qat.learn_scales=true", "qat.scale_lr_multiplier=3", "training.steps=4"]
+    run_train(base_overrides(world, tmp_path) + args, 2)
+
+
+    convert_cli(["--checkpoint", tmp_path])
+    report = json.loads((tmp_path / "export/step-000004/verify.json").read_text())
+    assert report["converted_equals_training_forward"] is True
+    assert report["converted_vs_training_forward"]["max_abs_diff"] == 0.0
+    saved = load_checkpoint_tensors(tmp_path / "checkpoints/step-000004")["model"]
+    scales = {k: v for k, v in saved.items() if k.endswith("weight_scale")}
+    assert len(scales) == 2 * 7  # every decoder Linear of both blocks: a frozen base layer's scale trains
+    from safetensors.torch import load_file
+
+    base = load_file(world / "model" / "model.safetensors")
+    key = next(k for k in scales if "layers.0.self_attn.q_proj" in k)
+    start = IntxWeight(2, 32).init_scale(base["model.layers.0.self_attn.q_proj.weight"])
+    assert scales[key].shape == start.shape == (128, 4) and not torch.equal(scales[key], start)
+    assert float((scales[key] - start).abs().max()) < 0.5 * float(start.abs().max())
+
+
+@pytest.mark.parametrize("scheme", ["float8", "nvfp4", "mxfp4"])
+def test_float_schemes_train_on_cpu(world, tmp_path, scheme, base_overrides, run_train, losses):
+    run_train(base_overrides(world, tmp_path) + ["qat.enabled=true", f"qat.scheme={scheme}", "training.steps=4"], 1)
+
+    ls = losses(tmp_path)
+    assert len(ls) == 4 and ls[-1] < ls[0]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["qat.scheme=float8"], "qat.learn_scales=true is for the intx schemes"),
+    (["qat.backend=torchao"], "qat.learn_scales=true needs qat.backend=qatlinear"),
+])
+def test_learned_scales_bad_input_is_one_line(world, tmp_path, capsys, overrides, needle, base_overrides, recipe):
+    import sys
+
+
+    with pytest.raises(SystemExit) as e:
+        recipe("train").main(["--config", str(ROOT / "configs/tiny/full.yaml"), *base_overrides(world, tmp_path),
+                           "qat.enabled=true", "qat.learn_scales=true", *overrides])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "checkpoints").exists()
