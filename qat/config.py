@@ -87,8 +87,9 @@ class DistillConfig:
 @dataclass
 class DataSource:
     path: str = MISSING  # local .json/.jsonl/.parquet file or folder, or a hub dataset name
-    kind: str = rule("text", choices=("text", "chat"))  # packed plain text, or a messages column
-    column: Optional[str] = None  # default: "text" for text, "messages" for chat
+    kind: str = rule("text", choices=("text", "chat"))  # packed plain text, or a conversations column
+    # default: "text" for text; for chat "messages", or "conversations" (ShareGPT) when there is no "messages"
+    column: Optional[str] = None
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     max_rows: Optional[int] = rule(None, ge=1)  # use only the first N rows (before tokenization)
@@ -100,8 +101,17 @@ class DataSource:
 
 
 @dataclass
+class ChatConfig:
+    """How chat rows are read, for every chat source (qat/data/chat.py)."""
+    # other role names onto the roles of the tokenizer's chat template, e.g. ShareGPT's
+    # {human: user, gpt: assistant}; a role the template does not take is refused
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     seq_len: int = rule(2048, ge=1)
     shuffle: bool = True
     # streaming sources with shuffle: the documents held by datasets' shuffle buffer, per source

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -77,3 +78,24 @@ def decide_on_rank0(fn, *args):
     if kind == "error":
         raise UserError(value)
     return value
+
+
+def raise_together(error, device: torch.device) -> None:
+    """Raise on every rank if any rank holds a UserError: the lowest such rank's line, the same on
+    all, so that no rank waits in a collective for one that has stopped. Collective (one all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    (failed,) = all_reduce_sum([float(error is not None)], device)
+    if failed:
+        lines = [None] * dist.get_world_size()
+        dist.all_gather_object(lines, None if error is None else str(error))
+        raise UserError(next(line for line in lines if line is not None))
+
+
+def shared_run_id() -> Optional[str]:
+    """A fresh id, the same on every rank (drawn by rank 0); None without a process group."""
+    import uuid
+
+    return decide_on_rank0(lambda: uuid.uuid4().hex) if dist.is_available() and dist.is_initialized() else None

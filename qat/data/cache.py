@@ -7,16 +7,18 @@ An entry is a folder `<cache_dir>/<source>-<kind>-<layout>-<key>/` holding
 
 The key hashes everything that changes those bytes: the source's identity (files: path, size,
 mtime; hub: name, config, revision, split), kind, column, max_rows, the tokenizer's full content
-(vocabulary, merges, normalizer, post-processor, special tokens) and its chat template, and the
-layout. The "stream" layout (packing documents and concat) does not depend on seq_len: rows are
-cut when the entry is opened, so changing seq_len or switching between those two packings
-tokenizes nothing. The "pad" layout (one sample per row) stores padded rows and keys on seq_len.
+(vocabulary, merges, normalizer, post-processor, special tokens) and its chat template, the role
+mapping of chat sources (data.chat.roles), and the layout. The "stream" layout (packing documents
+and concat) does not depend on seq_len: rows are cut when the entry is opened, so changing seq_len
+or switching between those two packings tokenizes nothing. The "pad" layout (one sample per row) stores padded rows and keys on seq_len.
 
 Concurrency: the builder of a node (LOCAL_RANK 0) takes an exclusive flock on `<entry>.lock`,
 checks the entry and (re)builds it in a temporary folder renamed into place; every other rank
 takes a shared lock, and polls until the entry checks out. Every rank verifies sizes and
 checksum before it maps the files (one sequential read; the page cache is shared), so no rank
-ever uses a half-written or corrupt entry, and a corrupt one is rebuilt by the builder. On a
+ever uses a half-written or corrupt entry, and a corrupt one is rebuilt by the builder. A build
+that stops on bad input (a row with an unknown role) leaves `<entry>.error.json`, its line and the
+run's id: the waiting ranks of that run raise the same line instead of waiting on. On a
 filesystem shared by several nodes the node builders serialize on the same lock: the first one
 builds, the others find the entry complete. The lock needs flock support across nodes (NFSv4,
 Lustre mounted with -o flock); otherwise point data.cache_dir at node-local disk.
@@ -39,8 +41,10 @@ import numpy as np
 
 from qat.atomic import atomic_dir
 from qat.config import DataSource
-from qat.data.sources import (default_column, load_source, source_identity, tokenize_chat_batch,
+from qat.data.chat import RoleRule, first_refused, row_location
+from qat.data.sources import (default_column, load_source, local_files, source_identity, tokenize_chat_batch,
                               tokenize_text_arrow)
+from qat.errors import UserError
 
 FORMAT = 1
 SUPERVISED, DOC_START = 1, 2
@@ -62,10 +66,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def entry_key(src: DataSource, index: int, tokenizer_hash: str, layout: str, seq_len: int) -> dict:
+def entry_key(src: DataSource, index: int, tokenizer_hash: str, layout: str, seq_len: int,
+              chat_roles: Optional[dict] = None) -> dict:
     key = {"format": FORMAT, "source": source_identity(src, index), "kind": src.kind,
            "column": default_column(src), "max_rows": src.max_rows, "tokenizer": tokenizer_hash,
            "layout": layout, "seq_len": seq_len if layout == "pad" else None}
+    if src.kind == "chat":  # a renamed role renders, and trains, differently
+        key["chat_roles"] = dict(sorted((chat_roles or {}).items()))
     return json.loads(json.dumps(key))  # the form it takes in manifest.json (tuples become lists)
 
 
@@ -104,9 +111,11 @@ def read_manifest(entry: Path, key: dict) -> Optional[dict]:
 
 
 def open_entry(entry: Path, key: dict, build: Callable[[Path], dict], builder: bool,
-               log: Callable[[str], None], poll_s: float = 0.5) -> dict:
-    """The manifest of a verified entry; the builder builds it if missing or corrupt, the others wait."""
+               log: Callable[[str], None], poll_s: float = 0.5, run_id: Optional[str] = None) -> dict:
+    """The manifest of a verified entry; the builder builds it if missing or corrupt, the others wait.
+    A build that raises a UserError leaves its line for the waiting ranks of the same run (run_id)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
+    failed = entry.with_name(entry.name + ".error.json")
     with open(entry.with_name(entry.name + ".lock"), "a+") as lock:
         if builder:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -119,7 +128,13 @@ def open_entry(entry: Path, key: dict, build: Callable[[Path], dict], builder: b
                     log(f"cache entry {entry} is incomplete or corrupt: rebuilding it")
                 for stale in entry.parent.glob(f".{entry.name}-*"):  # a build killed mid-way
                     shutil.rmtree(stale, ignore_errors=True)
-                return _build_atomically(entry, key, build, log)
+                failed.unlink(missing_ok=True)
+                try:
+                    return _build_atomically(entry, key, build, log)
+                except UserError as e:
+                    if run_id is not None:  # only the ranks of a run wait on this build
+                        _write_failure(failed, key, run_id, str(e))
+                    raise
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         while True:
@@ -130,7 +145,26 @@ def open_entry(entry: Path, key: dict, build: Callable[[Path], dict], builder: b
                 fcntl.flock(lock, fcntl.LOCK_UN)
             if manifest is not None:
                 return manifest
+            _raise_failure(failed, key, run_id)
             time.sleep(poll_s)
+
+
+def _write_failure(path: Path, key: dict, run_id: Optional[str], line: str) -> None:
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "run": run_id, "error": line}))
+    os.replace(tmp, path)
+
+
+def _raise_failure(path: Path, key: dict, run_id: Optional[str]) -> None:
+    """The builder's UserError, on a waiting rank of the same run (a record of another run is old)."""
+    if run_id is None:
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and record.get("run") == run_id and record.get("key") == key:
+        raise UserError(record["error"])
 
 
 def _build_atomically(entry: Path, key: dict, build: Callable[[Path], dict], log) -> dict:
@@ -160,17 +194,19 @@ def token_dtype(tokenizer) -> np.dtype:
 
 
 def build_source(tmp: Path, src: DataSource, index: int, tokenizer, layout: str, seq_len: int,
-                 num_proc: int) -> dict:
+                 num_proc: int, chat_roles: Optional[dict] = None) -> dict:
     """Tokenize one source with `datasets.map` (batched, num_proc) into tokens.bin/flags.bin under tmp."""
     import datasets
 
     ds, column = load_source(src, index, cache_dir=str(tmp / "hf"))
+    rows_in_source = len(ds)
     if src.max_rows is not None:
         ds = ds.select(range(min(src.max_rows, len(ds))))
     if src.kind == "text":  # Arrow in, Arrow out: no Python list per token on either side
         ds, fn = ds.with_format("arrow"), tokenize_text_arrow
     else:
-        fn = tokenize_chat_batch
+        check_roles(ds, column, src, index, RoleRule(tokenizer, chat_roles or {}))
+        fn = functools.partial(tokenize_chat_batch, roles=chat_roles or {})
     features = {"ids": datasets.List(datasets.Value("int32"))}
     if src.kind == "chat":
         features["sup"] = datasets.List(datasets.Value("uint8"))
@@ -196,7 +232,19 @@ def build_source(tmp: Path, src: DataSource, index: int, tokenizer, layout: str,
     for f in files:
         Path(f).unlink(missing_ok=True)
     return {"num_tokens": writer.num_tokens, "num_docs": writer.num_docs, "dtype": dtype.name,
-            "truncated_docs": writer.truncated}
+            "truncated_docs": writer.truncated, "rows_in_source": rows_in_source, "empty_docs": writer.empty,
+            "no_loss_docs": writer.no_loss if src.kind == "chat" else 0}
+
+
+def check_roles(ds, column: str, src: DataSource, index: int, rule: RoleRule) -> None:
+    """Every message's role of the rows to tokenize (the first len(ds), after max_rows), in Arrow."""
+    found = first_refused(ds.data.slice(0, len(ds)), column, rule)
+    if found is None:
+        return
+    row, raw = found
+    files = local_files(src, index)
+    where = row_location(files, row) if files is not None else f"{src.path} (split {src.split}) row {row} (0-based)"
+    raise UserError(rule.refusal(f"data.sources[{index}]: {where}", raw))
 
 
 def _read_batches(files: list[str]):
@@ -215,18 +263,26 @@ def _read_batches(files: list[str]):
                 yield ids, sup, lengths
 
 
+def _docs_without_loss(flags: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
+    """Documents none of whose tokens carries a loss (empty ones included)."""
+    done = np.concatenate([[0], np.cumsum(flags & SUPERVISED, dtype=np.int64)])
+    return int((done[starts + lengths] == done[starts]).sum())
+
+
 class _StreamWriter:
     """Documents back to back; a flag marks each document's first token."""
 
     def __init__(self):
-        self.num_tokens = self.num_docs = self.truncated = 0
+        self.num_tokens = self.num_docs = self.truncated = self.empty = self.no_loss = 0
 
     def convert(self, ids, sup, lengths):
         flags = np.full(len(ids), SUPERVISED, np.uint8) if sup is None else sup.astype(np.uint8) & SUPERVISED
         starts = np.cumsum(lengths) - lengths
+        self.no_loss += _docs_without_loss(flags, starts, lengths)
         flags[starts[lengths > 0]] |= DOC_START
         self.num_tokens += len(ids)
         self.num_docs += len(lengths)
+        self.empty += int((lengths == 0).sum())
         return ids, flags
 
 
@@ -237,7 +293,7 @@ class _PadWriter:
         self.seq_len = seq_len
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = pad or 0
-        self.num_tokens = self.num_docs = self.truncated = 0
+        self.num_tokens = self.num_docs = self.truncated = self.empty = self.no_loss = 0
 
     def convert(self, ids, sup, lengths):
         n, L = len(lengths), self.seq_len
@@ -248,7 +304,9 @@ class _PadWriter:
             k = min(ln, L)
             tokens[r, :k] = ids[s : s + k]
             flags[r, :k] = SUPERVISED if sup is None else sup[s : s + k] & SUPERVISED
+        self.no_loss += int((~(flags & SUPERVISED).any(axis=1)).sum())  # what is left after truncation
         flags[:, 0] |= DOC_START
+        self.empty += int((lengths == 0).sum())
         self.truncated += int((lengths > L).sum())
         self.num_tokens += n * L
         self.num_docs += n

@@ -39,7 +39,67 @@ class SourceRows:
             rows = min(rows, max_samples)
         self.tokens = tokens[: rows * seq_len].reshape(rows, seq_len)
         self.flags = flags[: rows * seq_len].reshape(rows, seq_len)
-        self.num_rows = rows
+        self.num_rows, self.seq_len, self.flags_path = rows, seq_len, entry / "flags.bin"
+        self.pad = manifest.get("key", {}).get("layout") == "pad"
+
+
+def usage(rows: SourceRows, manifest: dict, src) -> dict:
+    """How many rows of a source the sequences use, and how many were left out, by reason.
+
+    Every row (document) read becomes one document of the entry. A document is used when a used
+    sequence holds its first token (a document cut by the end of the last used sequence counts).
+    The others: rows past `max_rows` (not read), documents past `max_samples`, documents that lie
+    in the last partial sequence (dropped: a sequence is seq_len tokens), and documents with no
+    token at all (nothing to pack). Entries built before these counts were kept lack rows_in_source.
+    """
+    read, empty = manifest["num_docs"], manifest.get("empty_docs", 0)
+    in_source = manifest.get("rows_in_source")
+    out = {"read": read, "in_source": in_source, "past_max_rows": (in_source - read) if in_source else 0,
+           "sequences": rows.num_rows, "truncated": manifest.get("truncated_docs", 0),
+           "no_loss": manifest.get("no_loss_docs", 0), "empty": 0, "past_max_samples": 0, "tail": 0}
+    if rows.pad:  # one document per sequence; an empty one is a sequence of padding
+        out["past_max_samples"] = read - rows.num_rows
+    else:
+        L, n_tok = rows.seq_len, manifest["num_tokens"]
+        full = n_tok // L
+        out["empty"] = empty
+        out["past_max_samples"] = _count_starts(rows.flags_path, rows.num_rows * L, full * L)
+        out["tail"] = _count_starts(rows.flags_path, full * L, n_tok)
+    out["used"] = read - out["empty"] - out["past_max_samples"] - out["tail"]
+    return out
+
+
+def _count_starts(flags_path: Path, start: int, stop: int, chunk: int = 1 << 23) -> int:
+    """Documents starting in tokens [start, stop) of an entry, read (not mapped) in chunks."""
+    n = 0
+    with open(flags_path, "rb") as f:
+        f.seek(start)
+        while start < stop:
+            buf = np.frombuffer(f.read(min(chunk, stop - start)), np.uint8)
+            n += int(np.count_nonzero(buf & DOC_START))
+            start += max(len(buf), 1)
+    return n
+
+
+def describe_use(u: dict, src, seq_len: int, layout: str) -> str:
+    """One line: '<used> of <rows> rows used, in <n> sequences of <seq_len> tokens; dropped: ...'."""
+    total = u["in_source"] if u["in_source"] is not None else u["read"]
+    line = f"{u['used']:,} of {total:,} rows used, in {u['sequences']:,} sequences of {seq_len} tokens"
+    dropped = [(u["past_max_rows"], f"past max_rows={src.max_rows}"),
+               (u["past_max_samples"], f"past max_samples={src.max_samples}"),
+               (u["tail"], "in the last partial sequence"), (u["empty"], "empty (no tokens)")]
+    dropped = [f"{n:,} {why}" for n, why in dropped if n]
+    if dropped:
+        line += "; dropped: " + ", ".join(dropped)
+    notes = []
+    if u["truncated"]:
+        notes.append(f"{u['truncated']:,} cut to seq_len={seq_len} (packing=pad)")
+    if u["no_loss"] and src.kind == "chat":
+        notes.append(f"{u['no_loss']:,} without assistant tokens{' after the cut' if layout == 'pad' else ''} "
+                     f"(kept, no loss)")
+    if notes:
+        line += f"; of the {u['read']:,} rows read: " + ", ".join(notes)
+    return line
 
 
 class PackedData:

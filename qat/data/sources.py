@@ -2,8 +2,10 @@
 
 Two kinds of source:
 - text: a plain-text column (C4-like); each document is followed by EOS;
-- chat: a `messages` column rendered with the tokenizer's chat template; only assistant tokens
-  carry a loss.
+- chat: a column of conversations rendered with the tokenizer's chat template; only assistant
+  tokens carry a loss. OpenAI's `messages: [{role, content}]` or ShareGPT's
+  `conversations: [{from, value}]`, roles renamed by data.chat.roles and checked against the
+  template (qat/data/chat.py).
 
 The tokenize functions are batched `datasets.map` functions: they return, per sample, the
 token ids and (chat only) a 0/1 "supervised" flag per token.
@@ -19,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from qat.config import DataSource
+from qat.data.chat import LAYOUTS, normalize
 from qat.errors import UserError
 
 IGNORE = -100
@@ -31,6 +34,15 @@ def _looks_local(path: str) -> bool:
 
 def default_column(src: DataSource) -> str:
     return src.column or ("text" if src.kind == "text" else "messages")
+
+
+def resolve_column(src: DataSource, names) -> str:
+    """The column to read: the configured one, or the default; a chat source without a `messages`
+    column reads ShareGPT's `conversations` when it has one."""
+    column = default_column(src)
+    if src.column is None and src.kind == "chat" and column not in names and "conversations" in names:
+        return "conversations"
+    return column
 
 
 def local_files(src: DataSource, index: int) -> Optional[list[Path]]:
@@ -82,7 +94,7 @@ def load_source(src: DataSource, index: int, cache_dir: Optional[str] = None):
         raise UserError(f"data.sources[{index}]: {src.path} is empty") from None
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
         raise UserError(f"data.sources[{index}]: {src.path} does not parse: {_parse_problem(e)}") from None
-    column = default_column(src)
+    column = resolve_column(src, ds.column_names)
     if column not in ds.column_names:
         raise UserError(f"data.sources[{index}]: {src.path} has no column {column!r} "
                         f"(columns: {', '.join(ds.column_names)})")
@@ -102,7 +114,8 @@ def _parse_problem(e: BaseException) -> str:
 
 def check_column(ds, column: str, src: DataSource, index: int) -> None:
     """Rows the tokenizer can take: text is a string column without nulls; chat is a list of
-    {role, content} messages. Checked on the Arrow schema and null counts, not row by row."""
+    {role, content} or {from, value} messages. Checked on the Arrow schema and null counts, not
+    row by row (the roles are checked by qat.data.chat.first_refused)."""
     where = f"data.sources[{index}]: {src.path}"
     if len(ds) == 0:
         raise UserError(f"{where} has no rows")
@@ -112,9 +125,9 @@ def check_column(ds, column: str, src: DataSource, index: int) -> None:
                         f"point data.sources[{index}].column at a text column")
     if src.kind == "chat":
         inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
-        if not (isinstance(inner, dict) and {"role", "content"} <= set(inner)):
+        if not (isinstance(inner, dict) and any(set(pair) <= set(inner) for pair in LAYOUTS)):
             raise UserError(f"{where}: column {column!r} holds {_describe_feature(feature)}, not conversations "
-                            f"(lists of {{role, content}} messages)")
+                            f"(lists of {{role, content}} or {{from, value}} messages)")
     nulls = ds.data.column(column).null_count
     if nulls:
         import pyarrow.compute as pc
@@ -168,8 +181,9 @@ def tokenize_text_batch(batch: dict, column: str, tokenizer) -> dict:
     return {"ids": [x.tolist() for x in np.split(flat, np.cumsum(lengths)[:-1])]}
 
 
-def tokenize_chat_batch(batch: dict, column: str, tokenizer) -> dict:
-    out = tokenize_chat(batch[column], tokenizer)
+def tokenize_chat_batch(batch: dict, column: str, tokenizer, roles: Optional[dict] = None) -> dict:
+    """Conversations of either layout, roles renamed by `roles` (data.chat.roles), checked before."""
+    out = tokenize_chat([normalize(c, roles or {}) for c in batch[column]], tokenizer)
     return {"ids": [ids for ids, _ in out], "sup": [[int(l != IGNORE) for l in labels] for _, labels in out]}
 
 

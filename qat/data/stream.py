@@ -59,10 +59,12 @@ import torch
 
 from qat.config import DataConfig, DataSource
 from qat.data.cache import DOC_START, SUPERVISED, _PadWriter
+from qat.data.chat import RoleRule, check_row, row_location
 from qat.data.mix import BLOCK, Mixture, shares, shuffle_generator
 from qat.data.packed import rows_to_batch
-from qat.data.sources import (BUILDERS, _parse_problem, default_column, encode_texts, local_files,
+from qat.data.sources import (BUILDERS, _parse_problem, encode_texts, local_files, resolve_column,
                               tokenize_chat_batch)
+from qat.distributed import raise_together
 from qat.errors import UserError
 
 TOKENIZE_DOCS = 64  # documents per tokenizer call: amortises the call, bounds the first row's wait
@@ -93,7 +95,16 @@ class StreamData:
     packing: str
     seed: int = 0  # training.seed: the mix's draws and the shuffles' seeds
     shuffle_buffer: Optional[int] = None  # None: each source in file order
+    roles: dict = dataclasses.field(default_factory=dict)  # data.chat.roles
     _opened: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _rule: Optional[RoleRule] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def rule(self) -> RoleRule:
+        """The chat roles the tokenizer takes (learned once, the same on every rank)."""
+        if self._rule is None:
+            self._rule = RoleRule(self.tokenizer, self.roles)
+        return self._rule
 
     def open(self, s: int):
         """Source s's stream. load_dataset resolves the builder and the files (~0.1 s) once per source and
@@ -118,9 +129,9 @@ class StreamData:
 def build_stream(cfg: DataConfig, tokenizer, log, seed: int = 0) -> StreamData:
     """Checks every source by opening its stream and reading its first row (bad paths, columns)."""
     data = StreamData(list(cfg.sources), tokenizer, cfg.seq_len, cfg.packing, seed,
-                      cfg.shuffle_buffer if cfg.shuffle else None)
+                      cfg.shuffle_buffer if cfg.shuffle else None, dict(cfg.chat.roles))
     for i, src in enumerate(cfg.sources):
-        if next(iter(_values(src, i, data.open(i))), None) is None:
+        if next(iter(_values(data, i, shuffle=False)), None) is None:
             raise UserError(f"data.sources[{i}]: {src.path} has no rows")
         log(f"sources[{i}] {src.path} streams: tokenized on the fly, nothing cached")
     if data.weights is not None:
@@ -148,20 +159,23 @@ def _open(src: DataSource, index: int):
         raise UserError(f"data.sources[{index}]: {src.path} does not parse: {_parse_problem(e)}") from None
 
 
-def _values(src: DataSource, index: int, ds, seed: int = 0, shuffle_buffer: Optional[int] = None,
-            epoch: int = 0) -> Iterator:
-    """The column's values from the opened stream `ds`: the first max_rows rows, in order or shuffled
-    with the epoch's seed; a row the tokenizer cannot take stops with one line."""
+def _values(data: StreamData, index: int, epoch: int = 0, shuffle: bool = True) -> Iterator:
+    """Source `index`'s column values: the first max_rows rows, in order or shuffled with the epoch's
+    seed; a row the tokenizer cannot take (chat: a role it does not know) stops with one line.
+    Every rank reads every row, so every rank stops at the same row."""
     import datasets
 
-    column, where = default_column(src), f"data.sources[{index}]: {src.path}"
+    src, ds = data.sources[index], data.open(index)
+    shuffle_buffer = data.shuffle_buffer if shuffle else None
+    where = f"data.sources[{index}]: {src.path}"
     if src.max_rows is not None:  # the first rows, then shuffled, as on the memory-mapped path
         ds = ds.take(src.max_rows)
     if shuffle_buffer is not None:
-        ds = ds.shuffle(generator=shuffle_generator(seed, index, epoch), buffer_size=shuffle_buffer)
-    n = 0
+        ds = ds.shuffle(generator=shuffle_generator(data.seed, index, epoch), buffer_size=shuffle_buffer)
+    n, column = 0, None
     try:
         for row in ds:
+            column = column or resolve_column(src, row)
             if column not in row:
                 raise UserError(f"{where} has no column {column!r} (columns: {', '.join(row)})")
             v = row[column]
@@ -172,6 +186,8 @@ def _values(src: DataSource, index: int, ds, seed: int = 0, shuffle_buffer: Opti
                 raise UserError(f"{where}: column {column!r} holds {type(v).__name__} at "
                                 f"{_row_name(n, shuffle_buffer, epoch)}, not "
                                 f"{'text' if src.kind == 'text' else 'conversations'}")
+            if src.kind == "chat":
+                check_row(v, data.rule, lambda: f"data.sources[{index}]: {_where(src, index, n, shuffle_buffer, epoch)}")
             yield v
             n += 1
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
@@ -184,9 +200,17 @@ def _row_name(n: int, shuffle_buffer: Optional[int], epoch: int) -> str:
     return f"row {n} of epoch {epoch}'s shuffle (data.shuffle=false gives its line)"
 
 
+def _where(src: DataSource, index: int, n: int, shuffle_buffer: Optional[int], epoch: int) -> str:
+    """Row n of a source read in file order: its file and line (or row); in a shuffle, its place there."""
+    files = local_files(src, index) if shuffle_buffer is None else None
+    if files is not None:
+        return row_location(files, n)
+    return f"{src.path} {_row_name(n, shuffle_buffer, epoch)}"
+
+
 def epoch_values(data: StreamData, s: int, epoch: int) -> Iterator:
     """Source s's documents in its epoch `epoch`: in file order, or that epoch's shuffle."""
-    return _values(data.sources[s], s, data.open(s), data.seed, data.shuffle_buffer, epoch)
+    return _values(data, s, epoch)
 
 
 class DocumentChain:
@@ -319,7 +343,7 @@ class RankStream:
                 flat, lengths = encode_texts(values, self.data.tokenizer)
                 docs = [(ids.astype(np.int64), None) for ids in np.split(flat, np.cumsum(lengths)[:-1])]
             else:
-                enc = tokenize_chat_batch({"x": values}, "x", self.data.tokenizer)
+                enc = tokenize_chat_batch({"x": values}, "x", self.data.tokenizer, self.data.roles)
                 docs = [(np.asarray(i, np.int64), np.asarray(m, np.uint8)) for i, m in zip(enc["ids"], enc["sup"])]
             for (g, _), (ids, sup) in zip(part, docs):
                 out[g] = (g, ids, sup)
@@ -448,6 +472,16 @@ class StreamLoader:
         return row
 
     def next_batches(self) -> list:
+        """This step's micro-batches. Collective: a bad row stops every rank at the same step with
+        its line, whichever rank's thread read it first (rank 0 would otherwise wait in the step)."""
+        try:
+            out, error = self._batches(), None
+        except UserError as e:
+            out, error = None, e
+        raise_together(error, self.device)
+        return out
+
+    def _batches(self) -> list:
         out = []
         for _ in range(self.accum):
             rows = [self.next_row() for _ in range(self.batch_size)]

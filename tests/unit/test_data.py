@@ -75,10 +75,10 @@ def test_pad_packing_one_document_per_row(world, tok, tmp_path):
 def test_second_build_is_a_cache_hit_and_corrupt_entries_are_rebuilt(world, tok, tmp_path):
     logs = []
     first = build_dataset(text_cfg(world, tmp_path), tok, log=logs.append)
-    assert len(logs) == 1 and "built" in logs[0] and "tokens/s" in logs[0]
+    assert len(logs) == 2 and "built" in logs[0] and "tokens/s" in logs[0] and "rows used" in logs[1]
     # another seq_len or packing=concat reuses the same tokens: nothing is tokenized again
     again = build_dataset(text_cfg(world, tmp_path, seq_len=32, packing="concat"), tok, log=logs.append)
-    assert "cache hit" in logs[1] and "nothing to tokenize" in logs[1]
+    assert "cache hit" in logs[2] and "nothing to tokenize" in logs[2]
     assert len(again) == len(first) * 2 or len(again) == len(first) * 2 + 1
     [entry] = [p for p in tmp_path.iterdir() if p.is_dir()]
     want = first.batch(torch.arange(len(first)))[0]
@@ -125,7 +125,7 @@ def test_waiting_ranks_map_the_entry_the_builder_wrote(world, tok, tmp_path):
     rank("builder", True)
     for t in waiters:
         t.join(timeout=120)
-    assert len(logs) == 1 and "built" in logs[0]  # waiting ranks neither build nor log
+    assert len(logs) == 2 and "built" in logs[0] and "rows used" in logs[1]  # waiting ranks neither build nor log
     assert torch.equal(got["w0"], got["builder"]) and torch.equal(got["w1"], got["builder"])
 
 
