@@ -35,22 +35,14 @@ def test_records_that_disagree_with_the_registry_are_refused():
     with pytest.raises(UserError, match="records scheme '8da4w' as family 'float8'"):
         scheme_from_record({"scheme": "8da4w", "family": "float8", "group_size": 32, "embedding": False})
     with pytest.raises(UserError, match="group_size=32 for scheme 'float8', which has no groups"):
-        scheme_from_record({"scheme": "float8", "group_size": 32, "embedding": False})
-    # records written before families were named still load
-    assert scheme_from_record({"scheme": "8da4w", "group_size": 32, "embedding": False}) is get_scheme("8da4w")
-
-
-def test_renamed_intx_schemes_still_convert_from_old_checkpoints():
-    """int4-weight-only now names torchao's GPU int4; checkpoints that recorded the old intx names
-    (with family intx, or no family) still resolve to what they were trained with."""
-    for rec in ({"scheme": "int4-weight-only", "group_size": 32, "embedding": False},
-                {"scheme": "int4-weight-only", "family": "intx", "group_size": 32, "embedding": False}):
-        assert scheme_from_record(rec) is get_scheme("intx4-weight-only")
-        assert same_record(rec, get_scheme("intx4-weight-only").record(32, None))
+        scheme_from_record({"scheme": "float8", "family": "float8", "group_size": 32, "embedding": False})
+    # int4-weight-only is torchao's GPU int4 (family int4), never the intx weight-only format
     new = get_scheme("int4-weight-only").record(32, None)
     assert new["family"] == "int4" and scheme_from_record(new) is get_scheme("int4-weight-only")
     assert not same_record(new, get_scheme("intx4-weight-only").record(32, None))
-    with pytest.raises(UserError, match="'int3-weight-only' is now called 'intx3-weight-only'"):
+    with pytest.raises(UserError, match="records scheme 'int4-weight-only' as family 'intx'"):
+        scheme_from_record({"scheme": "int4-weight-only", "family": "intx", "group_size": 32, "embedding": False})
+    with pytest.raises(UserError, match="unknown QAT scheme 'int3-weight-only'. Did you mean 'intx3-weight-only'"):
         get_scheme("int3-weight-only")
 
 
@@ -79,13 +71,11 @@ def test_unknown_combinations_raise_instead_of_falling_through():
         EmbeddingQuant(9, 32)
 
 
-def test_embedding_quantization_has_its_own_bits_and_old_records_keep_theirs():
+def test_embedding_quantization_has_its_own_bits():
     emb = EmbeddingQuant(8, 64)
     rec = get_scheme("8da2w").record(32, emb)
     assert (rec["embedding"], rec["embedding_bits"], rec["embedding_group_size"]) == (True, 8, 64)
     assert embedding_from_record(rec, get_scheme("8da2w")) == emb
-    old = {"scheme": "8da2w", "group_size": 32, "embedding": True}  # before embedding bits were separate
-    assert embedding_from_record(old, get_scheme("8da2w")) == EmbeddingQuant(2, 32)
     assert embedding_quant(True, None, 32, get_scheme("fp8-int4")) == EmbeddingQuant(8, 32)
     assert embedding_quant(False, 8, 32, get_scheme("8da4w")) is None
 
