@@ -1,11 +1,12 @@
 # make        -> .venv with the pinned stack
 # make test   -> the full CPU test suite (what CI runs)
+# make test-unit -> tests/unit only (one process each, about a minute)
 # make demo   -> the tiny-world pipeline on 2 CPU processes
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 WORLD := assets/world
 
-.PHONY: venv test demo world clean
+.PHONY: venv test test-unit demo world clean
 venv: .venv/.installed
 
 # torch first (the local CPU wheel here, a CUDA build on clusters), then everything else under
@@ -22,6 +23,9 @@ world: venv
 
 test: venv
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 tests
+
+test-unit: venv
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs tests/unit
 
 demo: venv
 	bash recipes/demo.sh

@@ -32,12 +32,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from qat.distributed import pick_device  # noqa: E402
-from qat.perf import device_peak_flops  # noqa: E402
+from qat.distributed import pick_device
+from qat.perf import device_peak_flops
 SHAPES = {
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),

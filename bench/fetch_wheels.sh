@@ -5,7 +5,7 @@
 # wandb, and no registry. bench/gpu_check.sh installs these with
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 # so every package the code imports and the device lacks is named here, one version each.
-# docs/gpu.md lists them with their sizes and says why each one is here.
+# bench/README.md lists them with their sizes and says why each one is here.
 #
 #   bash bench/fetch_wheels.sh          # -> .whl/, about 15.4 MiB; the working tree must stay under 64 MiB
 set -euo pipefail
@@ -27,10 +27,10 @@ WHEELS=(
 )
 # Not carried, on purpose: wandb (imported only when logging.wandb.enabled and WANDB_MODE is not
 # "disabled"; gpu_check.sh disables it), lm-eval's dependencies for tasks we do not run (rouge-score,
-# sqlitedict, word2number: imported lazily by those tasks), and mslk-cuda (42 MiB; see docs/gpu.md).
+# sqlitedict, word2number: imported lazily by those tasks), and mslk-cuda (42 MiB; see bench/README.md).
 # WITH_MSLK=1 adds mslk-cuda (42 MiB, ~58 MiB in all: close to the limit): torchao's `plain` int4
 # and fp8-int4 packings need it. Whether its binary loads with the device's torch 2.11+cu130 is
-# what that call finds out (tests/test_gpu.py skips the fp8-int4 check without it).
+# what that call finds out (tests/gpu/test_gpu.py skips the fp8-int4 check without it).
 if [ "${WITH_MSLK:-0}" = 1 ]; then WHEELS+=(mslk-cuda==1.1.0); fi
 
 rm -rf .whl

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check (issue "On the GPU"), one stage per device call. docs/gpu.md has the calls.
+# The whole GPU check, one stage per device call. bench/README.md has the calls.
 #
 #   bash bench/gpu_check.sh prepare         # HERE, before the calls: .whl/ wheels + .bench/ anchor scripts
 #   bash bench/gpu_check.sh tests           # device call 1: versions, pytest -m gpu, torchao scheme probe
@@ -71,7 +71,10 @@ setup() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             && touch /tmp/site/.installed || exit 2
     fi
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # the project itself, as `make` installs it here (qat, and eval/ as qat.eval), from this checkout
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site-qat . \
+        >/dev/null || { echo "error: cannot install the project (pip install --target /tmp/site-qat .)"; exit 2; }
+    export PYTHONPATH=/tmp/site-qat:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     [ -f assets/world/world.json ] || python3 -m qat.synthetic.build --out assets/world >/dev/null || exit 2
 }
@@ -102,8 +105,8 @@ tests)
     versions
     # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
     # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
-    # test_gpu_paths.py first: its unit-sized checks (~30 s) come before test_gpu.py's recipe runs.
-    step pytest 400 python3 -m pytest -m gpu tests/test_gpu_paths.py tests/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
+    # tests/gpu/test_gpu_paths.py first: its unit-sized checks (~30 s) come before test_gpu.py's recipe runs.
+    step pytest 400 python3 -m pytest -m gpu tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
         --timeout 300 --junitxml="$OUT/pytest.xml"
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py

@@ -29,17 +29,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from qat.eval.metrics import METRICS  # noqa: E402
-from qat.eval.report import LABELS, recovered  # noqa: E402
+from qat.eval.metrics import METRICS
+from qat.eval.report import LABELS, recovered
 
 ARMS = ["qat", "qad", "qat_ls", "qad_ls"]
 SHOWN = [m for m in METRICS if m.name in ("bits_per_byte", "acc_norm")]
 MODES = {"full": ["full=true", "lora=false"],
          "lora": ["full=false", "lora=true", "lora_merged=false"],
          "merged": ["full=false", "lora=true", "lora_merged=true"]}
-# LoRA at the full run's lr 1e-3 learns too slowly in 150 steps; 2e-3 as in docs/qat.md
+# LoRA at the full run's lr 1e-3 learns too slowly in 150 steps; 2e-3 as in docs/results.md
 LORA_TRAIN = ["optimizer.lr=2e-3"]
 
 

@@ -56,7 +56,7 @@ def print_schemes() -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in [("name", "what (group 32 where grouped)", "real kernels need", "convert writes"), *rows]:
         print("  ".join(f"{v:{w}s}" for v, w in zip(r[:3], widths)) + "  " + r[3])
-    print("QAT trains every scheme on any hardware (qat.backend=ours); see README, Schemes.")
+    print("QAT trains every scheme on any hardware (qat.backend=qatlinear); see README, Schemes.")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """GPU checks (marker `gpu`): run on the device machine by `bench/gpu_check.sh tests`, skipped
-where CUDA is missing, so CI (no GPU) never runs them. docs/gpu.md has the procedure.
+where CUDA is missing, so CI (no GPU) never runs them. bench/README.md has the procedure.
 
 Every check compares the CUDA path with the CPU path that the CPU suite already validates:
 - training: one GPU, bf16, the four modes (full or LoRA, bf16 or QAT 8da4w) through the real
@@ -14,7 +14,7 @@ Every check compares the CUDA path with the CPU path that the CPU suite already 
 - emulated NVFP4 and MXFP4 QAT train like bf16;
 - convert and evaluate run on the tiny world.
 
-tests/test_gpu_paths.py (run first) covers the paths built after this file: packed documents under
+tests/gpu/test_gpu_paths.py (run first) covers the paths built after this file: packed documents under
 sdpa, eager and flash-attention varlen, the CUDA prefetcher and the stream loader, learned scales,
 and MoE experts, each against the CPU reference.
 
@@ -284,11 +284,11 @@ def test_torchao_int4_tinygemm_converts_and_matches_its_fake_quant(rel_error):
 @pytest.mark.skipif(capability() < (9, 0), reason="torchao's fp8-int4 kernels need sm >= 9.0")
 def test_torchao_fp8_int4_converts_and_matches_its_fake_quant(rel_error):
     """torchao's `Float8DynamicActivationInt4WeightConfig`, the Hopper serving format. Its `plain`
-    packing runs through mslk-cuda, which is carried only with WITH_MSLK=1 (docs/gpu.md)."""
+    packing runs through mslk-cuda, which is carried only with WITH_MSLK=1 (bench/README.md)."""
     import importlib.util
 
     if importlib.util.find_spec("mslk") is None:
-        pytest.skip("fp8-int4 needs mslk-cuda: WITH_MSLK=1 bash bench/fetch_wheels.sh (42 MiB, docs/gpu.md)")
+        pytest.skip("fp8-int4 needs mslk-cuda: WITH_MSLK=1 bash bench/fetch_wheels.sh (42 MiB, bench/README.md)")
     from torchao.quantization import Float8DynamicActivationInt4WeightConfig, quantize_
     from torchao.quantization.qat import QATConfig
 
