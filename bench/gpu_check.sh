@@ -76,7 +76,7 @@ setup() {
         >/dev/null || { echo "error: cannot install the project (pip install --target /tmp/site-qat .)"; exit 2; }
     export PYTHONPATH=/tmp/site-qat:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    [ -f assets/world/world.json ] || python3 -m qat.synthetic.build --out assets/world >/dev/null || exit 2
+    [ -f assets/world/world.json ] || python3 -m qat.world.build --out assets/world >/dev/null || exit 2
 }
 
 versions() {
@@ -105,8 +105,8 @@ tests)
     versions
     # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
     # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
-    # tests/gpu/test_gpu_paths.py first: its unit-sized checks (~30 s) come before test_gpu.py's recipe runs.
-    step pytest 400 python3 -m pytest -m gpu tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
+    # test_gpu_numerics.py and test_gpu_paths.py first: unit-sized checks before test_gpu.py's recipe runs.
+    step pytest 400 python3 -m pytest -m gpu tests/gpu/test_gpu_numerics.py tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
         --timeout 300 --junitxml="$OUT/pytest.xml"
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py

@@ -8,19 +8,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qat.errors import UserError
+from qat.iofaults import writing
+
 
 @contextlib.contextmanager
-def atomic_dir(out: Path):
+def atomic_dir(out: Path, what: str = "the output"):
     """Yield a temporary sibling folder; on success it replaces `out` (a rename), on error it goes.
 
-    The previous `out`, if any, stays untouched until the new one is complete.
+    The previous `out`, if any, stays untouched until the new one is complete. A write the
+    filesystem refuses, in here or in the caller's block, is one UserError naming `what`.
     """
     out = Path(out)
     check_target(out, folder=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with writing(out, what):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        yield tmp
+        with writing(out, what):
+            yield tmp
         if out.exists():
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)
@@ -33,15 +39,13 @@ def atomic_dir(out: Path):
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial output goes: its space is needed back
         raise
 
 
 def check_target(path: Path, folder: bool, what: str = "") -> None:
     """Refuse, before any work, an output path that cannot be written: a file where a folder goes
     (or the reverse), an ancestor that is a file, or a read-only parent. `what` names the option."""
-    from qat.errors import UserError
-
     path, name = Path(path), what or str(path)
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"{name}: {path} is {'a file' if folder else 'a folder'}; choose another path")
@@ -58,8 +62,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a sibling temp file, fsync it, rename it over `path`: readers see old or new, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path, "the file"):
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # on a read-only mount there is nothing to remove
+            tmp.unlink(missing_ok=True)
+        raise

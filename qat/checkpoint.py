@@ -27,7 +27,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 
 from qat.atomic import write_text_atomic
+from qat.distributed import decide_on_rank0
 from qat.errors import UserError
+from qat.iofaults import writing
 from qat.schemes import same_record
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -113,17 +115,36 @@ def _options(adapter_only: bool) -> StateDictOptions:
 
 
 def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, adapter_only: bool) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
-    rank = dist.get_rank()
+    """Collective: every rank calls it. Returns the final folder.
+
+    A write the filesystem refuses (a full disk, a read-only or vanished mount) on any rank becomes
+    one UserError on every rank: DCP gathers every rank's failure, and rank 0's own steps go through
+    decide_on_rank0. The partial `.tmp-step-N` folder is removed and the complete checkpoints are
+    untouched, so `checkpoint.resume=auto` still takes the newest of them."""
     final, tmp = step_dir(root, step), Path(root) / f".tmp-step-{step:06d}"
-    if rank == 0:
+    hint = f"the complete checkpoints in {root} are unchanged and checkpoint.resume=auto continues from the newest"
+    try:
+        with writing(tmp, "the checkpoint", hint):
+            decide_on_rank0(_fresh_dir, tmp, hint)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter_only))
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            decide_on_rank0(_publish, tmp, final, meta, keep_last, hint)
+    except UserError:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fresh_dir(tmp: Path, hint: str) -> None:
+    with writing(tmp, "the checkpoint", hint):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter_only))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    dist.barrier()
-    if rank == 0:
+
+
+def _publish(tmp: Path, final: Path, meta: dict, keep_last: int, hint: str) -> None:
+    """Rank 0: meta.json, then the rename that makes the checkpoint complete, then pruning."""
+    with writing(tmp, "the checkpoint", hint):
         write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         old = final.with_name(f".old-{final.name}")
         if final.exists():  # re-saving a step: two renames, so a kill in between loses nothing complete
@@ -131,10 +152,8 @@ def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, ad
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(Path(root))
-        prune(root, keep_last)
-    dist.barrier()
-    return final
+        _fsync_dir(final.parent)
+        prune(final.parent, keep_last)
 
 
 def load(path: Path, model, optimizer, adapter_only: bool) -> dict:

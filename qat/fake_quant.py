@@ -4,7 +4,9 @@ recomputes instead of saving, and an opt-in LoRA mode that fake-quantizes the me
 Forward. The quantize-dequantize uses torchao's own primitives (`choose_qparams_affine`,
 `_fake_quantize_affine`) with the parameters its QAT configs derive from the PTQ base config,
 so the training forward equals the converted model's output exactly for the intx schemes (the
-tests assert it).
+tests assert it). torchao's GPU int4 trains the exact grid of the packing convert uses
+(qat/int4_grid.py). Under torch.compile each quantizer runs as one opaque op (qat/fq_op.py), so a
+compiled block quantizes bit for bit as eager mode does.
 
 Backward. torchao's autograd graph saves the fake-quantized weight and activation copies, and
 lets gradients flow through the dynamically computed scales. Here the autograd Function saves
@@ -25,9 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qat.fq_op import OpaqueFakeQuant
+
 
 @dataclass(frozen=True)
-class IntxWeight:
+class IntxWeight(OpaqueFakeQuant):
     """Symmetric intN weights, per group of `group_size` input features or per output channel.
 
     The scale is torchao's (absmax / ((qmax - qmin) / 2) per group), computed from the weight at
@@ -51,7 +55,7 @@ class IntxWeight:
 
         return get_group_qparams_symmetric(w, self.bits, self.block(w)[1], None)[0].float()
 
-    def __call__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         from torchao.quantization.utils import get_group_qparams_symmetric
 
         qmin, qmax = self.qrange
@@ -85,10 +89,10 @@ class IntxWeight:
 
 
 @dataclass(frozen=True)
-class Int8PerToken:
+class Int8PerToken(OpaqueFakeQuant):
     """Asymmetric int8 per-token dynamic activations (the "8da" in 8da4w)."""
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
         x2 = x.reshape(-1, x.shape[-1])
@@ -100,33 +104,39 @@ class Int8PerToken:
 
 
 @dataclass(frozen=True)
-class Int4Asymmetric:
-    """torchao's GPU int4 (`Int4WeightOnlyConfig`, tinygemm / mslk bf16i4bf16): per group of
-    `group_size` input features, scale = (max - min) / 15 and a floating-point zero point
-    min + 8 * scale; values are round((w - min) / scale) in 0..15, shifted by 8. Computed in fp32
-    like torchao's `Int4WeightFakeQuantizer` (bf16 activations), which it equals bit for bit."""
+class Int4Asymmetric(OpaqueFakeQuant):
+    """torchao's GPU int4 (`Int4WeightOnlyConfig`): per group of `group_size` input features,
+    scale = (max - min) / 15 and a floating-point zero point min + 8 * scale; values are
+    round((w - min) / scale) in 0..15, shifted by 8. `packing` is the packing convert uses
+    (Int4Scheme.packing): "plain" (mslk) and "tile_packed_to_4d" (tinygemm) round the scale and
+    zero point differently, and the values are exactly the bf16 weights that packing's kernel
+    multiplies with (qat/int4_grid.py), cast to the weight's dtype."""
     rows_independent = True
     group_size: int
+    packing: str = "plain"
 
-    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wg = w.to(torch.float32).view(w.shape[0], -1, self.group_size)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = torch.clamp(hi - lo, min=1e-6) / 15
-        q = torch.round((wg - lo) / scale)
-        mask = (q >= 0) & (q <= 15)
-        wq = (q.clamp(0, 15) - 8) * scale + (lo + scale * 8)
-        return wq.view(w.shape).to(w.dtype), mask.view(w.shape)
+    def __post_init__(self):
+        from qat.int4_grid import PACKINGS
+
+        if self.packing not in PACKINGS:
+            raise ValueError(f"int4 packing {self.packing!r} is not one of {PACKINGS}")
+        super().__post_init__()
+
+    def eager(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from qat.int4_grid import int4_fake_quant
+
+        return int4_fake_quant(w, self.group_size, self.packing)
 
 
 @dataclass(frozen=True)
-class Int4AfterFloat8:
+class Int4AfterFloat8(OpaqueFakeQuant):
     """The weights of torchao's `Float8DynamicActivationInt4WeightConfig` (mslk f8i4bf16 kernels):
     first float8 e4m3 per row, then symmetric int4 (-8..7) per group with scale absmax / 8, as
     torchao's `Int4WeightFakeQuantizer` with float8 activations computes it."""
     rows_independent = True
     group_size: int = 128
 
-    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
                                                            _quantize_affine_float8)
 
@@ -138,15 +148,16 @@ class Int4AfterFloat8:
 
 
 @dataclass(frozen=True)
-class Float8Rowwise:
+class Float8Rowwise(OpaqueFakeQuant):
     """float8 e4m3 with one scale per row (per output channel for weights, per token for
     activations): torchao's `_choose_scale_float8` / quantize / dequantize. The values never
     clip (the scale maps each row's absmax to the e4m3 maximum), so the mask is None: a pure
     straight-through gradient, computed in the high-precision dtype. torchao's own float8 fake
     quantizer lets autograd cast the incoming gradient to float8, where it underflows."""
+    has_mask = False
     rows_independent = True
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
                                                            _quantize_affine_float8)
 
@@ -157,13 +168,14 @@ class Float8Rowwise:
 
 
 @dataclass(frozen=True)
-class NVFP4Emulated:
+class NVFP4Emulated(OpaqueFakeQuant):
     """NVFP4: E2M1 values, E4M3 scales per 16 elements and a per-tensor fp32 scale, emulated with
     torchao's reference quantize-dequantize (`NVFP4Tensor.to_nvfp4`), which runs on any device.
     Pure STE gradient."""
+    has_mask = False
     rows_independent = False  # the per-tensor scale needs the whole weight
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
         x2 = x.reshape(-1, x.shape[-1])
@@ -173,12 +185,13 @@ class NVFP4Emulated:
 
 
 @dataclass(frozen=True)
-class MXFP4Emulated:
+class MXFP4Emulated(OpaqueFakeQuant):
     """MXFP4: E2M1 values with E8M0 (power-of-two) scales per 32 elements, emulated with torchao's
     reference `MXTensor.to_mx`, which runs on any device. Pure STE gradient."""
+    has_mask = False
     rows_independent = True
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
 
         x2 = x.reshape(-1, x.shape[-1])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from qat.config import WandbConfig
+from qat.iofaults import writing
 
 def wandb_mode() -> str:
     """Offline by default: online only when the user configured a key or asked explicitly."""
@@ -38,13 +39,14 @@ def init_wandb(cfg: WandbConfig, run_dir: Path, config: dict, job_type: str, nam
 
     os.environ["WANDB_MODE"] = wandb_mode()
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        project=os.environ.get("WANDB_PROJECT", cfg.project),
-        entity=os.environ.get("WANDB_ENTITY", cfg.entity),
-        group=os.environ.get("WANDB_RUN_GROUP", cfg.group),
-        name=os.environ.get("WANDB_NAME", cfg.name or name),
-        tags=list(cfg.tags), job_type=job_type, dir=str(run_dir), config=config,
-        resume="allow", id=_run_id(run_dir, f"{job_type}_{name or 'run'}"))
+    with writing(run_dir / "wandb", "the W&B run files"):
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", cfg.project),
+            entity=os.environ.get("WANDB_ENTITY", cfg.entity),
+            group=os.environ.get("WANDB_RUN_GROUP", cfg.group),
+            name=os.environ.get("WANDB_NAME", cfg.name or name),
+            tags=list(cfg.tags), job_type=job_type, dir=str(run_dir), config=config,
+            resume="allow", id=_run_id(run_dir, f"{job_type}_{name or 'run'}"))
 
 
 def _run_id(run_dir: Path, key: str) -> str:
@@ -65,7 +67,10 @@ class MetricLogger:
 
     def __init__(self, run_dir: Optional[Path], wandb_run=None):
         self.run_dir, self.wandb = run_dir, wandb_run
-        self._file = open(run_dir / "metrics.jsonl", "a") if run_dir is not None else None
+        self._file = None
+        if run_dir is not None:
+            with writing(run_dir / "metrics.jsonl", "the metrics log"):
+                self._file = open(run_dir / "metrics.jsonl", "a")
 
     @classmethod
     def for_training(cls, run_dir: Path, wandb_cfg: WandbConfig, config: dict, summary: dict) -> "MetricLogger":
@@ -76,8 +81,9 @@ class MetricLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._file.flush()
+            with writing(self.run_dir / "metrics.jsonl", "the metrics log"):
+                self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+                self._file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -87,6 +93,9 @@ class MetricLogger:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # the write that failed already said why; closing must not hide it
+                pass
         if self.wandb is not None:
             self.wandb.finish()

@@ -100,6 +100,10 @@ class Scheme:
         """None when `device` runs this scheme's real quantized kernels, else why not (one line)."""
         return None
 
+    def convert_mismatch(self, rec: dict) -> Optional[str]:
+        """None when this machine's real convert writes the grid a checkpoint record trained, else why not."""
+        return None
+
     def check_hardware(self, device: torch.device) -> None:
         """For what needs real kernels: convert, and training with qat.backend=torchao."""
         why = self.missing_kernels(device)
@@ -279,9 +283,13 @@ class Int4Scheme(Scheme):
         from torchao.quantization import Int4WeightOnlyConfig
         return Int4WeightOnlyConfig(group_size=group_size)  # "plain": what vLLM repacks after load
 
+    def packing(self) -> str:
+        """The int4 packing convert uses on this machine: plain needs the mslk-cuda package; without
+        it, PyTorch's own tinygemm packing. Training asks too, so it trains that packing's grid."""
+        return "plain" if _has_mslk() else "tile_packed_to_4d"
+
     def convert_config(self, group_size):
-        """Plain int4 needs the mslk-cuda package; without it, PyTorch's own tinygemm packing."""
-        if self.fp8_activations or _has_mslk():
+        if self.fp8_activations or self.packing() == "plain":
             return self.base_config(group_size)
         from torchao.quantization import Int4WeightOnlyConfig
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
@@ -289,7 +297,19 @@ class Int4Scheme(Scheme):
     def fake_quantizers(self, group_size):
         if self.fp8_activations:
             return Int4AfterFloat8(128), Float8Rowwise()
-        return Int4Asymmetric(group_size), None
+        return Int4Asymmetric(group_size, self.packing()), None
+
+    def record(self, group_size, embedding):
+        rec = super().record(group_size, embedding)
+        return rec if self.fp8_activations else {**rec, "int4_packing": self.packing()}
+
+    def convert_mismatch(self, rec):
+        trained = rec.get("int4_packing")  # absent before the two packings' grids were told apart
+        if self.fp8_activations or trained in (None, self.packing()):
+            return None
+        return (f"this checkpoint trained the grid of int4 packing {trained!r}, but convert here packs "
+                f"{self.packing()!r} (plain needs the mslk-cuda package), whose scales round differently; "
+                f"convert where the packing is {trained!r}")
 
     def check_shapes(self, targets, group_size):
         if self.fp8_activations and group_size != 128:
@@ -434,6 +454,7 @@ def same_record(a: Optional[dict], b: Optional[dict]) -> bool:
     if a is None or b is None:
         return a is b
     sa, sb = scheme_from_record(a), scheme_from_record(b)
-    return sa is sb and a.get("group_size") == b.get("group_size") and \
+    packings = {a.get("int4_packing"), b.get("int4_packing")} - {None}  # unrecorded: any
+    return sa is sb and a.get("group_size") == b.get("group_size") and len(packings) <= 1 and \
         embedding_from_record(a, sa) == embedding_from_record(b, sb) and \
         bool(a.get("learned_scales")) == bool(b.get("learned_scales"))

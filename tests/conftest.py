@@ -220,3 +220,30 @@ def convert_cli(env, free_port):
         return proc
 
     return convert
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size) -> a fresh tmpfs of `size` (e.g. "10m") under tmp_path: a real filesystem that fills
+    up or turns read-only (remount(options)). Needs root, as CI has; unmounted afterwards."""
+    import contextlib
+
+    mounted = []
+
+    def mount(size: str, name: str = "fs") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    def remount(path: Path, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+    yield SimpleNamespace(mount=mount, remount=remount)
+    for path in mounted:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", str(path)], check=False)

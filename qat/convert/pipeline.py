@@ -33,7 +33,7 @@ def run_convert(plan: ConvertPlan) -> dict:
     from qat.convert.transforms import load_trained
 
     loaded = load_trained(plan.checkpoint)
-    with atomic_dir(plan.out) as tmp:
+    with atomic_dir(plan.out, "the export") as tmp:
         return convert(loaded, plan, LocalIO(), tmp)
 
 

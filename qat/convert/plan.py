@@ -108,6 +108,9 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
                         f"the fake-quantized model (evaluate.py --simulate {chosen.name}; labelled simulated)")
     if why:
         quantize = "simulated"
+    mismatch = chosen.convert_mismatch(meta["qat"]) if meta.get("qat") and quantize == "real" else None
+    if mismatch:
+        raise UserError(mismatch)
     lora = bool(meta.get("lora"))
     out = Path(out) if out else path.parent.parent / "export" / path.name
     check_target(out, folder=True, what="--out")  # before minutes of loading

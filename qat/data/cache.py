@@ -171,7 +171,7 @@ def _build_atomically(entry: Path, key: dict, build: Callable[[Path], dict], log
     """Build into a temporary sibling folder that replaces `entry` only once its manifest is written."""
     import datasets  # noqa: F401  imported before the clock starts (about 1 s): tokens/s is the build's own
 
-    with atomic_dir(entry) as tmp:
+    with atomic_dir(entry, "the data cache entry") as tmp:
         t0 = time.perf_counter()
         stats = build(tmp)
         seconds = time.perf_counter() - t0

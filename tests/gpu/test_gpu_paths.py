@@ -1,6 +1,6 @@
-"""GPU checks (marker `gpu`) of the paths built and tested on the CPU after tests/test_gpu.py: each
+"""GPU checks (marker `gpu`) of the paths built and tested on the CPU after tests/gpu/test_gpu.py: each
 mirrors its CPU test and compares CUDA with the CPU reference. `bench/gpu_check.sh tests` runs this
-file first (unit-sized checks, ~30 s on an H100), then tests/test_gpu.py.
+file first (unit-sized checks, ~30 s on an H100), then tests/gpu/test_gpu.py.
 
 - packed `documents` rows at batch 2: a document's logits equal its logits alone, on CUDA with
   sdpa and eager (fp32 and bf16), and with flash_attention_2 through `flash_varlen_kwargs` when
@@ -241,14 +241,15 @@ def sample(shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.T
     return torch.where(torch.rand(shape, generator=g) < 0.002, x * 20, x).to(dtype)
 
 
-def learned_scale_case(device: str, bits: int, act: bool, dtype=torch.float32) -> dict:
+def learned_scale_case(device: str, bits: int, act: bool, dtype=torch.float32, *, PinnedToCPU) -> dict:
     """Everything a learned scale touches, computed on `device` from the same CPU data, returned on
     the CPU: the rule's start, a re-init from a moved weight, the fake-quantized weight and mask at a
     moved scale (some weights clip, some grid points shift), and the gradients of x, w and the scale."""
     from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear, fake_quant_linear
     from qat.learned_scales import reinit_at_start
 
-    fq, afq = IntxWeight(bits, 32), (Int8PerToken() if act else None)
+    # the activations quantized on the CPU for every device (tests/devices.py): identical operands
+    fq, afq = IntxWeight(bits, 32), (PinnedToCPU(Int8PerToken()) if act else None)
     w = sample((96, 256), 20, 0.05, dtype)
     move = torch.empty(96, 8).uniform_(0.6, 1.4, generator=torch.Generator().manual_seed(21))
     scale = (fq.init_scale(w) * move).to(device)  # the CPU's rule, moved: the same start everywhere
@@ -269,17 +270,16 @@ def learned_scale_case(device: str, bits: int, act: bool, dtype=torch.float32) -
 
 
 @pytest.mark.parametrize("bits, act", [(2, False), (4, True)], ids=["intx2-weight-only", "8da4w"])
-def test_learned_scales_on_cuda_match_cpu(bits, act):
-    check_learned_scales(bits, act, "cuda")
+def test_learned_scales_on_cuda_match_cpu(bits, act, PinnedToCPU, within_one_ulp):
+    check_learned_scales(bits, act, "cuda", PinnedToCPU=PinnedToCPU, within_one_ulp=within_one_ulp)
 
 
-def check_learned_scales(bits: int, act: bool, device: str) -> None:
-    ref, got = learned_scale_case("cpu", bits, act), learned_scale_case(device, bits, act)
-    # the rule, the re-init and the fake quant at a given scale are elementwise and exact
-    for k in ("init", "reinit", "wq", "mask"):
-        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+def check_learned_scales(bits: int, act: bool, device: str, *, PinnedToCPU, within_one_ulp) -> None:
+    ref, got = learned_scale_case("cpu", bits, act, PinnedToCPU=PinnedToCPU), learned_scale_case(device, bits, act, PinnedToCPU=PinnedToCPU)
+    check_scales_and_grid(ref, got, torch.float32, within_one_ulp=within_one_ulp)
     assert (~ref["mask"]).any()  # the moved scales clip some weights
-    # dx, dw come from fp32 matmuls (TF32 off by default) in another reduction order: close, not
+    # identical operands (the same scale, weights and CPU-quantized activations); dx, dw come from
+    # fp32 matmuls (TF32 off by default) in another reduction order: close, not
     # bitwise; the scale's gradient sums dL/dwq (a matmul) times (q - v) over each group of 32:
     # the same reduction-order error, relative to the sum, so the same rtol with an atol at the
     # size of a cancelled sum
@@ -290,16 +290,27 @@ def check_learned_scales(bits: int, act: bool, device: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_learned_scale_forward_on_cuda_equals_cpu_in_the_weight_dtype(dtype):
+def test_learned_scale_forward_on_cuda_equals_cpu_in_the_weight_dtype(dtype, PinnedToCPU, within_one_ulp):
     """`effective_scale` casts the fp32 parameter to the weight's dtype: bf16 weights included, the
     fake-quantized weight is bitwise the CPU's."""
-    check_learned_scale_forward(dtype, "cuda")
+    check_learned_scale_forward(dtype, "cuda", PinnedToCPU=PinnedToCPU, within_one_ulp=within_one_ulp)
 
 
-def check_learned_scale_forward(dtype, device: str) -> None:
-    ref, got = learned_scale_case("cpu", 4, False, dtype), learned_scale_case(device, 4, False, dtype)
-    for k in ("init", "reinit", "wq", "mask"):
+def check_learned_scale_forward(dtype, device: str, *, PinnedToCPU, within_one_ulp) -> None:
+    ref, got = learned_scale_case("cpu", 4, False, dtype, PinnedToCPU=PinnedToCPU), learned_scale_case(device, 4, False, dtype, PinnedToCPU=PinnedToCPU)
+    check_scales_and_grid(ref, got, dtype, within_one_ulp=within_one_ulp)
+
+
+def check_scales_and_grid(ref: dict, got: dict, dtype, *, within_one_ulp) -> None:
+    """The fake quant at a given scale is elementwise: bitwise. The rule's scale absmax / (qmax + 1/2)
+    divides by a Python float, which CUDA does through its reciprocal: fp32 scales within one ulp
+    (tests/devices.py); in bf16 the rounding to 8 bits hides it (bitwise). The re-init computes the rule
+    on an fp32 copy of the weight, so it is within one ulp in both."""
+    for k in ("wq", "mask"):
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    bf16 = dtype == torch.bfloat16
+    assert torch.equal(got["init"], ref["init"]) if bf16 else within_one_ulp(got["init"], ref["init"])
+    assert within_one_ulp(got["reinit"], ref["reinit"])
 
 
 # --- MoE experts on CUDA -----------------------------------------------------------------------------
@@ -308,17 +319,18 @@ MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_
        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)}
 
 
-def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, *, logits) -> dict:
+def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, pin: bool = False, *, PinnedToCPU, logits) -> dict:
     """A tiny MoE model (tests/test_moe.py's), intx4 QAT on its experts, the expert forward `impl`
     of transformers (eager: a loop over experts; grouped_mm: torch's grouped GEMM, which on CUDA is
-    CUTLASS in bf16 on sm90 and a loop of mm otherwise, or transformers' own fallback op): fake-quantized expert weights, masks, logits
-    and expert weight gradients, on the CPU."""
+    CUTLASS in bf16 on sm90 and a loop of mm otherwise, or transformers' own fallback op): fake-quantized
+    expert weights, masks, the rule's scales and the weights as [E * out, in] rows, then logits and
+    expert weight gradients, on the CPU. `pin`: the forward uses CPU-quantized weights (identical
+    operands on every device, tests/devices.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qat import moe
     from qat.config import FakeQuantConfig
-    from qat.layout import decoder_blocks, expert_weight_names, experts_modules
-    from qat.model import apply_qat
+    from qat.model import apply_qat, decoder_blocks
     from qat.schemes import get_scheme
 
     cfg = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -330,13 +342,19 @@ def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, *, logits) 
     apply_qat(model, FakeQuantConfig(enabled=True, scheme="intx4-weight-only", group_size=32),
               get_scheme("intx4-weight-only"))
     model.to(device=device, dtype=dtype).eval()
-    ex = next(iter(experts_modules(decoder_blocks(model)).values()))
-    names = expert_weight_names(ex)
+    ex = next(iter(moe.experts_modules(decoder_blocks(model)).values()))
+    names = moe.expert_weight_names(ex)
     out = {}
     with torch.no_grad():
         for n in names:
             wq, mask = ex.expert_fqs[n](ex._parameters[n])
             out[f"wq.{n}"], out[f"mask.{n}"] = wq.cpu(), mask.cpu()
+            w2d = expert_rows(ex, n)
+            wq2d, mask2d = ex.expert_fqs[n].fq2d(w2d)
+            out.update({f"w2d.{n}": w2d.cpu(), f"wq2d.{n}": wq2d.cpu(), f"mask2d.{n}": mask2d.cpu(),
+                        f"scale.{n}": ex.expert_fqs[n].fq2d.init_scale(w2d).cpu()})
+    if pin:
+        pin_to_cpu(model, PinnedToCPU=PinnedToCPU)
     x = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(30)).to(device)
     logits = model(x).logits
     logits.float().square().mean().backward()
@@ -345,21 +363,51 @@ def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, *, logits) 
     return out
 
 
+def expert_rows(ex, name: str) -> torch.Tensor:
+    """A 3D expert weight as the [E * out, in] rows its fake quantizer groups (Experts3D)."""
+    w = ex._parameters[name]
+    w = w.transpose(1, 2) if ex.expert_fqs[name].transposed else w
+    return w.reshape(-1, w.shape[-1])
+
+
+def pin_to_cpu(model, *, PinnedToCPU) -> None:
+    """Every fake quantizer of the model (Linears and experts) quantizes on the CPU."""
+    from qat import moe
+    from qat.fake_quant import QATLinear
+    from qat.model import decoder_blocks
+
+    for mod in model.modules():
+        if isinstance(mod, QATLinear):
+            mod.weight_fq = PinnedToCPU(mod.weight_fq)
+            mod.act_fq = PinnedToCPU(mod.act_fq) if mod.act_fq is not None else None
+    for ex in moe.experts_modules(decoder_blocks(model)).values():
+        for fq in ex.expert_fqs.values():
+            fq.fq2d = PinnedToCPU(fq.fq2d)
+
+
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl, rel_error, logits):
+def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl, PinnedToCPU, check_codes_at_ties, grid_codes, logits, rel_error, within_one_ulp):
     """fp32, CUDA against the CPU with the same expert forward. Our code calls no grouped kernel: it
     substitutes the fake-quantized 3D weights and runs the model's own expert forward."""
-    check_moe(kind, impl, "cuda", rel_error=rel_error, logits=logits)
+    check_moe(kind, impl, "cuda", PinnedToCPU=PinnedToCPU, check_codes_at_ties=check_codes_at_ties, grid_codes=grid_codes, logits=logits, rel_error=rel_error, within_one_ulp=within_one_ulp)
 
 
-def check_moe(kind: str, impl: str, device: str, *, rel_error, logits) -> None:
-    ref, got = moe_case(kind, impl, "cpu", logits=logits), moe_case(kind, impl, device, logits=logits)
-    for k in ref:
-        if k.startswith(("wq.", "mask.")):  # elementwise per-group arithmetic: exact
-            assert torch.equal(got[k], ref[k]), k
+def check_moe(kind: str, impl: str, device: str, *, PinnedToCPU, check_codes_at_ties, grid_codes, logits, rel_error, within_one_ulp) -> None:
+    ref, got = moe_case(kind, impl, "cpu", pin=True, PinnedToCPU=PinnedToCPU, logits=logits), moe_case(kind, impl, device, pin=True, PinnedToCPU=PinnedToCPU, logits=logits)
+    for n in [k[len("w2d."):] for k in ref if k.startswith("w2d.")]:
+        # fp32 scales absmax / 7.5 within one ulp; a code and its clip decision move only at a
+        # rounding tie, at most the absmax of a group of 32 (tests/devices.py)
+        s, s_ref, rows = got[f"scale.{n}"], ref[f"scale.{n}"], ref[f"w2d.{n}"].shape[0]
+        assert within_one_ulp(s, s_ref), n
+        ratio = ref[f"w2d.{n}"].double().reshape(rows, -1, 32) / s_ref.double().reshape(rows, -1, 1)
+        ties = check_codes_at_ties(grid_codes(got[f"wq2d.{n}"], s, rows, 32),
+                                   grid_codes(ref[f"wq2d.{n}"], s_ref, rows, 32), ratio, 1 / 32)
+        flips = got[f"mask2d.{n}"] != ref[f"mask2d.{n}"]
+        assert not (flips & ~ties.reshape(flips.shape)).any(), n
     assert any((~ref[k]).any() for k in ref if k.startswith("mask."))  # int4 clips
-    # fp32 matmuls in another order; the router sees the same logits to ~1e-6, far from a tie
+    # identical CPU-quantized weights on both devices; fp32 matmuls in another order; the router
+    # sees the same logits to ~1e-6, far from a tie
     torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
     for k in ref:
         if k.startswith("grad."):
@@ -368,16 +416,16 @@ def check_moe(kind: str, impl: str, device: str, *, rel_error, logits) -> None:
 
 
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind, rel_error, logits):
+def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind, PinnedToCPU, logits, rel_error):
     """bf16, training's dtype: where torch's grouped GEMM runs (sm >= 8.0 in transformers' rule), it
     takes our fake-quantized weights as the eager loop does. Same device, so the router's choices are
     identical; the expert matmuls round differently in bf16 (2**-8 relative per op)."""
-    check_moe_grouped_bf16(kind, "cuda", rel_error=rel_error, logits=logits)
+    check_moe_grouped_bf16(kind, "cuda", PinnedToCPU=PinnedToCPU, logits=logits, rel_error=rel_error)
 
 
-def check_moe_grouped_bf16(kind: str, device: str, *, rel_error, logits) -> None:
-    loop = moe_case(kind, "eager", device, torch.bfloat16, logits=logits)
-    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16, logits=logits)
+def check_moe_grouped_bf16(kind: str, device: str, *, PinnedToCPU, logits, rel_error) -> None:
+    loop = moe_case(kind, "eager", device, torch.bfloat16, PinnedToCPU=PinnedToCPU, logits=logits)
+    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16, PinnedToCPU=PinnedToCPU, logits=logits)
     for k in loop:
         if k.startswith(("wq.", "mask.")):
             assert torch.equal(grouped[k], loop[k]), k

@@ -98,7 +98,9 @@ def test_per_block_compile_matches_eager(world, tmp_path, base_overrides, losses
     run_train(base_overrides(world, tmp_path / "c") + extra + ["fsdp.compile=true"], 1)
     run_train(base_overrides(world, tmp_path / "e") + extra, 1)
     a, b = losses(tmp_path / "c"), losses(tmp_path / "e")
-    # Inductor fuses the scale arithmetic of the int8 activation fake quantizer differently, which
-    # flips a few roundings: observed 1e-5 relative at step 1 and 3e-4 by step 3.
-    assert abs(a[0] - b[0]) < 1e-4 * b[0]
-    assert max(abs(x - y) / y for x, y in zip(a, b)) < 1e-3
+    # The fake quantizers run as eager code inside the compiled graph (qat/fq_op.py); the fused fp32
+    # norms, attention and losses sum in another order, and those last-bit differences reach the
+    # int8 activation quantizer, which flips a code where a value sits on a rounding tie. Measured:
+    # 1.2e-6 relative at step 1, 3.0e-5 by step 3 (before the opaque op: 1e-5 and 3e-4).
+    assert abs(a[0] - b[0]) < 1e-5 * b[0]
+    assert max(abs(x - y) / y for x, y in zip(a, b)) < 1e-4

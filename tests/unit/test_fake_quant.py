@@ -38,7 +38,19 @@ def test_forward_equals_torchao_and_gradient_is_the_clipped_ste(name, group):
     x = torch.randn(4, 7, 256) * 3
     xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     yo, yr = ours(xo), ref(xr)
-    assert torch.equal(yo, yr)
+    if name == "int4-weight-only":
+        # torchao's int4 fake quantizer works on the fp32 weight with fp32 scales and zero points;
+        # ours trains the grid of the bf16 weight convert exports (tests/unit/test_int4_grid.py). A code
+        # moves by one step where w and bf16(w) round apart at a tie; the bf16 scale, zero point and
+        # value add at most half a bf16 ulp (2**-8 relative) of the group's absmax each.
+        w = lin.weight.detach()
+        wg = w.reshape(96, -1, group)
+        step = ((wg.amax(-1, keepdim=True) - wg.amin(-1, keepdim=True)) / 15).expand_as(wg).reshape_as(w)
+        amax = wg.abs().amax(-1, keepdim=True).expand_as(wg).reshape_as(w)
+        diff = (ours.weight_fq(w)[0] - ref.weight_fake_quantizer(w)).abs()
+        assert (diff <= step + 3 * 2.0 ** -8 * amax).all()
+    else:
+        assert torch.equal(yo, yr)
     gy = torch.randn_like(yo)
     yo.backward(gy)
     yr.backward(gy)
