@@ -38,7 +38,7 @@ from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import describe
 from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, load_teacher_copy, token_loss_sums
-from qat.distributed import all_reduce_sum, cleanup, init_distributed, pick_device
+from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
 from qat.errors import exit_on_user_error
 from qat.fake_quant_schedule import FakeQuantSchedule
 from qat.layout import base_model
@@ -103,9 +103,9 @@ class TrainRecipe:
         hf_config = base_model(self.model).config
         self.flops_per_token = model_flops_per_token(hf_config, n_all, self.cfg.data.seq_len, self.cfg.lora.enabled)
         self.peak_flops = device_peak_flops(self.device)
+        decide_on_rank0(rundir.prepare, self.run_dir, to_yaml(self.cfg), self.step, self.cfg.training.steps)
         if self.rank != 0:
             return
-        rundir.prepare(self.run_dir, to_yaml(self.cfg), self.step, self.cfg.training.steps)
         if self.step or restarts:
             print(f"resumed at step {self.step} (SLURM_RESTART_COUNT={restarts or 0})", flush=True)
         self.logger = MetricLogger.for_training(self.run_dir, self.cfg.logging.wandb, to_dict(self.cfg), {
