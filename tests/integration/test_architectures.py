@@ -166,7 +166,7 @@ def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys, base
     code, logs = train(capsys, world, model, tmp_path / "run", ["lora.enabled=false"], base_overrides=base_overrides, recipe=recipe)
     err = [l for l in logs.err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(err) == 1, logs.err[-2000:]
-    assert err[0].startswith("error: QAT would fake-quantize only 0% of the decoder's weight parameters: ")
+    assert err[0].startswith("error: QAT would fake-quantize only 0.0% of the decoder's weight parameters: ")
     assert "*.attn.c_attn.weight [64, 192]" in err[0] and "qat.allow_unquantized=true" in err[0]
 
 

@@ -196,18 +196,14 @@ def test_broken_tokenizer_folders(capsys, world, tmp_path, edit, needle, base_ov
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, trained, tmp_path, convert_cli):
+def test_output_paths_that_are_files_are_refused_and_left_intact(capsys, world, trained, tmp_path, recipe):
     """convert --out, evaluate --out and compare's output_dir on an existing file: one line, and the
-    file is untouched (convert used to rename it aside, then crash)."""
-    import compare
-    import convert
-    import evaluate
-
+    file is untouched."""
     victim = tmp_path / "notes.txt"
     victim.write_text("precious")
-    calls = [(convert_cli.main, ["--checkpoint", str(trained), "--out", str(victim)], "--out: "),
-             (evaluate.main, ["--model", str(world / "model"), "--out", str(victim / "r.json")], "--out: "),
-             (compare.main, ["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={victim}"],
+    calls = [(recipe("convert").main, ["--checkpoint", str(trained), "--out", str(victim)], "--out: "),
+             (recipe("evaluate").main, ["--model", str(world / "model"), "--out", str(victim / "r.json")], "--out: "),
+             (recipe("compare").main, ["--config", str(ROOT / "configs/tiny/compare.yaml"), f"output_dir={victim}"],
               "output_dir: ")]
     for main, argv, needle in calls:
         with pytest.raises(SystemExit) as e:

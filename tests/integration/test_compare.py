@@ -141,7 +141,7 @@ def test_arms_with_distillation_and_learned_scales(tmp_path, recipe):
     got = arms(cfg, tmp_path)
     assert all(got[a][-3:] == cfg.qat_overrides for a in got if not a.startswith("bf16"))
     assert not any("training.steps=300" in o for o in got["bf16"] + got["bf16_lora"])
-    import compare
+    compare = recipe("compare")
 
     cfg.train_config = str(ROOT / "configs/tiny/finetune.yaml")
     head = compare.header(cfg, tmp_path, "lora")["arms"]
