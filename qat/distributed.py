@@ -38,7 +38,19 @@ def init_distributed(device: torch.device):
         else:  # a world of one, without touching the caller's environment
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
+    global _CONTROL
+    # collective: every rank creates it at the same point, right after the default group
+    _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+
+
+_CONTROL = None
+
+
+def control_group():
+    """A gloo (CPU) group for small agreements between ranks, such as a stop request, that must not
+    wait for the device: on NCCL, reading a reduced value would wait for every queued kernel."""
+    return _CONTROL
 
 
 def _free_port() -> int:

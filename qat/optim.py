@@ -31,11 +31,11 @@ def build_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 
 
-def clip_grad_norm(params: list, max_norm) -> float:
-    """The global gradient norm (over all ranks' shards), clipped to max_norm unless it is None."""
+def clip_grad_norm(params: list, max_norm) -> torch.Tensor:
+    """The global gradient norm (over all ranks' shards), clipped to max_norm unless it is None.
+    A tensor on the device: reading it waits for the device, so the loop reads it only to log."""
     if max_norm is None:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -38,7 +38,7 @@ from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import describe
 from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, load_teacher_copy, token_loss_sums
-from qat.distributed import all_reduce_sum, cleanup, decide_on_rank0, init_distributed, pick_device
+from qat.distributed import cleanup, control_group, decide_on_rank0, init_distributed, pick_device
 from qat.errors import exit_on_user_error
 from qat.fake_quant_schedule import FakeQuantSchedule
 from qat.layout import base_model
@@ -51,6 +51,7 @@ from qat.perf import device_peak_flops, mfu, model_flops_per_token
 from qat.progress import progress_bar
 from qat.rng import seed_step
 from qat.schemes import get_scheme, training_record
+from qat.step_stats import StepStats
 from qat.stop import StopFlag
 
 
@@ -113,9 +114,9 @@ class TrainRecipe:
         if self.cfg.logging.progress_bar:
             self.bar = progress_bar(self.cfg.training.steps, "train", initial=self.step)
 
-    def train_step(self, batches) -> tuple[dict, float]:
-        """Forward/backward over one step's micro-batches; returns ({"loss", "ce", "kd"} sums of token
-        losses, tokens), both global.
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over one step's micro-batches; returns this rank's (loss, ce, kd) sums of
+        token losses and the global token count, as device tensors (no host sync: StepStats reads them).
 
         The loss of a step is the mean over every supervised token of the *global* batch: each
         micro-batch contributes sum(token losses) / global_tokens, times `world` to undo the average
@@ -123,9 +124,10 @@ class TrainRecipe:
         batch is split into micro-batches.
         """
         model, teacher = self.model, self.teacher
-        local_tokens = sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels, _ in batches)
-        (global_tokens,) = all_reduce_sum([local_tokens], self.device)
-        global_tokens = max(global_tokens, 1.0)
+        tokens = torch.stack([(labels[:, 1:] != IGNORE).sum() for _, labels, _ in batches]).sum().double()
+        dist.all_reduce(tokens)
+        tokens = tokens.clamp_min(1.0)
+        scale = self.world / tokens.float()  # exact: a count below 2**24 is an fp32 integer
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, ce, kd
         for m, (ids, labels, pos) in enumerate(batches):  # on the device already (Prefetcher)
             # Reduce-scatter gradients only after the last micro-batch of the step.
@@ -133,26 +135,23 @@ class TrainRecipe:
             teacher_hidden = teacher.hidden(ids, pos) if teacher is not None else None
             logits = model(input_ids=ids, position_ids=pos, use_cache=False, **flash_varlen_kwargs(model, pos)).logits
             loss, ce, kd = token_loss_sums(logits, labels, teacher, teacher_hidden, self.cfg.distill)
-            (loss * self.world / global_tokens).backward()
+            (loss * scale).backward()
             sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).double()
-        total, ce_total, kd_total = all_reduce_sum(sums.tolist(), self.device)
-        return {"loss": total, "ce": ce_total, "kd": kd_total}, global_tokens
+        return sums, tokens
 
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.training
-        stop = StopFlag(self.run_dir)
+        stop = StopFlag(self.run_dir, control_group())
         end = t.steps if t.stop_after_steps is None else min(t.steps, self.step + t.stop_after_steps)
         launched = time.perf_counter()
+        self.stats = StepStats(self.device, t.batch_size * self.world * t.gradient_accumulation_steps * cfg.data.seq_len,
+                               self.teacher is not None)
         try:
             while self.step < end:
                 seed_step(t.seed, self.step, self.rank)
                 fq_on = self.fake_quant.before_step(self.step)
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                t0 = time.perf_counter()
-                batches = self.loader.next_batches()
-                data_s = time.perf_counter() - t0  # the wait the prefetcher (or the stream's thread) did not hide
-                sums, n_tok = self.train_step(batches)
+                batches, data_s = self.stats.fetch(self.loader)
+                sums, tokens = self.train_step(batches)
                 self.fake_quant.after_backward(fq_on)
                 grad_norm = clip_grad_norm(self.params, t.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
@@ -160,15 +159,14 @@ class TrainRecipe:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                self.loss = sums["loss"] / n_tok
-                (stop_votes,) = all_reduce_sum([float(stop.poll())], self.device)  # also syncs the device
-                self.log(sums, n_tok, lr, grad_norm, fq_on, time.perf_counter() - t0, data_s, end)
-                elapsed = self.time_before + time.perf_counter() - launched
+                self.stats.record(sums, tokens, grad_norm, data_s)
+                stop_now = stop.agreed()
                 every = cfg.checkpoint.every_n_steps
-                if stop_votes > 0 or (self.step == end and cfg.checkpoint.save_final) or \
-                        (every and self.step % every == 0):
-                    self.save(elapsed)
-                if stop_votes > 0:
+                save = stop_now or (self.step == end and cfg.checkpoint.save_final) or (every and not self.step % every)
+                self.log(lr, fq_on, end, read=save)
+                if save:
+                    self.save(self.time_before + time.perf_counter() - launched)
+                if stop_now:
                     if self.rank == 0:
                         stop.clear()
                         print(f"stop requested: checkpoint at step {self.step} saved, exiting", flush=True)
@@ -177,22 +175,24 @@ class TrainRecipe:
         finally:
             self.close()
 
-    def log(self, sums, n_tok, lr, grad_norm, fq_on, dt, data_s, end) -> None:
-        t = self.cfg.training
-        tps = t.batch_size * self.world * t.gradient_accumulation_steps * self.cfg.data.seq_len / dt
-        if self.rank == 0 and (self.step % self.cfg.logging.log_every_n_steps == 0 or self.step == end):
-            m = {"train/loss": self.loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens": n_tok,
-                 "perf/tokens_per_sec": tps, "perf/step_time_s": dt, "perf/data_s": data_s,
-                 "qat/fake_quant_enabled": int(fq_on), **self.loader.epochs()}
-            if self.teacher is not None:
-                m["train/ce_loss"], m["train/kd_loss"] = sums["ce"] / n_tok, sums["kd"] / n_tok
-            if self.peak_flops:
-                m["perf/mfu"] = mfu(tps, self.flops_per_token, self.peak_flops, self.world)
-            if self.device.type == "cuda":
-                m["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.logger.log(self.step, m)
+    def log(self, lr, fq_on, end, read: bool) -> None:
+        """On log steps (and when a checkpoint or the end needs the loss), read the step's numbers:
+        the only point where the host waits for the device."""
         if self.bar is not None:
             self.bar.update(1)
+        if not (read or self.step % self.cfg.logging.log_every_n_steps == 0 or self.step == end):
+            return
+        m = self.stats.read()  # collective
+        self.loss, tps = m["train/loss"], m["perf/tokens_per_sec"]
+        if self.rank != 0:
+            return
+        m.update({"train/lr": lr, "qat/fake_quant_enabled": int(fq_on), **self.loader.epochs()})
+        if self.peak_flops:
+            m["perf/mfu"] = mfu(tps, self.flops_per_token, self.peak_flops, self.world)
+        if self.device.type == "cuda":
+            m["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.logger.log(self.step, m)
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
     def save(self, train_time_s: float) -> None:
