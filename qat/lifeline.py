@@ -34,8 +34,6 @@ import signal
 import sys
 import threading
 
-from qat import errors
-
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -53,7 +51,6 @@ def exit_with_launcher(poll_s: float = 1.0, parent_death_signal: bool = True) ->
     if not under_torchrun():
         return False
     parent = os.getppid()
-    errors.LAUNCHER_PID = parent  # a user error ends this launcher quietly (qat/errors.py)
     if parent_death_signal:
         set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # died between getppid and prctl: the signal will never come

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +92,7 @@ def train_arm(cfg: CompareConfig, arm: str, overrides: list[str], out: Path) -> 
 
     # torchrun must not outlive compare
     code = subprocess.run(cmd, preexec_fn=stops_with_me()).returncode
-    if code == -signal.SIGKILL:  # a user error: the arm printed its one error line (qat/errors.py)
+    if code == 2:  # a user error: torchrun printed the arm's one error line (qat/torchrun_errors.py)
         log(f"train {arm}: stopped on the error above; fix it and rerun compare (it resumes)")
         sys.exit(2)
     if code != 0 or not finished(out / arm):

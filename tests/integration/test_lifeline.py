@@ -161,36 +161,6 @@ def test_a_launcher_started_by_compare_stops_when_compare_dies():
         kill_all([child])
 
 
-@pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_user_error_ends_its_launcher_with_one_line(rank, env):
-    """A worker's user error under a launcher (a stand-in for torchrun: a parent process that
-    would wait a minute): rank 0 prints at once; a rank whose error rank 0 did not share (rank 0
-    never raises here) prints after its grace, tagged with its rank. Either way the launcher is
-    SIGKILLed, so it cannot print a ChildFailedError traceback, and the worker exits 2."""
-    child = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        os.environ.update(RANK={rank!r}, LOCAL_RANK={rank!r})
-        from qat import errors
-        errors.LAUNCHER_PID = os.getppid()
-
-        @errors.exit_on_user_error
-        def main():
-            raise errors.UserError("data file /x.jsonl does not exist on this node")
-
-        main()
-    """)
-    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", launcher], env=env(), capture_output=True, text=True, timeout=90)
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    want = "error: data file /x.jsonl does not exist on this node" + ("" if rank == "0" else " (rank 1)")
-    assert lines == [want], proc.stderr
-    assert elapsed < (30 if rank == "0" else 40)
-
-
 def test_an_entry_point_ends_with_a_frozen_heap_and_its_exit_handlers_run(env):
     """qat.errors keeps the collector off the heap at exit (about 1 s saved per process), not
     during main(); handlers registered before it (they run after the freeze) and during main run."""
