@@ -130,6 +130,9 @@ def save(root: Path, step: int, model, optimizer, meta: dict, keep_last: int, ad
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
             decide_on_rank0(_publish, tmp, final, meta, keep_last, hint)
     except UserError:
+        # every rank has diagnosed its own failure (a full disk is seen on the disk) before the
+        # partial folder goes and frees the space
+        dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,12 +39,31 @@ def as_user_error(e: BaseException, path, what: str, resume_hint: str = "") -> O
     """The UserError for an OSError the filesystem raised (found also inside a wrapping exception,
     e.g. DCP's CheckpointException), or None when `e` is something else."""
     err = find_oserror(e)
-    if err is None or err.errno not in FIXES:
+    code = err.errno if err is not None else diagnose(Path(path))
+    if code not in FIXES:
         return None
-    where = err.filename or path
-    name = errno.errorcode.get(err.errno, str(err.errno))
+    where = (err.filename if err is not None else None) or path
+    name = errno.errorcode.get(code, str(code))
     hint = f"; {resume_hint}" if resume_hint else ""
-    return UserError(f"cannot write {what} {where}: {os.strerror(err.errno)} ({name}); {FIXES[err.errno]}{hint}")
+    return UserError(f"cannot write {what} {where}: {os.strerror(code)} ({name}); {FIXES[code]}{hint}")
+
+
+def diagnose(path: Path) -> Optional[int]:
+    """The errno a failed write most likely met, from the filesystem itself, for writers that lose
+    it (torch.save's zip writer reports a full disk as `RuntimeError: ... unexpected pos`): EROFS
+    for a read-only mount, ENOSPC when the space left is under 1% of the filesystem (at least
+    64 KiB, at most 256 MiB), else None (then it was something else, and keeps its traceback)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return errno.ENOSPC if free < min(max(size // 100, 64 << 10), 256 << 20) else None
 
 
 def find_oserror(e: Optional[BaseException], depth: int = 0) -> Optional[OSError]:

@@ -42,3 +42,19 @@ def test_other_os_errors_keep_their_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError):  # a path we built wrong is a bug, not a full disk
         write_text_atomic(tmp_path / "file" / "x.json", "{}")
+
+
+def test_a_writer_that_loses_the_errno_is_diagnosed_from_the_filesystem(small_fs):
+    """torch.save reports a full disk as a RuntimeError of its zip writer; the filesystem says why."""
+    import torch
+
+    from qat.iofaults import writing
+
+    fs = small_fs.mount("256k")
+    with pytest.raises(UserError, match=rf"^cannot write the checkpoint {fs}/w.pt: No space left on device \(ENOSPC\)"):
+        with writing(fs / "w.pt", "the checkpoint"):
+            torch.save(torch.zeros(200_000), fs / "w.pt")
+    roomy = small_fs.mount("256k", "roomy")
+    with pytest.raises(RuntimeError, match="not a write"):  # with space left, a RuntimeError is not a disk fault
+        with writing(roomy / "x.pt", "the checkpoint"):
+            raise RuntimeError("not a write")
