@@ -10,9 +10,10 @@ out and refuses unless `qat.allow_unquantized` is set; the share that is covered
 recorded in the checkpoint and verify.json. The MoE router stays high precision by rule (qat/moe.py
 says why): it counts in the denominator and is reported apart, and it never triggers the refusal.
 
-A "decoder weight" is a parameter with two or more dimensions inside the decoder blocks (norms
-and biases are vectors; gpt-oss's [E, out] expert biases are biases too), excluding LoRA
-adapters, which stay high precision by design.
+A "decoder weight" is a parameter with two or more dimensions inside the decoder blocks, excluding
+biases (norms and most biases are vectors; a parameter named `*bias` is a bias whatever its shape:
+gpt-oss's [E, out] expert biases, ERNIE-MoE's [1, E] score-correction bias) and LoRA adapters,
+which stay high precision by design.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from qat.errors import UserError
 from qat.fake_quant import QATLinear
-from qat.layout import decoder_blocks, is_expert_bias, router_module_ids
+from qat.layout import decoder_blocks, is_experts, router_module_ids
 from qat.moe import QATExperts
 
 
@@ -35,7 +36,7 @@ def decoder_weights(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Parameter
         if re.search(r"(^|\.)lora_[AB](\.|$)", mod_name):
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.ndim >= 2 and not is_expert_bias(mod, p):
+            if p.ndim >= 2 and not pname.endswith("bias"):
                 out[f"{mod_name}.{pname}"] = (mod, p)
     return out
 
@@ -47,18 +48,38 @@ def pattern(name: str) -> str:
 
 def uncovered(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[int]]:
     """{pattern: shape} of the decoder weights that no fake-quantization target owns (routers aside)."""
+    return {pattern(n): list(p.shape) for n, (mod, p) in _left(model, targets).items()}
+
+
+def _left(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     ids = {id(m) for m in targets.values()} | router_module_ids(model)
-    return {pattern(n): list(p.shape) for n, (mod, p) in decoder_weights(model).items() if id(mod) not in ids}
+    return {n: (mod, p) for n, (mod, p) in decoder_weights(model).items() if id(mod) not in ids}
+
+
+def uncovered_modules(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
+    """One entry per uncovered module pattern, naming its class and weights, e.g.
+    `*.attn.c_attn (Conv1D: weight [64, 192])`; fused experts without a declared layout say so."""
+    by_module: dict[str, tuple[nn.Module, dict[str, list[int]]]] = {}
+    for name, (mod, p) in _left(model, targets).items():
+        owner, _, leaf = pattern(name).rpartition(".")
+        by_module.setdefault(owner, (mod, {}))[1][leaf] = list(p.shape)  # once for all blocks
+    out = []
+    for owner, (mod, weights) in by_module.items():
+        what = type(mod).__name__
+        if is_experts(mod):
+            what += " fused experts without a declared layout"
+        out.append(f"{owner} ({what}: {', '.join(f'{k} {v}' for k, v in weights.items())})")
+    return out
 
 
 def refuse_uncovered(model: nn.Module, targets: dict[str, nn.Module], allow: bool) -> None:
-    left = uncovered(model, targets)
+    left = uncovered_modules(model, targets)
     if left and not allow:
         ids = {id(m) for m in targets.values()}
         share = coverage(model, lambda m: id(m) in ids)["share"]
-        names = ", ".join(f"{k} {v}" for k, v in left.items())
-        raise UserError(f"QAT would fake-quantize only {percent(share)} of the decoder's weight parameters: "
-                        f"{names} are neither nn.Linear nor MoE experts of a known layout, so no scheme covers them. Set qat.allow_unquantized=true to train with them in high precision")
+        raise UserError(f"QAT would fake-quantize only {percent(share)} of the decoder's weight parameters: no "
+                        f"scheme covers {'; '.join(left)}. Set qat.allow_unquantized=true to train with them "
+                        f"in high precision")
 
 
 def percent(share: float) -> str:

@@ -5,11 +5,18 @@ Nothing here changes a model.
 
 - Decoder blocks: the ModuleList whose members are the classes in HF's `_no_split_modules`
   (any architecture), also when wrapped by activation checkpointing, torch.compile or FSDP2.
-- MoE experts: transformers 5 keeps every expert of a block in one 3D parameter per projection
-  (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`; gpt-oss stores them
-  transposed, as the `@use_experts_implementation` decorator records in `is_transposed`).
-- Routers: the module next to the experts that scores them (`gate`, `router`, Qwen2-MoE's
-  `shared_expert_gate`). It stays high precision by rule (qat/moe.py says why).
+- MoE experts, recognised by their layout, whatever their names:
+  - fused: a module holding 3D parameters, one per projection, every expert's matrix stacked on
+    dim 0 (transformers 5: `experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`;
+    gpt-oss stores them transposed). The `@use_experts_implementation` decorator declares the
+    layout as `is_transposed`; fused experts without it have no known reduction dimension.
+  - a list: a ModuleList of like MLP modules made of nn.Linears (the remote-code DeepSeek-V3
+    modeling file). Those are plain Linears and need nothing special.
+- Routers, recognised by what they do: a sibling of the experts whose weights all have one row per
+  expert ([E, H]: an nn.Linear, a module with a bare weight such as DeepSeek-V3's
+  `DeepseekV3TopkRouter`, or one wrapping a Linear, such as HunYuan's `gate.wg`), and a gate with a
+  single row ([1, H], Qwen2-MoE's `shared_expert_gate`). A score-correction bias is a bias. They stay
+  high precision by rule (qat/moe.py says why).
 """
 
 from __future__ import annotations
@@ -18,8 +25,6 @@ import torch
 import torch.nn as nn
 
 from qat.errors import UserError
-
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -56,12 +61,8 @@ def expert_weight_names(mod: nn.Module) -> list[str]:
 
 
 def is_experts(mod: nn.Module) -> bool:
-    return bool(expert_weight_names(mod))
-
-
-def is_expert_bias(mod: nn.Module, p: torch.Tensor) -> bool:
-    """gpt-oss's [E, out] expert biases: 2D, but biases (high precision, as a Linear's bias)."""
-    return p.ndim == 2 and is_experts(mod)
+    """Fused experts: a module holding 3D parameters (a convolution's 3D kernel is not one)."""
+    return not isinstance(mod, nn.modules.conv._ConvNd) and bool(expert_weight_names(mod))
 
 
 def experts_modules(blocks: nn.Module) -> dict[str, nn.Module]:
@@ -80,15 +81,43 @@ def reduction_dim(mod: nn.Module) -> int:
     return 1 if is_transposed(mod) else 2
 
 
+def is_expert_list(mod: nn.Module) -> bool:
+    """A ModuleList of two or more modules of one class, each made of nn.Linears (MLP experts)."""
+    if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({type(m) for m in mod}) != 1:
+        return False
+    return all(any(isinstance(c, nn.Linear) for c in m.modules()) for m in mod)
+
+
+def expert_count(mod: nn.Module) -> int:
+    """E: the experts a fused module stacks on dim 0, or the members of an expert list."""
+    if isinstance(mod, nn.ModuleList):
+        return len(mod)
+    return mod._parameters[expert_weight_names(mod)[0]].shape[0]
+
+
+def _weights(mod: nn.Module) -> list[torch.Tensor]:
+    """The weight matrices of a module's subtree: 2D+ parameters other than biases and LoRA adapters
+    (a LoRA-wrapped router is still the router)."""
+    return [p for n, p in mod.named_parameters() if p.ndim >= 2 and not n.endswith("bias") and "lora_" not in n]
+
+
+def _scores(mod: nn.Module, rows: set[int]) -> bool:
+    """True when every weight of `mod` has one row per expert (or a single row: a gate)."""
+    ws = _weights(mod)
+    return bool(ws) and all(w.ndim == 2 and w.shape[0] in rows for w in ws)
+
+
 def routers(blocks: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the routers: a `gate`/`router` child of a module that also has experts."""
+    """{name: module} of the routers and gates: each sibling of an experts module whose weights all
+    have E rows (it scores the E experts) or one row (a gate, Qwen2-MoE's shared_expert_gate)."""
     out = {}
     for name, parent in blocks.named_modules():
-        if not any(is_experts(c) for c in parent.children()):
+        kids = dict(parent.named_children())
+        counts = {expert_count(c) for c in kids.values() if is_experts(c) or is_expert_list(c)}
+        if not counts:
             continue
-        for leaf in ROUTER_NAMES:
-            child = getattr(parent, leaf, None)
-            if isinstance(child, nn.Module) and not is_experts(child):
+        for leaf, child in kids.items():
+            if not is_experts(child) and not is_expert_list(child) and _scores(child, counts | {1}):
                 out[f"{name}.{leaf}" if name else leaf] = child
     return out
 

@@ -15,6 +15,7 @@ Each function takes only the sub-config it needs. The order matters:
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -119,23 +120,50 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         target = list(cfg.target_modules)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=target, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    with targets_as_given():
+        return get_peft_model(model, lcfg)
+
+
+@contextmanager
+def targets_as_given():
+    """peft 0.21 rewrites the LoRA targets of every model type whose checkpoints transformers converts
+    from its v4 layout (DeepSeek-V2/V3, GLM-4.5-MoE, Qwen2/3-MoE, OLMoE, dots1, ...): targets named
+    gate_proj / up_proj / down_proj leave the Linears and become `target_parameters` on the fused 3D
+    experts. That is for adapters trained under transformers v4. Here it would take LoRA off the
+    shared experts and the dense MLPs, and parametrize the experts, which moves their 3D parameters
+    out of the module (expert QAT then finds nothing). Our targets name Linears of the model as it is."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    rewrite = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = rewrite
 
 
 def block_linear_targets(model: nn.Module) -> tuple[str, list[str]]:
-    """(a peft target regex, the Linears' leaf names) for every nn.Linear inside the decoder blocks.
+    """(a peft target regex, the Linears' leaf names) for every nn.Linear inside the decoder blocks
+    but the MoE routers and gates.
 
     A regex anchored at the blocks list, not bare leaf names: a leaf name such as q_proj may
     also name a Linear outside the decoder (a vision tower), which must not get an adapter.
+    Routers keep their weights (the router rule), and peft's LoRA Linear cannot wrap a router that
+    subclasses nn.Linear but returns a tuple (Phi-3.5-MoE): a router whose leaf name a block Linear
+    shares is excluded by a lookahead.
     """
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
+    router_ids = router_module_ids(model)
     names = sorted({n.rsplit(".", 1)[-1] for n, m in blocks.named_modules()
-                    if isinstance(m, nn.Linear) and "." in n})
+                    if isinstance(m, nn.Linear) and "." in n and id(m) not in router_ids})
     if not names:
         raise UserError(f"the decoder blocks of {type(model).__name__} hold no nn.Linear for LoRA to target")
     alternatives = "|".join(re.escape(n) for n in names)
-    return rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{alternatives})", names
+    shared = sorted({re.sub(r"^\d+", "", n) for n, m in blocks.named_modules()
+                     if id(m) in router_ids and isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names})
+    skip = rf"(?!\d+(?:{'|'.join(re.escape(n) for n in shared)})$)" if shared else ""
+    return rf"{re.escape(prefix)}\.{skip}\d+\.(?:.*\.)?(?:{alternatives})", names
 
 
 def qat_targets(model: nn.Module) -> dict[str, nn.Module]:

@@ -28,7 +28,8 @@ computed inside the expert forward, where no wrapper can reach it, and an 8da sc
 quantization of the up projection's input alone would not be a format any MoE kernel runs. The
 coverage record says so.
 
-Router. The router (`gate`, `router`, and Qwen2-MoE's `shared_expert_gate`) stays high precision:
+Router. The router (qat/layout.py recognises it: the experts' sibling whose weights have one row per
+expert, or one row for a gate such as Qwen2-MoE's `shared_expert_gate`) stays high precision:
 it is tiny (E x H), its logits pick the experts, so a quantization error changes which weights a
 token uses rather than perturbing an output, and torchao's own recipes leave it out. Shared
 experts are ordinary Linears and follow the scheme.

@@ -1,6 +1,7 @@
 """The defaults work on any HF causal LM: tiny random configs of several architectures go through
 train (QAT 8da4w + LoRA, default targets and attention), convert and evaluate; the MoE ones
-(Qwen3-MoE, Mixtral) at world size 2 with their experts fake-quantized and converted; weights
+(Qwen3-MoE, Mixtral, DeepSeek-V3, GLM-4.5-MoE) at world size 2 with their experts fake-quantized
+and converted; weights
 that no scheme covers (GPT-2's Conv1D) are refused in one line unless qat.allow_unquantized=true."""
 
 from pathlib import Path
@@ -31,6 +32,15 @@ ARCHS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
 }
 MOE_WORLD2 = ("qwen3_moe", "mixtral")
+# The DeepSeek-V3 family (MLA attention, routed + shared experts, a bare-weight router with a
+# score-correction bias, a dense first block) and GLM-4.5-MoE; every in_features divides by 32.
+SPARSE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+              n_group=1, topk_group=1, n_shared_experts=1)
+FAMILIES = {
+    "deepseek_v3": dict(SPARSE, num_key_value_heads=2, head_dim=None, q_lora_rank=32, kv_lora_rank=32,
+                        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32),
+    "glm4_moe": SPARSE,
+}
 # The Linears each architecture has in its decoder blocks: what the default LoRA targets must be.
 LINEARS = {
     "llama": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
@@ -50,7 +60,7 @@ def build(kind: str, world, out):
 
     world_cfg = json.loads((world / "model" / "config.json").read_text())
     ids = {k: world_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    kw = {**COMMON, **ids, **ARCHS.get(kind, {})}
+    kw = {**COMMON, **ids, **ARCHS.get(kind, FAMILIES.get(kind, {}))}
     cfg = AutoConfig.for_model(kind, **{k: v for k, v in kw.items() if v is not None})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
@@ -137,6 +147,54 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert json.loads((tmp_path / "export/quantized/config.json").read_text())["experts_implementation"] == "eager"
 
 
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_deepseek_v3_and_glm4_moe_train_convert_evaluate(kind, world, tmp_path, base_overrides, run_train, recipe):
+    """Defaults at world size 2: QAT 8da4w (full fine-tuning, activation checkpointing) and LoRA +
+    QAT each train 2 steps with all but the router fake-quantized, convert exactly, and the
+    quantized folder evaluates; the adapter folder reloads (router and experts without adapters)."""
+    model = build(kind, world, tmp_path / kind)
+    # per model: 2 blocks of attention (MLA 14,336 / GQA 12,288), the dense MLP of block 0 (24,576),
+    # the routed experts (4x64x64 + 4x64x32) and shared experts (3x32x64) of block 1, its router 4x64
+    params = {"deepseek_v3": 2 * 14336, "glm4_moe": 2 * 12288}[kind] + 24576 + 24576 + 6144 + 256
+    arms = {"qat": ["lora.enabled=false", "fsdp.activation_checkpointing=full"], "lora": ["lora.enabled=true"]}
+    for arm, extra in arms.items():
+        proc = run_train([*base_overrides(world, tmp_path / arm), f"model.path={model}", "training.steps=2",
+                          "qat.enabled=true", "qat.scheme=8da4w", *extra], nproc=2)
+        cov = json.loads((tmp_path / arm / "checkpoints/step-000002/meta.json").read_text())["qat_coverage"]
+        assert cov["parameters"] == params and cov["share"] == 1 - 256 / params and cov["share"] >= 0.99
+        assert cov["unquantized"] == {} and cov["expert_tensors"] == 2
+        assert cov["router_high_precision"] == {"*.mlp.gate.weight": [4, 64]}
+        assert "QAT fake-quantizes" in proc.stdout and "the router stays high precision by rule" in proc.stdout
+        if arm == "qat":
+            verify = convert_and_evaluate(tmp_path / arm, tmp_path / f"export-{arm}", world, recipe=recipe)
+        else:
+            attn = {"deepseek_v3": "kv_a_proj_with_mqa, kv_b_proj, o_proj, q_a_proj, q_b_proj",
+                    "glm4_moe": "k_proj, o_proj, q_proj, v_proj"}[kind]
+            names = ", ".join(sorted(["down_proj", "gate_proj", "up_proj", *attn.split(", ")]))
+            assert f"lora: every Linear of the decoder blocks: {names}" in proc.stdout
+            recipe("convert").main(["--checkpoint", str(tmp_path / arm), "--out", str(tmp_path / f"export-{arm}")])
+            verify = json.loads((tmp_path / f"export-{arm}/verify.json").read_text())
+        assert verify["qat_coverage"] == cov and verify["experts"]["real_quantized"] == 2
+        assert verify["converted_equals_fake_quant"] is True and verify["reload_equal"] is True
+    adapter_reloads(tmp_path / kind, tmp_path / "export-lora", world)
+
+
+def adapter_reloads(base_dir, export, world):
+    """PeftModel.from_pretrained(base, adapter/) equals hf/, inside targets_as_given: peft 0.21
+    otherwise moves these model types' gate/up/down targets onto the fused experts."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qat.model import targets_as_given
+
+    x = torch.randint(3, 500, (2, 16))
+    with targets_as_given():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), export / "adapter").eval()
+    with torch.no_grad():
+        got, want = adapted(x).logits, AutoModelForCausalLM.from_pretrained(export / "hf").eval()(x).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_moe_full_qat_resume_is_bitwise_with_the_delay_across_it(world, tmp_path, capsys, base_overrides, load_checkpoint_tensors, losses, read_metrics, recipe):
     """Experts trained (no LoRA) with fake quantization switched on at step 2: 3 steps straight
     equal 1 step + stop + resume, losses and every tensor of the final checkpoint."""
@@ -166,8 +224,9 @@ def test_uncovered_weights_are_refused_in_one_line(world, tmp_path, capsys, base
     code, logs = train(capsys, world, model, tmp_path / "run", ["lora.enabled=false"], base_overrides=base_overrides, recipe=recipe)
     err = [l for l in logs.err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(err) == 1, logs.err[-2000:]
-    assert err[0].startswith("error: QAT would fake-quantize only 0.0% of the decoder's weight parameters: ")
-    assert "*.attn.c_attn.weight [64, 192]" in err[0] and "qat.allow_unquantized=true" in err[0]
+    assert err[0].startswith("error: QAT would fake-quantize only 0.0% of the decoder's weight parameters: "
+                             "no scheme covers *.attn.c_attn (Conv1D: weight [64, 192]); ")
+    assert "qat.allow_unquantized=true" in err[0]
 
 
 @pytest.mark.parametrize("impl, needle", [("foo", 'attn_implementation="foo"` is not supported'),

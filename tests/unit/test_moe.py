@@ -248,16 +248,212 @@ def test_ptq_quantizes_experts_like_qat_convert():
 
 def test_experts_of_an_undeclared_layout_are_refused_unless_allowed():
     """Without transformers' `is_transposed` flag the reduction dimension is unknown: the experts
-    are left out, named in the one-line refusal, and stay high precision with allow_unquantized."""
+    are left out, named with their module in the one-line refusal, and stay high precision with
+    allow_unquantized."""
     from qat.errors import UserError
 
     model = tiny("qwen3_moe")
     ex = next(m for m in model.modules() if is_experts(m))
     del ex.is_transposed
-    with pytest.raises(UserError, match=r"\*\.mlp\.experts\.gate_up_proj \[4, 128, 64\], \*\.mlp\.experts\.down_proj "
-                                        r"\[4, 64, 64\] are neither nn.Linear nor MoE experts of a known layout"):
+    # attention 12,288 of 61,696 parameters (experts 49,152, router 256): 19.917%, rounded down
+    with pytest.raises(UserError, match=r"only 19\.9% of the decoder's weight parameters: no scheme covers "
+                                        r"\*\.mlp\.experts \(Qwen3MoeExperts fused experts without a declared layout: "
+                                        r"gate_up_proj \[4, 128, 64\], down_proj \[4, 64, 64\]\)\. Set"):
         qat(model)
     apply_qat(model, FakeQuantConfig(enabled=True, allow_unquantized=True), get_scheme("8da4w"))
     cov = coverage(model)
     assert not isinstance(ex, moe.QATExperts) and list(cov["unquantized"]) == ["*.mlp.experts.gate_up_proj",
                                                                              "*.mlp.experts.down_proj"]
+
+
+# --- recognition by layout: DeepSeek-V3 / GLM-4.5 and the other families ---------------------------------
+
+# Two blocks, the first dense (first_k_dense_replace); hidden 64 and every in_features a multiple of 32.
+SPARSE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128,
+              first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)
+FAMILIES = {
+    # MLA: q_a_proj 64->32, q_b_proj 32->64, kv_a_proj_with_mqa 64->48, kv_b_proj 32->96, o_proj 64->64
+    "deepseek_v3": dict(SPARSE, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+                        qk_nope_head_dim=16, v_head_dim=32),
+    "glm4_moe": dict(SPARSE, num_key_value_heads=1, head_dim=32),
+}
+
+
+def tiny_family(kind):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=96,
+                               max_position_embeddings=64, **FAMILIES[kind])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_deepseek_v3_and_glm4_moe_routers_experts_and_shared_experts(kind):
+    """The router is the module with a bare [E, H] weight (and a score-correction bias) next to the
+    experts, whatever its class: it stays high precision; the fused experts, the shared experts,
+    the dense first block's MLP and the MLA projections are all fake-quantized."""
+    from qat.layout import routers
+    from qat.model import qat_targets
+
+    model = tiny_family(kind)
+    blocks = decoder_blocks(model)
+    gate = blocks[1].mlp.gate
+    assert not isinstance(gate, nn.Linear) and routers(blocks) == {"1.mlp.gate": gate}
+    assert list(experts_modules(blocks)) == ["1.mlp.experts"]
+    attn = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+            "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}[kind]
+    mlp = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    shared = ["mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"]
+    want = [f"model.layers.0.{n}" for n in [f"self_attn.{a}" for a in attn] + mlp] + \
+           [f"model.layers.1.{n}" for n in [f"self_attn.{a}" for a in attn] + shared]
+    assert sorted(qat_targets(model)) == sorted(want)
+    cov = coverage(qat(model))
+    assert isinstance(blocks[1].mlp.experts, moe.QATExperts)
+    assert cov["unquantized"] == {} and cov["expert_tensors"] == 2
+    assert cov["router_high_precision"] == {"*.mlp.gate.weight": [4, 64]}
+    assert cov["fake_quantized_tensors"] == cov["weight_tensors"] - 1
+    assert cov["share"] == 1 - 4 * 64 / cov["parameters"] and cov["share"] >= 0.99
+    x = torch.randint(0, 96, (2, 12))
+    model(x).logits.square().mean().backward()
+    assert blocks[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0 and gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_lora_targets_the_linears_not_the_fused_experts(kind):
+    """peft 0.21 would move gate_proj/up_proj/down_proj targets onto the fused experts of these model
+    types (its transformers v4 -> v5 rewrite): LoRA stays on the Linears, shared experts included,
+    and the experts keep their 3D parameters for expert QAT."""
+    from qat.config import LoRAConfig
+    from qat.model import apply_lora
+
+    model = apply_lora(tiny_family(kind), LoRAConfig(enabled=True))
+    assert not model.peft_config["default"].target_parameters
+    blocks = decoder_blocks(model)
+    assert type(blocks[1].mlp.experts).__name__.endswith("Experts")
+    assert expert_weight_names(blocks[1].mlp.experts) == ["gate_up_proj", "down_proj"]
+    for lin in (blocks[1].mlp.shared_experts.gate_proj, blocks[0].mlp.down_proj):
+        assert "default" in lin.lora_A
+    assert not hasattr(blocks[1].mlp.gate, "lora_A")
+    cov = coverage(qat(model))
+    assert cov["expert_tensors"] == 2 and cov["unquantized"] == {}
+
+
+def test_qwen2_moe_shared_expert_gate_stays_high_precision_and_gets_no_adapter():
+    """Qwen2-MoE: the router (bare [E, H] weight) and the shared-expert gate ([1, H], an nn.Linear)
+    stay high precision; the shared expert's Linears follow the scheme. LoRA's default targets
+    leave both gates out, and a router that subclasses nn.Linear (Phi-3.5-MoE) too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.config import LoRAConfig
+    from qat.model import apply_lora, block_linear_targets
+
+    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, vocab_size=96, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(cfg)
+    _, names = block_linear_targets(model)
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    model = apply_lora(model, LoRAConfig(enabled=True))
+    cov = coverage(qat(model))
+    assert cov["router_high_precision"] == {"*.mlp.gate.weight": [4, 64], "*.mlp.shared_expert_gate.weight": [1, 64]}
+    mlp = decoder_blocks(model)[0].mlp
+    assert type(mlp.shared_expert_gate) is nn.Linear and "default" in mlp.shared_expert.up_proj.lora_A
+    assert cov["unquantized"] == {} and cov["expert_tensors"] == 2
+
+    phimoe = AutoConfig.for_model("phimoe", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, vocab_size=96, num_local_experts=4, intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(phimoe)
+    _, names = block_linear_targets(model)
+    assert "router" not in names
+    model = apply_lora(model, LoRAConfig(enabled=True))
+    qat(model)(torch.randint(0, 96, (2, 12)))
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+
+class _MoEGate(nn.Module):
+    """The remote-code DeepSeek-V3 gate: a bare [E, H] weight and an [E] score-correction bias."""
+
+    def __init__(self, experts, hidden):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, hidden))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(experts))
+
+
+class _Block(nn.Module):
+    def __init__(self, linear_gate):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.experts = nn.ModuleList(_MLP(64, 32) for _ in range(4))
+        self.mlp.gate = nn.Linear(64, 4, bias=False) if linear_gate else _MoEGate(4, 64)
+        self.mlp.shared_experts = _MLP(64, 32)
+        self.attn = nn.Module()
+        self.attn.gate = nn.Linear(64, 64, bias=False)  # an attention output gate: not a router
+
+
+class _Model(nn.Module):
+    _no_split_modules = ["_Block"]
+
+    def __init__(self, linear_gate=False):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(linear_gate) for _ in range(2))
+        self.embed = nn.Embedding(96, 64)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_a_list_of_mlp_experts_and_a_bare_weight_router():
+    """Remote-code DeepSeek-V3 layout: experts as a ModuleList of MLPs (plain Linears, QATLinear),
+    a gate holding a bare [E, H] parameter and an [E] score-correction bias parameter."""
+    from qat.fake_quant import QATLinear
+    from qat.layout import is_expert_list, routers
+
+    model = _Model()
+    blocks = decoder_blocks(model)
+    assert is_expert_list(blocks[0].mlp.experts)
+    assert sorted(routers(blocks)) == ["0.mlp.gate", "1.mlp.gate"]
+    cov = coverage(qat(model))
+    assert isinstance(blocks[1].mlp.experts[3].down_proj, QATLinear)
+    assert isinstance(blocks[1].mlp.shared_experts.up_proj, QATLinear) and isinstance(blocks[0].attn.gate, QATLinear)
+    assert cov["router_high_precision"] == {"*.mlp.gate.weight": [4, 64]} and cov["unquantized"] == {}
+    assert cov["share"] == 1 - 4 * 64 / (4 * 64 + 5 * 3 * 64 * 32 + 64 * 64)
+
+
+def test_lora_default_targets_skip_a_linear_router_that_shares_its_name():
+    """A router that is an nn.Linear called `gate`, next to an attention Linear also called `gate`:
+    the default target regex matches the attention's and not the router's."""
+    import re
+
+    from qat.model import block_linear_targets
+
+    pattern, names = block_linear_targets(_Model(linear_gate=True))
+    assert names == ["down_proj", "gate", "gate_proj", "up_proj"]
+    hits = {n for n in ("layers.1.attn.gate", "layers.1.mlp.gate", "layers.0.mlp.experts.2.up_proj",
+                        "layers.0.mlp.shared_experts.down_proj") if re.fullmatch(pattern, n)}
+    assert hits == {"layers.1.attn.gate", "layers.0.mlp.experts.2.up_proj", "layers.0.mlp.shared_experts.down_proj"}
+
+
+def test_fused_experts_without_a_declared_layout_are_refused_naming_the_module():
+    """JetMoE's JetMoeParallelExperts hold [E, out, in] weights without transformers' declaration;
+    the refusal names each module once (not once per block), and its router is still the router."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.errors import UserError
+
+    cfg = AutoConfig.for_model("jetmoe", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=2, kv_channels=32, vocab_size=96, num_local_experts=4,
+                               num_experts_per_tok=2, intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UserError) as err:
+        qat(model)
+    msg = str(err.value)
+    assert msg.startswith("QAT would fake-quantize only 9.0% of the decoder's weight parameters: no scheme covers ")
+    assert "*.mlp.input_linear (JetMoeParallelExperts fused experts without a declared layout: weight [4, 128, 64]); " in msg
+    assert msg.count("*.mlp.input_linear") == 1 and "router" not in msg and "\n" not in msg
