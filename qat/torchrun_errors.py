@@ -31,7 +31,7 @@ Which line: every rank validates the same input, so usually every rank raises th
 - With several nodes, the launchers compare notes through the rendezvous store: a node whose
   message is the one the node holding rank 0 reports prints nothing, so one line appears in all;
   a different message (a file missing on one node) is printed by its own node. No launcher exits
-  before every launcher has read the notes (at most `GRACE_S`), because the store lives in one of
+  before every launcher has read the notes (at most `LAUNCHERS_S`), because the store lives in one of
   them and the others' rendezvous shutdown uses it too.
 
 The launcher also tells its workers that it reports (`REPORTS_ENV`, inherited by every worker): a
@@ -49,7 +49,11 @@ import time
 
 MARK = "qat_user_error"  # our record in a worker's error file, and our keys in the rendezvous store
 REPORTS_ENV = "QAT_TORCHRUN_REPORTS_USER_ERRORS"  # set by the launcher plugin, inherited by workers
-GRACE_S = 10.0  # how long ranks, and launchers, wait for each other
+GRACE_S = 10.0  # how long a node's ranks wait for its first rank's error file
+# How long launchers wait for each other in the store. A launcher that gives up exits, and if it
+# hosts the store the others' next read fails with C++ socket warnings: generous, since a loaded
+# node can be seconds late; only a user error on several nodes ever waits here.
+LAUNCHERS_S = 60.0
 COLLATERAL_EXIT_CODES = (-15, -9)  # node-mates the agent stopped: SIGTERM, SIGKILL after its timeout
 # The loggers of torchrun's agent that report a worker failure (see `_QuietUserErrors`).
 AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api",
@@ -162,7 +166,7 @@ def _install() -> None:
         logging.getLogger(name).addFilter(_QuietUserErrors())
 
 
-def _shown_by_rank0_node(group, message: str, grace_s: float = GRACE_S) -> bool:
+def _shown_by_rank0_node(group, message: str, grace_s: float = LAUNCHERS_S) -> bool:
     """With several nodes: post this node's message in the rendezvous store of the agent's worker
     `group`, and wait until every launcher has; True if the node holding rank 0 (group rank 0)
     posted the same one. Then wait until every launcher has read the notes: one of us hosts the

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+from pathlib import Path
+
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
