@@ -10,9 +10,10 @@ the learned-scale arms 1.5x slower on the 2-core machine, which says nothing abo
     OMP_NUM_THREADS=1 python bench/bench_train.py --shape tiny --nproc 2 --batch 16 --seq 128 \
         --modes full-qat-8da4w,full-qat-ls-8da4w,full-qad-8da4w,full-qad-ls-8da4w --out /tmp/bt
 
-Each mode is a real `torchrun recipes/train.py` launch (FSDP2, our data path, our loss) on one
-GPU (or --nproc ranks), with `model.init=random` from a config-only HF folder, so no weights are
-downloaded. Tokens come from the tiny world's corpus (values do not change throughput). Step time
+Each mode is a real launch of recipes/train.py (FSDP2, our data path, our loss; plain python for
+one rank, torchrun for --nproc ranks), with `model.init=random` from a config-only HF folder, built
+directly on the GPU, so no weights are downloaded, and no checkpoint is written
+(`checkpoint.save_final=false`). Each result records its `launch_to_exit_s`. Tokens come from the tiny world's corpus (values do not change throughput). Step time
 is the median over the steps after `--warmup`. FLOPs are 6N per token for full fine-tuning and 4N
 for LoRA, plus 2N for a QAD mode's teacher forward (dense matmuls only), and MFU divides by the
 device's spec-sheet dense bf16 peak from qat.perf.PEAK_BF16_FLOPS, the same table the training
@@ -29,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,16 +97,20 @@ def run_mode(mode, folder, world, a, device) -> dict:
         f"training.steps={a.warmup + a.steps}", f"training.batch_size={a.batch}",
         f"training.dtype={'bf16' if device == 'cuda' else 'fp32'}", f"fsdp.device={device}",
         f"fsdp.compile={str(a.compile).lower()}", f"fsdp.activation_checkpointing={a.ac}",
-        "checkpoint.keep_last=1", "logging.progress_bar=false", "logging.wandb.enabled=false",
+        # no checkpoint at all: a 1B full run's final one is ~15 GB of weights and Adam state
+        "checkpoint.every_n_steps=0", "checkpoint.save_final=false",
+        "logging.progress_bar=false", "logging.wandb.enabled=false",
         *MODES[mode], *a.train,
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--standalone",
-           str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"), *overrides]
+    # one rank: plain python, a world of one (no launcher to start); more: torchrun
+    launch = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                     str(a.nproc), "--standalone"]
+    cmd = [*launch, str(ROOT / "recipes/train.py"), "--config", str(ROOT / "configs/tiny/full.yaml"), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     if proc.returncode != 0:
         return {"shape": a.shape, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:500]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][a.warmup:]
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B full: ~15 GB of weights + Adam state
+    shutil.rmtree(run_dir, ignore_errors=True)
     step = statistics.median(r["perf/step_time_s"] for r in rows)
     tokens = a.batch * a.seq * a.nproc  # per step, all ranks
     # 6N per token to train, 4N with LoRA (no weight gradients), + 2N for QAD's teacher forward
@@ -147,11 +153,14 @@ def main(argv=None) -> None:
     folder = model_folder(a.shape, world, Path(a.out))
     results = []
     for mode in a.modes.split(","):
+        t0 = time.perf_counter()
         res = run_mode(mode, folder, world, a, device)
+        res["launch_to_exit_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res), flush=True)
         results.append(res)
-    name = f"ours_{a.shape}_{'compiled' if a.compile else 'eager'}{a.tag}.json"
-    (Path(a.out) / name).write_text(json.dumps(results, indent=1))
+        # after every mode: a run cut by a deadline keeps the modes that finished
+        name = f"ours_{a.shape}_{'compiled' if a.compile else 'eager'}{a.tag}.json"
+        (Path(a.out) / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

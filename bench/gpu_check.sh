@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# The whole GPU check, one stage per device call. bench/README.md has the calls.
+# The GPU check on the device machine. bench/README.md has the calls.
 #
-#   bash bench/gpu_check.sh prepare         # HERE, before the calls: .whl/ wheels + .bench/ anchor scripts
-#   bash bench/gpu_check.sh tests           # device call 1: versions, pytest -m gpu, torchao scheme probe
-#   bash bench/gpu_check.sh bench-eager     # device call 2: ours next to the anchor, eager, 1B then 8B
-#   bash bench/gpu_check.sh bench-compiled  # device call 3: the same, compiled
+#   bash bench/gpu_check.sh prepare         # HERE, before the call: .whl/ wheels + .bench/ anchor scripts
+#   bash bench/gpu_check.sh all             # ONE device call (9 min): tests, then the benchmarks, then a profile
+#   bash bench/gpu_check.sh tests           # or one part per call: versions, pytest -m gpu, torchao scheme probe
+#   bash bench/gpu_check.sh bench-eager     # ours next to the anchor, eager, 1B then 8B
+#   bash bench/gpu_check.sh bench-compiled  # the same, compiled
 #   ONLY="ours_8b_compiled anchor_8b_compiled" bash bench/gpu_check.sh bench-compiled   # rerun what was cut
 #
 # Each device stage installs the carried wheels into /tmp/site (skipped when a warm machine already
-# has them), builds the tiny world when it is missing, and writes everything under $OUT, flat:
-# a stage's JSON results plus one log, never more than 8 files. Every step runs under `timeout`
-# against the stage's deadline (STAGE_BUDGET_S: 450 s for tests, 420 s for a bench stage, setup
-# included), so the call ends inside the device tool's 10-minute limit with the results so far,
-# and what was skipped for time is recorded in $OUT/<stage>.status.jsonl.
+# has them), builds the tiny world when it is missing, and writes everything under $OUT, flat. Every
+# step runs under `timeout`, capped by its own limit and by what is left of the stage's budget
+# (STAGE_BUDGET_S, setup included), and is skipped when under 20 s are left; so the call ends inside
+# the device tool's limit with the results so far, and what was cut or skipped is recorded in
+# $OUT/<stage>.status.jsonl. A step that ends early leaves its time to the steps after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: bench/gpu_check.sh prepare|tests|bench-eager|bench-compiled}
+STAGE=${1:?usage: bench/gpu_check.sh prepare|all|tests|bench-eager|bench-compiled}
 ROOT=$PWD
 SHARED_BENCH=${SHARED_BENCH:-$ROOT/../shared/bench}
 
@@ -34,9 +35,13 @@ mkdir -p "$OUT"
 LOG=$OUT/$STAGE.log
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
-# Default budgets fit three calls into a session's 30 device minutes, with ~2.5 min per call
-# for the machine's start, the transfers and the 30 s it stays warm afterwards.
-if [ "$STAGE" = tests ]; then BUDGET=${STAGE_BUDGET_S:-450}; else BUDGET=${STAGE_BUDGET_S:-420}; fi
+# `all`: 510 s, for one device call with timeout_s 540 (9 min), leaving time to return the files.
+# The separate stages: 450 s for tests, 420 s for a bench stage.
+case $STAGE in
+all) BUDGET=${STAGE_BUDGET_S:-510} ;;
+tests) BUDGET=${STAGE_BUDGET_S:-450} ;;
+*) BUDGET=${STAGE_BUDGET_S:-420} ;;
+esac
 STATUS=$OUT/$STAGE.status.jsonl   # one line per step: name, rc, seconds (124 = cut by the deadline)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -76,7 +81,7 @@ setup() {
         >/dev/null || { echo "error: cannot install the project (pip install --target /tmp/site-qat .)"; exit 2; }
     export PYTHONPATH=/tmp/site-qat:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    [ -f assets/world/world.json ] || python3 -m qat.world.build --out assets/world >/dev/null || exit 2
+    [ -f assets/world/world.json ] || python3 -m qat.synthetic.build --out assets/world >/dev/null || exit 2
 }
 
 versions() {
@@ -99,15 +104,72 @@ EOF
     cat "$OUT/env.json"
 }
 
+# The GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
+# -v: one line per test as it finishes, so a run cut by the budget still says what passed.
+# With pytest-xdist (the device has it): two workers, one file each at a time (--dist loadfile), so
+# test_gpu_runs.py's recipe launches (three waves of parallel processes, mostly CPU-bound imports)
+# overlap the in-process checks of the other files on the same GPU. No test is timed, and each
+# process's kernels are deterministic, so sharing the GPU changes no result.
+run_pytest() {
+    local par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 2 --dist loadfile)
+    step pytest "$1" python3 -m pytest -m gpu "${par[@]}" tests/gpu/test_gpu_runs.py tests/gpu/test_gpu_numerics.py \
+        tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=30 -p no:cacheprovider \
+        --timeout 170 --junitxml="$OUT/pytest.xml"
+}
+
+# ours|anchor NAME MAX SHAPE BATCH MODES eager|compiled STEPS WARMUP: one bench step, whose JSON
+# (every mode that finished, if the step was cut) ends up as $OUT/NAME.json. Ours compiles per
+# block; the anchor compiles the whole model.
+ours() {
+    local flag=(); [ "$6" = compiled ] && flag=(--compile)
+    step "$1" "$2" python3 bench/bench_train.py --shape "$3" --batch "$4" --seq 2048 --modes "$5" "${flag[@]}" \
+        --steps "$7" --warmup "$8" --out "$OUT/$1.d"
+    collect "$1"
+}
+anchor() {
+    local flag=(); [ "$6" = compiled ] && flag=(--compile model)
+    mkdir -p "$OUT/$1.d"
+    step "$1" "$2" python3 .bench/anchor_bench_gpu.py --shape "$3" --batch "$4" --seq 2048 --modes "$5" "${flag[@]}" \
+        --steps "$7" --warmup "$8" --out "$OUT/$1.d"
+    collect "$1"
+}
+collect() {  # the step's result file to $OUT/NAME.json; its folder (run folders, model configs) goes
+    local f
+    for f in "$OUT/$1.d"/*.json; do [ -e "$f" ] && mv "$f" "$OUT/$1.json"; done
+    rm -rf "$OUT/$1.d"
+}
+# 1B: full and LoRA r16, each bf16 and QAT 8da4w. 8B: LoRA r16 at 2x2048 (the anchor's QAT mode
+# took 81 GiB on an H200 eager: on an 80 GB H100 expect its OOM row; add --ac full to ours if needed).
+M1=full-bf16,full-qat-8da4w,lora-bf16,lora-qat-8da4w
+M1_FULL=full-bf16,full-qat-8da4w
+M1_LORA=lora-bf16,lora-qat-8da4w
+M8=lora-bf16,lora-qat-8da4w
+
 case $STAGE in
+all)
+    # Limits (s), in order of priority; the stage's 510 s bound them all. Estimated needs on an H200: setup and
+    # versions ~30, pytest ~165, scheme probe ~15, ours 1B eager ~20 per mode, the anchor 1B eager
+    # ~35 for four modes, the profile ~40, a compiled mode ~40-60 each. Leftover time flows on; the
+    # compiled LoRA modes and 8B run only when earlier steps ended early (then rerun with ONLY).
+    setup
+    versions
+    run_pytest 175
+    step scheme_check 20 python3 .bench/gpu_scheme_check.py
+    ours ours_1b_eager 90 llama3.2-1b 4 $M1 eager 5 2
+    anchor anchor_1b_eager 35 llama3.2-1b 4 $M1 eager 5 2
+    step profile 40 python3 bench/profile_step.py --arms ours-full-bf16,ours-full-qat-8da4w,anchor-full-bf16 \
+        --shape llama3.2-1b --batch 4 --seq 2048 --anchor .bench/anchor_bench_gpu.py --out "$OUT"
+    ours ours_1b_compiled 55 llama3.2-1b 4 $M1_FULL compiled 4 2
+    anchor anchor_1b_compiled 55 llama3.2-1b 4 $M1_FULL compiled 4 2
+    ours ours_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
+    anchor anchor_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
+    ours ours_8b_eager 60 llama3.1-8b 2 $M8 eager 4 2
+    anchor anchor_8b_eager 60 llama3.1-8b 2 $M8 eager 4 2
+    ;;
 tests)
     setup
     versions
-    # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
-    # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
-    # test_gpu_numerics.py and test_gpu_paths.py first: unit-sized checks before test_gpu.py's recipe runs.
-    step pytest 400 python3 -m pytest -m gpu tests/gpu/test_gpu_numerics.py tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=15 -p no:cacheprovider \
-        --timeout 300 --junitxml="$OUT/pytest.xml"
+    run_pytest 400
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py
     ;;
@@ -115,27 +177,19 @@ bench-eager | bench-compiled)
     setup
     versions >/dev/null
     # Ours next to the anchor, in one call per execution mode, so every ratio of the bars comes from
-    # one machine and one call. 1B: the modes the bars need (LoRA QAT at 1B is in no bar).
-    M1=full-bf16,full-qat-8da4w,lora-bf16
-    M8=lora-bf16,lora-qat-8da4w
-    if [ "$STAGE" = bench-eager ]; then
-        OURS=(); ANCHOR=(); TAG=eager
-    else
-        OURS=(--compile); ANCHOR=(--compile model); TAG=compiled
-    fi
-    step ours_1b_$TAG 300 python3 bench/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --modes $M1 "${OURS[@]}" --out "$OUT"
-    step anchor_1b_$TAG 300 python3 .bench/anchor_bench_gpu.py --shape llama3.2-1b --batch 4 --modes $M1 "${ANCHOR[@]}" --out "$OUT"
-    # 8B LoRA r16 at 2x2048. The anchor's QAT mode took 81 GiB on an H200 (eager): on an 80 GB H100
-    # expect its OOM row. Ours keeps no fake-quantized copies; add --ac full if it does not fit.
-    step ours_8b_$TAG 300 python3 bench/bench_train.py --shape llama3.1-8b --batch 2 --seq 2048 --modes $M8 "${OURS[@]}" --out "$OUT"
-    step anchor_8b_$TAG 300 python3 .bench/anchor_bench_gpu.py --shape llama3.1-8b --batch 2 --modes $M8 "${ANCHOR[@]}" --out "$OUT"
+    # one machine and one call.
+    TAG=${STAGE#bench-}
+    ours ours_1b_$TAG 300 llama3.2-1b 4 $M1 $TAG 8 3
+    anchor anchor_1b_$TAG 300 llama3.2-1b 4 $M1 $TAG 8 3
+    ours ours_8b_$TAG 300 llama3.1-8b 2 $M8 $TAG 8 3
+    anchor anchor_8b_$TAG 300 llama3.1-8b 2 $M8 $TAG 8 3
     ;;
 *)
-    echo "error: unknown stage '$STAGE'; use prepare, tests, bench-eager or bench-compiled"
+    echo "error: unknown stage '$STAGE'; use prepare, all, tests, bench-eager or bench-compiled"
     exit 2
     ;;
 esac
-# bench_train.py leaves its run folders under $OUT: only flat files come back, and at most 8.
-rm -rf "$OUT"/run-* "$OUT"/model-*
+# only flat files come back: no step folder is left (collect removes each)
+rm -rf "$OUT"/*.d
 ls -la "$OUT"
 echo "stage $STAGE done in $(($(date +%s) - START))s"

@@ -35,10 +35,13 @@ from qat.schemes import Scheme, embedding_quant
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = False) -> nn.Module:
+def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = False,
+               device: Optional[torch.device] = None) -> nn.Module:
     """An HF causal LM in fp32 master weights, from a local folder or the HF cache.
 
-    on_meta: only the skeleton, without memory (see fill_from_rank0)."""
+    on_meta: only the skeleton, without memory (see fill_from_rank0). device: where a
+    `model.init=random` model is built and initialized (a 1B model's fp32 init takes seconds on the
+    host and none on a GPU); loaded weights are always read on the host."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,7 +62,8 @@ def load_model(cfg: ModelConfig, seq_len: Optional[int] = None, on_meta: bool = 
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(hf_config, **kw)
         if cfg.init == "random":
-            return AutoModelForCausalLM.from_config(hf_config, **kw)
+            with torch.device(device or "cpu"):
+                return AutoModelForCausalLM.from_config(hf_config, **kw)
         return AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, **kw)
     except (SafetensorError, OSError) as e:  # a truncated or corrupt weights file, missing shards
         raise UserError(f"model.path={cfg.path!r}: its weights do not load ({str(e).splitlines()[0][:200]}); "

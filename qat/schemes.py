@@ -96,8 +96,16 @@ class Scheme:
                 "embedding_bits": embedding.bits if embedding else None,
                 "embedding_group_size": embedding.group_size if embedding else None}
 
-    def missing_kernels(self, device: torch.device) -> Optional[str]:
-        """None when `device` runs this scheme's real quantized kernels, else why not (one line)."""
+    # Its real kernels run on the CPU too (intx): convert then quantizes there on any machine.
+    cpu_kernels: ClassVar[bool] = False
+    # The weight dtype its real kernels pack ("bf16"), or None for any export dtype.
+    kernel_dtype: ClassVar[Optional[str]] = None
+
+    def missing_kernels(self, device: torch.device, capability: Optional[tuple[int, int]] = None,
+                        mslk: Optional[bool] = None) -> Optional[str]:
+        """None when `device` runs this scheme's real quantized kernels, else why not (one line).
+        `capability` (a CUDA device's sm) and `mslk` (whether the mslk-cuda package imports) default
+        to this machine's; passing them decides for another machine without touching a GPU."""
         return None
 
     def convert_mismatch(self, rec: dict) -> Optional[str]:
@@ -111,13 +119,14 @@ class Scheme:
             raise UserError(why)
 
 
-def _cuda_capability_gap(scheme: Scheme, device: torch.device, need: tuple[int, int], what: str) -> Optional[str]:
+def _cuda_capability_gap(scheme: Scheme, device: torch.device, need: tuple[int, int], what: str,
+                         capability: Optional[tuple[int, int]] = None) -> Optional[str]:
     if device.type != "cuda":
         return f"scheme {scheme.name!r} needs {what}; this run is on {device.type}"
-    cap = torch.cuda.get_device_capability(device)
+    cap = tuple(capability) if capability is not None else torch.cuda.get_device_capability(device)
     if cap < need:
-        return (f"scheme {scheme.name!r} needs {what} (sm >= {need[0]}.{need[1]}); "
-                f"{torch.cuda.get_device_name(device)} is sm {cap[0]}.{cap[1]}")
+        gpu = torch.cuda.get_device_name(device) if capability is None else "this GPU"
+        return f"scheme {scheme.name!r} needs {what} (sm >= {need[0]}.{need[1]}); {gpu} is sm {cap[0]}.{cap[1]}"
     return None
 
 
@@ -184,6 +193,7 @@ class IntxScheme(Scheme):
     int8_activations: bool = False
     family: ClassVar[str] = "intx"
     exact_convert: ClassVar[bool] = True
+    cpu_kernels: ClassVar[bool] = True
     uses_group_size: ClassVar[bool] = True
     learnable_scales: ClassVar[bool] = True
 
@@ -253,8 +263,8 @@ class Float8Scheme(Scheme):
     def convert_path(self) -> str:
         return "real float8 kernels on sm >= 8.9; elsewhere simulated (fake-quantized forward, labelled)"
 
-    def missing_kernels(self, device):
-        return _cuda_capability_gap(self, device, (8, 9), self.hardware)
+    def missing_kernels(self, device, capability=None, mslk=None):
+        return _cuda_capability_gap(self, device, (8, 9), self.hardware, capability)
 
 
 def _has_mslk() -> bool:
@@ -274,6 +284,7 @@ class Int4Scheme(Scheme):
     fp8_activations: bool = False
     family: ClassVar[str] = "int4"
     uses_group_size: ClassVar[bool] = True
+    kernel_dtype: ClassVar[Optional[str]] = "bf16"  # tinygemm and mslk's int4 tensors take bf16 weights only
     GROUP_SIZES: ClassVar[tuple[int, ...]] = (32, 64, 128, 256)  # what the int4 kernels implement
 
     def base_config(self, group_size):
@@ -289,7 +300,12 @@ class Int4Scheme(Scheme):
         return "plain" if _has_mslk() else "tile_packed_to_4d"
 
     def convert_config(self, group_size):
-        if self.fp8_activations or self.packing() == "plain":
+        if self.fp8_activations:
+            # plain, not the default preshuffled: torchao's safetensors support saves Int4Tensor but
+            # has no Int4PreshuffledTensor, so only plain writes a quantized/ folder that reloads
+            from torchao.quantization import Float8DynamicActivationInt4WeightConfig
+            return Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain")
+        if self.packing() == "plain":
             return self.base_config(group_size)
         from torchao.quantization import Int4WeightOnlyConfig
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
@@ -335,12 +351,15 @@ class Int4Scheme(Scheme):
             return f"{self.name} (float8 rowwise activations + int4 weights, group 128)"
         return f"{self.name} (asymmetric int4 weights with float zero points, group {group_size})"
 
-    def missing_kernels(self, device):
+    def missing_kernels(self, device, capability=None, mslk=None):
         if self.fp8_activations:
-            gap = _cuda_capability_gap(self, device, (9, 0), self.hardware)
-            return gap or (None if _has_mslk() else f"scheme {self.name!r} needs the mslk-cuda package "
-                                                     f"(pip install mslk-cuda) for its f8i4bf16 kernels")
-        return _cuda_capability_gap(self, device, (8, 0), self.hardware)
+            # both of torchao's fp8-int4 packings (preshuffled, plain) quantize and multiply through mslk
+            gap = _cuda_capability_gap(self, device, (9, 0), self.hardware, capability)
+            has_mslk = _has_mslk() if mslk is None else mslk
+            return gap or (None if has_mslk else f"scheme {self.name!r} needs the mslk-cuda package "
+                                                 f"(pip install mslk-cuda) for its f8i4bf16 kernels: both of "
+                                                 f"torchao's fp8-int4 packings run through it")
+        return _cuda_capability_gap(self, device, (8, 0), self.hardware, capability)
 
 
 FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
@@ -395,11 +414,11 @@ class FP4Scheme(Scheme):
             return "real NVFP4 kernels on Blackwell; elsewhere simulated (labelled)"
         return "simulated only (fake-quantized forward, labelled)"
 
-    def missing_kernels(self, device):
+    def missing_kernels(self, device, capability=None, mslk=None):
         if self.kind != "nvfp4":
             return (f"scheme {self.name!r} has no real-kernel convert here yet; its QAT runs emulated "
                     f"(qat.backend=qatlinear) and evaluation must use the simulated model")
-        return _cuda_capability_gap(self, device, (10, 0), self.hardware)
+        return _cuda_capability_gap(self, device, (10, 0), self.hardware, capability)
 
 
 def _registry() -> dict[str, Scheme]:

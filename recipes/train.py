@@ -73,7 +73,7 @@ class TrainRecipe:
             self.scheme.check_hardware(self.device)  # our emulated fake quantizers run anywhere
         # torchrun sets RANK before the process group exists; rank 0 fills the others after sharding
         on_meta = cfg.fsdp.init_from_rank0 and os.environ.get("RANK", "0") != "0"
-        model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta)
+        model = load_model(cfg.model, seq_len=cfg.data.seq_len, on_meta=on_meta, device=self.device)
         check_teacher(cfg.distill, model.config, cfg.model.trust_remote_code)
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
         data = build_dataset(cfg.data, tokenizer, seed=cfg.training.seed)  # tokenizes only what the cache lacks

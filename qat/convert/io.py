@@ -42,9 +42,13 @@ class ConvertIO(Protocol):
 
 
 class LocalIO:
-    """One process holds the whole model: HF's own save_pretrained and from_pretrained."""
+    """One process holds the whole model, on `device`: HF's own save_pretrained and from_pretrained.
+    Logits come back to the host, so every comparison sees the same tensors whatever the device."""
 
     has_logits = True
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
 
     def record(self) -> dict:
         from qat.perf import peak_rss_mib
@@ -52,7 +56,7 @@ class LocalIO:
         return {"memory": {"peak_rss_mib": peak_rss_mib()}}
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x).logits.float()
+        return model(x.to(self.device)).logits.float().cpu()
 
     def share(self, obj):
         return obj
@@ -73,6 +77,8 @@ class LocalIO:
     def reload_matches(self, quant: nn.Module, folder: Path, x: torch.Tensor, expected: torch.Tensor) -> bool:
         from transformers import AutoModelForCausalLM
 
-        reloaded = AutoModelForCausalLM.from_pretrained(folder)
+        # packed kernel formats (int4 tinygemm) load where they run: placed by from_pretrained itself
+        where = {} if self.device.type == "cpu" else {"device_map": str(self.device)}
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, **where)
         with torch.no_grad():
-            return bool(torch.equal(reloaded(x).logits.float(), expected))
+            return bool(torch.equal(self.forward(reloaded, x), expected))

@@ -7,6 +7,8 @@ Merging must come before quantization: converting first and merging afterwards f
 (NotImplementedError on aten.add_ for quantized tensors). Every forward, save and cross-rank
 decision goes through a `ConvertIO`; logits exist only where `io.has_logits` (the last rank of a
 sharded run), the report is computed there and shared, so every rank takes the same decisions.
+One process runs on the plan's device (the GPU whose kernels a CUDA-only scheme needs, else the
+CPU); logits always come back to the host, so every comparison is the same whatever the device.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def run_convert(plan: ConvertPlan) -> dict:
         return _convert_sharded(plan)
     from qat.convert.transforms import load_trained
 
-    loaded = load_trained(plan.checkpoint)
+    loaded = load_trained(plan.checkpoint, plan.device)
     with atomic_dir(plan.out, "the export") as tmp:
-        return convert(loaded, plan, LocalIO(), tmp)
+        return convert(loaded, plan, LocalIO(torch.device(plan.device)), tmp)
 
 
 def _convert_sharded(plan: ConvertPlan) -> dict:
@@ -44,6 +46,9 @@ def _convert_sharded(plan: ConvertPlan) -> dict:
     from qat.convert.sharded import ShardedIO, agree, load_part, run_in_shared_dir
     from qat.distributed import cleanup, init_distributed
 
+    if plan.device != "cpu":  # the slices and the pipeline's send/recv live in host memory (gloo)
+        raise UserError(f"scheme {plan.scheme.name!r} converts with CUDA kernels, in one process: run convert "
+                        f"without torchrun, or with --simulate to export hf/ sliced")
     init_distributed(torch.device("cpu"))  # gloo: the slices live in host memory
     try:
         loaded, part, tied = agree(load_part, plan.checkpoint, dist.get_rank(), dist.get_world_size())
@@ -64,7 +69,8 @@ def convert(loaded, plan: ConvertPlan, io: ConvertIO, tmp: Path) -> dict:
     job = Job(plan=plan, model=model, cfg=cfg, trained_scheme=trained_scheme, tokenizer=tokenizer,
               probe=probe_batch(tokenizer, cfg), dtype=dtype,
               report={"checkpoint": str(plan.checkpoint), "step": meta["step"], "mode": "hf-only",
-                      "training": "qat" if trained_scheme else "bf16", "qat_coverage": meta.get("qat_coverage")})
+                      "training": "qat" if trained_scheme else "bf16", "qat_coverage": meta.get("qat_coverage"),
+                      "device": plan.device})
     exporters = [EXPORTERS[name] for name in plan.artifacts]
     stage = Stages(["trained forward", "merge, cast"] + [s for e in exporters for s in e.stages(job)])
     with torch.no_grad():

@@ -45,10 +45,16 @@ class ConvertPlan:
     # simulated.json for a fake-quantized evaluation; "none": hf/ only (e.g. a pretrained base).
     quantize: str = "real"
     reload_check: bool = True
+    # Where the model is quantized, verified and reloaded: the CPU for schemes whose real kernels run
+    # there (intx) and for simulated or hf-only exports; the GPU whose kernels the scheme needs
+    # otherwise (int4, float8, nvfp4). Loading and the hf/ and adapter/ folders are the same either way.
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={self.quantize!r} is not one of {QUANTIZE_MODES}")
+        if self.device != "cpu" and self.quantize != "real":
+            raise ValueError(f"device={self.device!r}: only a real-kernel convert leaves the CPU")
 
     @property
     def artifacts(self) -> list[str]:
@@ -91,18 +97,36 @@ def choose_scheme(meta: dict, scheme: Optional[str], group_size: Optional[int], 
     return chosen, group, None
 
 
+def kernel_device(scheme: Scheme, machine: torch.device, capability: Optional[tuple[int, int]] = None,
+                  mslk: Optional[bool] = None) -> tuple[torch.device, Optional[str]]:
+    """(where convert quantizes, why `machine` lacks the scheme's real kernels or None).
+
+    A scheme whose kernels run on the CPU converts there on any machine: the intx convert equals
+    the fake-quantized forward bit for bit on the CPU, and a GPU would only add a copy. Any other
+    scheme converts on `machine` when it has the kernels (int4 packing, for one, is CUDA only);
+    without them the answer is the CPU and the reason, and the plan refuses or simulates.
+    `capability` and `mslk` default to this machine's (Scheme.missing_kernels)."""
+    if scheme.cpu_kernels:
+        return torch.device("cpu"), None
+    why = scheme.missing_kernels(machine, capability, mslk)
+    return (torch.device("cpu") if why else machine), why
+
+
 def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str] = None,
               group_size: Optional[int] = None, per_channel: bool = False, dtype: str = "auto",
               simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
-              device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest()) -> ConvertPlan:
+              device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest(),
+              capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None) -> ConvertPlan:
     """Resolve a conversion request. scheme/group_size/per_channel: an explicit request (must agree
     with a QAT checkpoint's record); `ptq`: what a bf16 checkpoint gets without one; `device`: where
-    real kernels would run (default: this machine's)."""
+    real kernels would run (default: this machine's), with its `capability` and `mslk` (default:
+    what this machine has; see kernel_device)."""
     path = find_checkpoint(Path(checkpoint))
     meta = ckpt.read_meta(path)
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
-    why = None if only_hf else chosen.missing_kernels(device or pick_device("auto"))
+    where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
+    why = None if only_hf else why
     if why and not simulate:
         raise UserError(f"{why}. Real kernels are missing here: rerun with --simulate to export hf/ and evaluate "
                         f"the fake-quantized model (evaluate.py --simulate {chosen.name}; labelled simulated)")
@@ -111,9 +135,21 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     mismatch = chosen.convert_mismatch(meta["qat"]) if meta.get("qat") and quantize == "real" else None
     if mismatch:
         raise UserError(mismatch)
+    if quantize == "real":
+        check_export_dtype(chosen, meta, dtype)
     lora = bool(meta.get("lora"))
     out = Path(out) if out else path.parent.parent / "export" / path.name
     check_target(out, folder=True, what="--out")  # before minutes of loading
     return ConvertPlan(checkpoint=path, out=out,
                        scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
-                       lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check)
+                       lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check,
+                       device=str(where) if quantize == "real" else "cpu")
+
+
+def check_export_dtype(scheme: Scheme, meta: dict, dtype: str) -> None:
+    """The scheme's real kernels take the export dtype ("auto": the run's training dtype)."""
+    resolved = meta["config"]["training"]["dtype"] if dtype == "auto" else dtype
+    need = scheme.kernel_dtype
+    if need is not None and resolved != need:
+        raise UserError(f"scheme {scheme.name!r} packs {need} weights for its kernels; this export would be "
+                        f"{resolved} (--dtype {dtype}): rerun with --dtype {need}")

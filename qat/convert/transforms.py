@@ -27,11 +27,14 @@ from qat.moe import unwrap
 from qat.schemes import EmbeddingQuant, Scheme, embedding_from_record, scheme_from_record
 
 
-def load_trained(path: Path) -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
-    """The trained model (fp32, un-sharded, fake quantizers in place for QAT runs)."""
+def load_trained(path: Path, device: str = "cpu") -> tuple[nn.Module, TrainConfig, dict, Optional[Scheme]]:
+    """The trained model (fp32, un-sharded, fake quantizers in place for QAT runs) on `device`: the
+    skeleton is built on the host, moved, and the checkpoint's tensors are read straight into it."""
     meta = ckpt.read_meta(path)
     cfg = config_from_dict(meta["config"])
     model, scheme = rebuild_as_trained(load_model(cfg.model), cfg, meta)
+    if device != "cpu":
+        model.to(device)
     load_checkpoint_weights(model, cfg, path)
     return model.eval(), cfg, meta, scheme
 

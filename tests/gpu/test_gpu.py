@@ -1,91 +1,36 @@
-"""GPU checks (marker `gpu`): run on the device machine by `bench/gpu_check.sh tests`, skipped
-where CUDA is missing, so CI (no GPU) never runs them. bench/README.md has the procedure.
+"""GPU checks (marker `gpu`) of single layers and blocks, in process: run on the device machine by
+`bench/gpu_check.sh tests`, skipped where CUDA is missing, so CI (no GPU) never runs them.
+bench/README.md has the procedure.
 
-Every check compares the CUDA path with the CPU path that the CPU suite already validates:
-- training: one GPU, bf16, the four modes (full or LoRA, bf16 or QAT 8da4w) through the real
-  recipe; the loss decreases and a resume from a mid-run checkpoint is bitwise;
+- float8 gradients survive in bf16;
 - a compiled QAT decoder block has no graph breaks, and a compiled fake-quantized Linear equals
   eager bit for bit;
 - real kernels: torchao's float8 (sm >= 8.9) equals fake quantization to the format's tolerance;
   the weights torchao's int4 kernels multiply with (tinygemm, and plain where mslk is installed)
-  are our int4 fake quantizer's, bit for bit; the schemes that use torchao's int4 and fp8-int4
-  configs train and convert;
-- emulated NVFP4 and MXFP4 QAT train like bf16;
-- convert and evaluate run on the tiny world.
+  are our int4 fake quantizer's, bit for bit; fp8-int4 matches torchao's own fake quantizer.
 
-tests/gpu/test_gpu_numerics.py (run first) compares our fake quantizers' numerics on CUDA with torchao's
-and the CPU's. tests/gpu/test_gpu_paths.py (run next) covers the paths built after this file: packed documents under
-sdpa, eager and flash-attention varlen, the CUDA prefetcher and the stream loader, learned scales,
-and MoE experts, each against the CPU reference.
-
-Only stable entry points are used: `qat.schemes.get_scheme` / `SCHEMES` and `Scheme.base_config`,
-the recipes as subprocesses, and the fake-quantizer classes.
+tests/gpu/test_gpu_numerics.py compares our fake quantizers' numerics on CUDA with torchao's and the
+CPU's; tests/gpu/test_gpu_paths.py covers packed documents, the data loaders, learned scales and MoE
+experts against the CPU; tests/gpu/test_gpu_runs.py runs the recipes (train, resume, convert with
+real kernels, evaluate) from one set of trained runs.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-# Calibrated on the CPU (fp32, same data): per-step losses vary +-0.3 with the batch, so the checks
-# compare the first loss with the mean of the last five. Full at lr 3e-3 falls 6.20 -> ~4.65 in 20
-# steps; LoRA r8 at lr 1e-2 falls 6.20 -> ~5.81; emulated NVFP4 tracks full bf16 within 0.1.
-QAT = ["qat.enabled=true", "qat.scheme=8da4w", "qat.group_size=32"]
-FULL = ["optimizer.lr=3e-3"]
-LORA = ["lora.enabled=true", "lora.rank=8", "lora.alpha=16", "optimizer.lr=1e-2"]
-MODES = {"full_bf16": FULL, "full_qat": FULL + QAT, "lora_bf16": LORA, "lora_qat": LORA + QAT}
-FLOAT_SCHEMES = ["float8", "nvfp4", "mxfp4"]
-STEPS, MID = 20, 10
 
 
 def capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
 
-def gpu_overrides(world: Path, out: Path, steps: int = STEPS, *, base_overrides) -> list[str]:
-    """The CPU suite's tiny run, moved to one GPU in bf16 (fp32 master weights, as on clusters)."""
-    drop = ("training.dtype=", "fsdp.device=", "training.steps=")
-    return [o for o in base_overrides(world, out) if not o.startswith(drop)] + [
-        "training.dtype=bf16", "fsdp.device=cuda", f"training.steps={steps}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deterministic_cublas():
-    """cuBLAS picks reduction orders per workspace; a fixed workspace makes reruns bitwise."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        yield
-
-
-def run_recipe(script: str, args: list, *, env) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def tail_mean(ls: list[float]) -> float:
-    return sum(ls[-5:]) / 5
-
-
-def final_weights(run_dir: Path, step: int, *, load_checkpoint_tensors) -> dict:
-    return load_checkpoint_tensors(run_dir / "checkpoints" / f"step-{step:06d}")["model"]
-
-
 def test_float8_gradients_survive_in_bf16_on_cuda(sample):
-    """The issue's bar: at most 1% zero weight-gradient entries (torchao's float8 fake quantizer
+    """The bar: at most 1% zero weight-gradient entries (torchao's float8 fake quantizer
     flushes 98.8% on an H200). Realistic magnitudes: weights ~0.02, gradients ~1e-6, bf16."""
     from qat.fake_quant import Float8Rowwise, fake_quant_linear
 
@@ -280,125 +225,3 @@ def test_torchao_fp8_int4_converts_and_matches_its_fake_quant(rel_error, sample)
     with torch.no_grad():
         # int4 alone moves the output by ~7.5%; a different grid would show far above this bound
         assert rel_error(real(x), fake(x)) < 3e-2
-
-
-# --- training through the recipe (each run is a process: these come after the unit checks) ----
-
-@pytest.fixture(scope="module")
-def trained(world, tmp_path_factory, base_overrides, run_train) -> dict[str, Path]:
-    """Each mode trains STEPS steps with a checkpoint at MID (one process, one GPU, NCCL)."""
-    root = tmp_path_factory.mktemp("gpu_train")
-    for mode, extra in MODES.items():
-        run_train(gpu_overrides(world, root / mode, base_overrides=base_overrides) + extra + [f"checkpoint.every_n_steps={MID}"])
-    return {mode: root / mode for mode in MODES}
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_bf16_training_decreases_the_loss(trained, mode, losses):
-    ls = losses(trained[mode])
-    assert len(ls) == STEPS and all(l == l for l in ls), ls  # no NaN
-    assert tail_mean(ls) < 0.97 * ls[0], ls
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_one_gpu_resume_is_bitwise(world, trained, tmp_path, mode, base_overrides, load_checkpoint_tensors, losses, run_train):
-    """Resume from the mid-run checkpoint in a fresh process: the same losses and weights, bit for bit."""
-    straight = trained[mode]
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copytree(straight / "checkpoints" / f"step-{MID:06d}", tmp_path / "checkpoints" / f"step-{MID:06d}")
-    run_train(gpu_overrides(world, tmp_path, base_overrides=base_overrides) + MODES[mode] + [f"checkpoint.every_n_steps={MID}",
-                                                             "checkpoint.resume=auto"])
-    assert losses(tmp_path) == losses(straight)[MID:]
-    ref, got = final_weights(straight, STEPS, load_checkpoint_tensors=load_checkpoint_tensors), final_weights(tmp_path, STEPS, load_checkpoint_tensors=load_checkpoint_tensors)
-    assert ref.keys() == got.keys()
-    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
-
-
-# --- emulated float formats train like bf16 ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def trained_float(world, tmp_path_factory, base_overrides, run_train) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gpu_float")
-    for scheme in FLOAT_SCHEMES:
-        run_train(gpu_overrides(world, root / scheme, base_overrides=base_overrides) + FULL + ["qat.enabled=true", f"qat.scheme={scheme}"])
-    return {scheme: root / scheme for scheme in FLOAT_SCHEMES}
-
-
-@pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
-def test_float_format_qat_trains_like_bf16(trained, trained_float, scheme, losses):
-    """Emulated QAT runs on any GPU (NVFP4 through torchao's own kernels fails on Hopper)."""
-    ref, ls = losses(trained["full_bf16"]), losses(trained_float[scheme])
-    assert len(ls) == STEPS and all(l == l for l in ls), ls
-    assert abs(ls[0] - ref[0]) <= 0.05 * ref[0], (ls, ref)  # same data and init: close at step 1
-    assert ls[0] - tail_mean(ls) >= 0.7 * (ref[0] - tail_mean(ref)), (ls, ref)  # and learns about as much
-
-
-# --- issue 13's torchao int4 schemes: real-kernel convert once they are registered -----------
-
-def schemes_using(config_name: str) -> list[str]:
-    """Registered scheme names whose torchao base config is `config_name` (whatever they are called)."""
-    from qat.schemes import SCHEMES
-
-    names = []
-    for name, scheme in SCHEMES.items():
-        try:
-            cfg = scheme.base_config(128)
-        except Exception:  # noqa: BLE001 - schemes without a real-kernel config (mxfp4) raise
-            continue
-        if type(cfg).__name__ == config_name:
-            names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("config_name, min_cap", [("Int4WeightOnlyConfig", (8, 0)),
-                                                   ("Float8DynamicActivationInt4WeightConfig", (9, 0))])
-def test_torchao_int4_schemes_train_and_convert_with_real_kernels(world, tmp_path, config_name, min_cap, base_overrides, env, run_train, sample):
-    """Issue 13's torchao int4 (tinygemm) and fp8-int4 schemes: skipped until one is registered."""
-    names = schemes_using(config_name)
-    if not names:
-        pytest.skip(f"no scheme in qat.schemes.SCHEMES uses torchao's {config_name} yet (issue 13 adds it)")
-    if capability() < min_cap:
-        pytest.skip(f"{config_name} kernels need sm >= {min_cap[0]}.{min_cap[1]}; this GPU is sm {capability()}")
-    from torchao.quantization import quantize_
-
-    from qat.schemes import get_scheme
-
-    real = linear_stack()
-    quantize_(real, get_scheme(names[0]).convert_config(128))  # the packing convert uses here
-    with torch.no_grad():
-        assert real(sample((64, 1024), 13, 1.0, torch.bfloat16).cuda()).isfinite().all()
-    run_train(gpu_overrides(world, tmp_path, steps=4, base_overrides=base_overrides) + FULL + ["qat.enabled=true", f"qat.scheme={names[0]}",
-                                                                "qat.group_size=128"])
-    run_recipe("convert.py", ["--checkpoint", tmp_path], env=env)
-    report = json.loads((tmp_path / "export/step-000004/verify.json").read_text())
-    assert report["mode"] == "qat" and not report.get("simulated"), report
-    assert report["converted_vs_fake_quant"]["rel_error"] < 5e-2, report
-    assert report["reload_equal"] is True
-
-
-# --- convert and evaluate on the tiny world ---------------------------------------------------
-
-def test_convert_and_evaluate_8da4w_on_the_gpu_machine(world, trained, tmp_path, env):
-    run = trained["full_qat"]
-    run_recipe("convert.py", ["--checkpoint", run], env=env)
-    out = run / "export" / f"step-{STEPS:06d}"
-    report = json.loads((out / "verify.json").read_text())
-    assert report["mode"] == "qat" and report["converted_equals_fake_quant"] is True, report
-    assert report["reload_equal"] is True
-    res_path = tmp_path / "eval.json"
-    run_recipe("evaluate.py", ["--model", out / "quantized", "--tasks", "local", "--data-dir", world / "eval",
-                               "--limit", "16", "--device", "cuda", "--out", res_path], env=env)
-    res = json.loads(res_path.read_text())["results"]
-    assert 0.0 <= res["hellaswag"]["acc"] <= 1.0
-    assert res["wikitext"]["bits_per_byte"] > 0
-
-
-@pytest.mark.skipif(capability() < (8, 9), reason="torchao's float8 kernels need sm >= 8.9")
-def test_float8_qat_converts_with_real_kernels(trained_float, env):
-    run = trained_float["float8"]
-    run_recipe("convert.py", ["--checkpoint", run], env=env)
-    report = json.loads((run / "export" / f"step-{STEPS:06d}" / "verify.json").read_text())
-    assert report["mode"] == "qat" and not report.get("simulated"), report
-    assert report["converted_vs_fake_quant"]["rel_error"] < 5e-2, report
-    assert report["converted_vs_fake_quant"]["top1_agreement"] > 0.9, report
-    assert report["reload_equal"] is True

@@ -4,7 +4,7 @@ helper that takes the device, so its comparisons can be exercised CPU against CP
 
 - against torchao's own fake quantizers on the same device: bit for bit, fp32 and bf16;
 - CUDA against the CPU: bf16 bitwise; fp32 scales within one ulp and codes one step apart only at
-  rounding ties (tests/devices.py says why and what share);
+  rounding ties (tests/gpu/conftest.py says why and what share);
 - the straight-through gradients on CUDA match the CPU's, given identical fake-quantized operands.
 """
 
@@ -57,7 +57,7 @@ def test_intx_weight_fake_quant_on_cuda_vs_cpu_differs_only_at_ties(bits, group,
 def check_intx_across_devices(bits, group, dtype, device, *, check_codes_at_ties, grid_codes, sample, within_one_ulp):
     """bf16: bitwise. fp32: scales within one ulp, and a code (with its clip decision) moves only at a
     rounding tie: at most the absmax of a group, whose value / scale is exactly qmax + 1/2
-    (tests/devices.py). Measured on an H200 at commit 613c35c: fp32 codes moved, bf16 ones did not."""
+    (tests/gpu/conftest.py). Measured on an H200 at commit 613c35c: fp32 codes moved, bf16 ones did not."""
     from qat.fake_quant import IntxWeight
 
     fq, gs = IntxWeight(bits, group), group or 512

@@ -4,7 +4,7 @@ file first (unit-sized checks, ~30 s on an H100), then tests/gpu/test_gpu.py.
 
 - packed `documents` rows at batch 2: a document's logits equal its logits alone, on CUDA with
   sdpa and eager (fp32 and bf16), and with flash_attention_2 through `flash_varlen_kwargs` when
-  transformers finds the flash-attn package (tests/test_data.py, tests/test_stream.py);
+  transformers finds the flash-attn package (tests/unit/test_data.py, tests/integration/test_stream.py);
 - the memory-mapped loader's CUDA prefetcher (pinned memory, side stream, event) gives the CPU
   loader's batches bitwise, also when a rewind makes the prefetched indices wrong (test_data.py);
 - the stream loader on CUDA gives the CPU's rows (test_stream.py);
@@ -91,7 +91,7 @@ DOC_TOL = {torch.float32: 1e-4, torch.bfloat16: 0.03}
 @pytest.fixture(scope="module")
 def packed_rows(world, tok, tmp_path_factory):
     """Two packed `documents` rows of 512 tokens (several documents each), as the CPU test takes them."""
-    data = text_data(world, tok, tmp_path_factory.mktemp("cache"), 512, tok=tok)
+    data = text_data(world, tok, tmp_path_factory.mktemp("cache"), 512)
     ids, _, pos = data.batch(torch.arange(2))
     return ids, pos
 
@@ -123,7 +123,7 @@ def flash_attention_2_missing() -> str | None:
 
 
 def test_flash_varlen_kwargs_keep_documents_apart_on_cuda(world, packed_rows, rel_error):
-    """The real flash_attn_varlen_func at batch 2 (tests/test_stream.py checks the kwargs against a
+    """The real flash_attn_varlen_func at batch 2 (tests/integration/test_stream.py checks the kwargs against a
     reference varlen attention on the CPU): each document's logits are its logits alone (flash, bf16),
     and the packed rows match sdpa's in bf16."""
     why = flash_attention_2_missing()
@@ -187,7 +187,7 @@ def target(device: str) -> torch.device:
 
 
 def test_memmap_prefetcher_on_cuda_gives_the_cpu_batches_bitwise(world, tok, tmp_path):
-    check_memmap_prefetcher(text_data(world, tok, tmp_path, 64, tok=tok), "cuda")
+    check_memmap_prefetcher(text_data(world, tok, tmp_path, 64), "cuda")
 
 
 def check_memmap_prefetcher(data, device: str) -> None:
@@ -201,7 +201,7 @@ def check_memmap_prefetcher(data, device: str) -> None:
 
 def stream_steps(data, device: str, steps: int = 4) -> tuple[list, set]:
     """StreamLoader's micro-batches, fresh at rank 1 of 2 (batch 2, accum 2), then resumed by one
-    rank from a 2-rank checkpoint (as in tests/test_stream.py) of the same shuffled order."""
+    rank from a 2-rank checkpoint (as in tests/integration/test_stream.py) of the same shuffled order."""
     from qat.data import StreamLoader
 
     out, devices = [], set()
@@ -222,7 +222,7 @@ def stream_steps(data, device: str, steps: int = 4) -> tuple[list, set]:
 
 
 def test_stream_loader_on_cuda_gives_the_cpu_rows(world, tok, tmp_path):
-    check_stream_loader(text_data(world, tok, tmp_path, 64, streaming=True, tok=tok), "cuda")
+    check_stream_loader(text_data(world, tok, tmp_path, 64, streaming=True), "cuda")
 
 
 def check_stream_loader(data, device: str) -> None:
@@ -248,7 +248,7 @@ def learned_scale_case(device: str, bits: int, act: bool, dtype=torch.float32, *
     from qat.fake_quant import Int8PerToken, IntxWeight, QATLinear, fake_quant_linear
     from qat.learned_scales import reinit_at_start
 
-    # the activations quantized on the CPU for every device (tests/devices.py): identical operands
+    # the activations quantized on the CPU for every device (tests/gpu/conftest.py): identical operands
     fq, afq = IntxWeight(bits, 32), (PinnedToCPU(Int8PerToken()) if act else None)
     w = sample((96, 256), 20, 0.05, dtype)
     move = torch.empty(96, 8).uniform_(0.6, 1.4, generator=torch.Generator().manual_seed(21))
@@ -304,7 +304,7 @@ def check_learned_scale_forward(dtype, device: str, *, PinnedToCPU, within_one_u
 def check_scales_and_grid(ref: dict, got: dict, dtype, *, within_one_ulp) -> None:
     """The fake quant at a given scale is elementwise: bitwise. The rule's scale absmax / (qmax + 1/2)
     divides by a Python float, which CUDA does through its reciprocal: fp32 scales within one ulp
-    (tests/devices.py); in bf16 the rounding to 8 bits hides it (bitwise). The re-init computes the rule
+    (tests/gpu/conftest.py); in bf16 the rounding to 8 bits hides it (bitwise). The re-init computes the rule
     on an fp32 copy of the weight, so it is within one ulp in both."""
     for k in ("wq", "mask"):
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
@@ -319,13 +319,13 @@ MOE = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_
        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)}
 
 
-def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, pin: bool = False, *, PinnedToCPU, logits) -> dict:
-    """A tiny MoE model (tests/test_moe.py's), intx4 QAT on its experts, the expert forward `impl`
+def moe_case(kind: str, impl: str, device: str, dtype=torch.float32, pin: bool = False, *, PinnedToCPU) -> dict:
+    """A tiny MoE model (tests/unit/test_moe.py's), intx4 QAT on its experts, the expert forward `impl`
     of transformers (eager: a loop over experts; grouped_mm: torch's grouped GEMM, which on CUDA is
     CUTLASS in bf16 on sm90 and a loop of mm otherwise, or transformers' own fallback op): fake-quantized
     expert weights, masks, the rule's scales and the weights as [E * out, in] rows, then logits and
     expert weight gradients, on the CPU. `pin`: the forward uses CPU-quantized weights (identical
-    operands on every device, tests/devices.py)."""
+    operands on every device, tests/gpu/conftest.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qat import moe
@@ -387,17 +387,20 @@ def pin_to_cpu(model, *, PinnedToCPU) -> None:
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl, PinnedToCPU, check_codes_at_ties, grid_codes, logits, rel_error, within_one_ulp):
+def test_moe_expert_fake_quant_on_cuda_matches_cpu(kind, impl, PinnedToCPU, check_codes_at_ties, grid_codes, rel_error, within_one_ulp):
     """fp32, CUDA against the CPU with the same expert forward. Our code calls no grouped kernel: it
     substitutes the fake-quantized 3D weights and runs the model's own expert forward."""
-    check_moe(kind, impl, "cuda", PinnedToCPU=PinnedToCPU, check_codes_at_ties=check_codes_at_ties, grid_codes=grid_codes, logits=logits, rel_error=rel_error, within_one_ulp=within_one_ulp)
+    check_moe(kind, impl, "cuda", PinnedToCPU=PinnedToCPU, check_codes_at_ties=check_codes_at_ties, grid_codes=grid_codes,
+              rel_error=rel_error, within_one_ulp=within_one_ulp)
 
 
-def check_moe(kind: str, impl: str, device: str, *, PinnedToCPU, check_codes_at_ties, grid_codes, logits, rel_error, within_one_ulp) -> None:
-    ref, got = moe_case(kind, impl, "cpu", pin=True, PinnedToCPU=PinnedToCPU, logits=logits), moe_case(kind, impl, device, pin=True, PinnedToCPU=PinnedToCPU, logits=logits)
+def check_moe(kind: str, impl: str, device: str, *, PinnedToCPU, check_codes_at_ties, grid_codes, rel_error,
+              within_one_ulp) -> None:
+    ref = moe_case(kind, impl, "cpu", pin=True, PinnedToCPU=PinnedToCPU)
+    got = moe_case(kind, impl, device, pin=True, PinnedToCPU=PinnedToCPU)
     for n in [k[len("w2d."):] for k in ref if k.startswith("w2d.")]:
         # fp32 scales absmax / 7.5 within one ulp; a code and its clip decision move only at a
-        # rounding tie, at most the absmax of a group of 32 (tests/devices.py)
+        # rounding tie, at most the absmax of a group of 32 (tests/gpu/conftest.py)
         s, s_ref, rows = got[f"scale.{n}"], ref[f"scale.{n}"], ref[f"w2d.{n}"].shape[0]
         assert within_one_ulp(s, s_ref), n
         ratio = ref[f"w2d.{n}"].double().reshape(rows, -1, 32) / s_ref.double().reshape(rows, -1, 1)
@@ -416,16 +419,16 @@ def check_moe(kind: str, impl: str, device: str, *, PinnedToCPU, check_codes_at_
 
 
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind, PinnedToCPU, logits, rel_error):
+def test_moe_grouped_mm_in_bf16_on_cuda_matches_the_eager_expert_loop(kind, PinnedToCPU, rel_error):
     """bf16, training's dtype: where torch's grouped GEMM runs (sm >= 8.0 in transformers' rule), it
     takes our fake-quantized weights as the eager loop does. Same device, so the router's choices are
     identical; the expert matmuls round differently in bf16 (2**-8 relative per op)."""
-    check_moe_grouped_bf16(kind, "cuda", PinnedToCPU=PinnedToCPU, logits=logits, rel_error=rel_error)
+    check_moe_grouped_bf16(kind, "cuda", PinnedToCPU=PinnedToCPU, rel_error=rel_error)
 
 
-def check_moe_grouped_bf16(kind: str, device: str, *, PinnedToCPU, logits, rel_error) -> None:
-    loop = moe_case(kind, "eager", device, torch.bfloat16, PinnedToCPU=PinnedToCPU, logits=logits)
-    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16, PinnedToCPU=PinnedToCPU, logits=logits)
+def check_moe_grouped_bf16(kind: str, device: str, *, PinnedToCPU, rel_error) -> None:
+    loop = moe_case(kind, "eager", device, torch.bfloat16, PinnedToCPU=PinnedToCPU)
+    grouped = moe_case(kind, "grouped_mm", device, torch.bfloat16, PinnedToCPU=PinnedToCPU)
     for k in loop:
         if k.startswith(("wq.", "mask.")):
             assert torch.equal(grouped[k], loop[k]), k
