@@ -31,6 +31,12 @@ def main(argv=None) -> None:
         return
     if cmd == "data":
         os.execv(sys.executable, [sys.executable, "-m", "qat.data", *rest])
+    if cmd in ("train", "convert", "evaluate", "compare") and not RECIPES.is_dir():
+        # the recipes are scripts of the repository, not part of the installed package
+        print(f"error: qat {cmd} runs recipes/{cmd}.py of a checkout of this repository, and this install has "
+              f"none ({RECIPES} is missing); install with `pip install -e <checkout>` or run the script directly",
+              file=sys.stderr)
+        sys.exit(2)
     if cmd == "train" or (cmd == "convert" and rest[:1] == ["--nproc"]):
         nproc = "1"
         if rest[:1] == ["--nproc"]:
