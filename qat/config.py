@@ -146,8 +146,11 @@ class TrainingConfig:
     gradient_accumulation_steps: int = rule(1, ge=1)
     max_grad_norm: Optional[float] = rule(1.0, gt=0, why="null disables clipping")
     seed: int = rule(0, ge=0)
-    # compute dtype: "bf16" or "fp32" (CPU tests); master weights are fp32
+    # compute dtype: "bf16" or "fp32" (CPU tests)
     dtype: str = rule("bf16", choices=("bf16", "fp32"))
+    # the stored weights and AdamW state: fp32 (the default) keeps small updates that bf16 rounds
+    # away; bf16 halves weight and optimizer memory, as a plain bf16 loop does (docs/training.md)
+    master_dtype: str = rule("fp32", choices=("fp32", "bf16"))
     stop_after_steps: Optional[int] = rule(None, ge=1)  # checkpoint and exit early; the schedule is unchanged
 
 
@@ -267,6 +270,9 @@ def validate(cfg: TrainConfig) -> None:
         from qat.schemes import get_scheme
 
         check_learnable(get_scheme(cfg.qat.scheme), True)
+    if cfg.training.master_dtype == "bf16" and cfg.training.dtype != "bf16":
+        raise UserError("training.master_dtype=bf16 needs training.dtype=bf16 (weights stored in bf16 cannot "
+                        "compute in fp32 any more precisely); set training.dtype=bf16 or master_dtype=fp32")
     if cfg.qat.learn_scales and cfg.qat.backend == "torchao":
         raise UserError("qat.learn_scales=true needs qat.backend=qatlinear (or auto): torchao's fake quantizers "
                         "compute their scales")
@@ -301,6 +307,21 @@ def _merge(schema, path: Optional[str], overrides: list[str]):
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(_describe(e, path)) from None
+    except TypeError:  # OmegaConf: a list where the schema has a mapping, or the reverse
+        raise UserError(_container_mismatch(base, path, overrides)) from None
+
+
+def _container_mismatch(base, path: Optional[str], overrides: list[str]) -> str:
+    """The one-line reason a merge failed on a container type: the first override (or the YAML)
+    that gives a list where the schema holds a mapping, or the reverse."""
+    for item in overrides:
+        try:
+            OmegaConf.merge(base, _dotlist([item]))
+        except (TypeError, OmegaConfBaseException):
+            key, _, value = item.partition("=")
+            want = "a mapping ({k: v, ...})" if isinstance(OmegaConf.select(base, key), DictConfig) else "a list"
+            return f"{key}: expected {want}, got {value!r}"
+    return f"{path}: a value is a list where the schema expects a mapping, or the reverse"
 
 
 def _dotlist(overrides) -> DictConfig:

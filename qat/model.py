@@ -359,11 +359,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def shard_model(model: nn.Module, cfg: FSDPConfig, lora: bool, mesh, device: torch.device,
-                compute_dtype: torch.dtype) -> None:
+                compute_dtype: torch.dtype, master_dtype: torch.dtype = torch.float32) -> None:
     """Activation checkpointing, compile and FSDP2, in that order; with fsdp.init_from_rank0, the
-    ranks that built the model on meta then receive rank 0's weights."""
+    ranks that built the model on meta then receive rank 0's weights. `master_dtype` is the dtype
+    the weights are stored (and AdamW's state kept) in; bf16 drops the fp32 master copy."""
     import torch.distributed as dist
 
+    if master_dtype != torch.float32:
+        cast_keep_buffers(model, master_dtype)  # RoPE's inv_freq stays fp32, as from_pretrained keeps it
     if lora:
         cast_frozen(model, compute_dtype)
     from_rank0 = cfg.init_from_rank0 and dist.get_world_size() > 1

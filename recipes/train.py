@@ -82,7 +82,7 @@ class TrainRecipe:
         self.coverage = None if self.scheme is None else apply_qat(model, cfg.qat, self.scheme)
         if self.rank == 0 and self.coverage is not None:
             print(describe(self.coverage), flush=True)
-        shard_model(model, cfg.fsdp, cfg.lora.enabled, self.mesh, self.device, dtype)
+        shard_model(model, cfg.fsdp, cfg.lora.enabled, self.mesh, self.device, dtype, DTYPES[cfg.training.master_dtype])
         self.model = model
         self.teacher = None if not cfg.distill.enabled else build_teacher(
             cfg.distill, model, cfg.lora.enabled,

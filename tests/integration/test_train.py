@@ -175,3 +175,17 @@ def test_checkpoints_keep_last_k_and_meta_records_the_scheme(world, tmp_path, ba
     assert done["step"] == 6 and done["loss"] == losses(tmp_path)[-1] and done["scheme"] == meta["qat"]
     assert 0 < done["train_time_s"] and done["world_size"] == 1
     assert (tmp_path / "config.yaml").read_text().count("8da2w") == 1
+
+
+def test_bf16_master_weights_store_weights_and_adamw_state_in_bf16(world, tmp_path, base_overrides, run_train,
+                                                                     losses, load_checkpoint_tensors):
+    """training.master_dtype=bf16: no fp32 copy anywhere, as a plain bf16 loop; it still trains."""
+    run_train(base_overrides(world, tmp_path) + ["training.dtype=bf16", "training.master_dtype=bf16",
+                                                 "training.steps=4", "optimizer.lr=3e-3"], 2)
+    saved = load_checkpoint_tensors(tmp_path / "checkpoints/step-000004")
+    weights = {k: v for k, v in saved["model"].items() if v.is_floating_point()}
+    states = [t for s in saved["optim"]["state"].values() for t in s.values() if t.is_floating_point() and t.ndim]
+    assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert states and {t.dtype for t in states} == {torch.bfloat16}
+    got = losses(tmp_path)
+    assert len(got) == 4 and got[-1] < got[0], got

@@ -127,3 +127,10 @@ def test_legal_but_surely_unintended_values_warn_in_one_line_and_go_on(capsys):
                    "optimizer.lr",
                    "warning: qat.fake_quant_after_n_steps=20 >= training.steps=20: no step trains with fake "
                    "quantization"]
+
+
+def test_bf16_master_weights_need_bf16_compute():
+    from qat.errors import UserError
+
+    with pytest.raises(UserError, match="training.master_dtype=bf16 needs training.dtype=bf16"):
+        load_config(str(ROOT / "configs/tiny/full.yaml"), ["training.master_dtype=bf16", "training.dtype=fp32"])
