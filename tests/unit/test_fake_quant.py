@@ -240,7 +240,8 @@ def test_float_formats_match_torchao_reference_and_keep_the_gradient(kind):
 
 
 def test_torchao_float8_fake_quantizer_flushes_small_gradients_and_ours_does_not():
-    """The bug our float8 path fixes (DESIGN.md: 98.8% zero weight gradients on H200)."""
+    """The bug our float8 path fixes: torchao's float8 fake quantizer flushes gradients of 1e-6 to
+    zero (98.8% of the weight gradient's entries on an H200, 99.2% of these on a CPU)."""
     torch.manual_seed(0)
     x = (torch.randn(16, 128) * 0.05).requires_grad_()
     reference_float("float8", x).backward(torch.randn(16, 128) * 1e-6)
