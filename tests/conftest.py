@@ -193,7 +193,8 @@ def rel_error():
         """||got - ref|| / ||ref|| over all elements (L2), in float64."""
         import torch
 
-        got, ref = torch.as_tensor(got).double(), torch.as_tensor(ref).double()
+        # float64 from the start: a list of Python floats (logged losses) must not pass through fp32
+        got, ref = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
         return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
     return error

@@ -80,7 +80,8 @@ def test_resume_from_incomplete_and_corrupt_checkpoints(capsys, world, trained, 
 
 
 def test_truncated_shards_fail_cleanly_through_torchrun(world, trained, tmp_path, base_overrides, run_train):
-    """Corruption DCP finds only while loading: one error line, exit 2, the source left intact."""
+    """Corruption DCP finds only while loading: one error line; the worker ends its torchrun with
+    SIGKILL (status -9, so torchrun prints no report of its own); no new checkpoint written."""
     bad = tmp_path / "run" / "checkpoints" / "step-000002"
     shutil.copytree(trained / "checkpoints" / "step-000002", bad)
     shard = next(bad.glob("*.distcp"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qat.config import ChatConfig, DataConfig, DataSource
-from qat.data import build_dataset
+from qat.data import IGNORE, build_dataset, tokenize_chat
 from qat.data.chat import RoleRule
 from qat.data.stream import Position, RankStream
 from qat.errors import UserError
@@ -112,8 +112,18 @@ def test_sharegpt_rows_with_a_role_mapping_tokenize_like_openai_rows(world, tok,
     roles = ChatConfig(roles={"human": "user", "gpt": "assistant"})
     want = build_dataset(chat_cfg(openai, tmp_path / "c", packing=packing), tok, log=lambda m: None)
     got = build_dataset(chat_cfg(share, tmp_path / "c", packing=packing, chat=roles), tok, log=lambda m: None)
-    assert len(want) > 0 and entry_bytes(got) == entry_bytes(want)
-    assert (got.sources[0].flags & 1).sum() > 0  # the assistant replies carry the loss
+    assert len(want) == {"documents": 74, "pad": 40}[packing] and entry_bytes(got) == entry_bytes(want)
+    # the loss flags are exactly tokenize_chat's supervised tokens: the assistant replies
+    tokens, flags = np.asarray(got.sources[0].tokens), (np.asarray(got.sources[0].flags) & 1) != 0
+    pairs = [(np.asarray(ids), np.asarray(labels) != IGNORE) for ids, labels in tokenize_chat(convs, tok)]
+    if packing == "documents":  # the conversations back to back, cut into rows, the ragged tail dropped
+        ids, loss = (np.concatenate(parts) for parts in zip(*pairs))
+        assert np.array_equal(tokens.ravel(), ids[:tokens.size]) and np.array_equal(flags.ravel(), loss[:tokens.size])
+    else:  # a conversation per row, cut at seq_len; the padding carries no loss
+        for row, (ids, loss) in enumerate(pairs):
+            n = min(64, len(ids))
+            assert np.array_equal(tokens[row, :n], ids[:n]) and np.array_equal(flags[row, :n], loss[:n])
+            assert not flags[row, n:].any()
     # the stream path reads the same rows from the same files
     stream = build_dataset(chat_cfg(share, tmp_path / "c", packing=packing, chat=roles, streaming=True, shuffle=False),
                            tok, log=lambda m: None)

@@ -50,11 +50,14 @@ def lora_distill_parity(world, tmp_path_factory, base_overrides, lora_args, run_
 def test_self_teacher_starts_at_zero_kl_and_is_world_size_independent(lora_distill_parity, losses, read_metrics, rel_close):
     runs = lora_distill_parity
     first = read_metrics(runs["w2b2a2"])[0]
-    # LoRA's B starts at 0: before the first update, student and teacher are the same function
+    # LoRA's B starts at 0: before the first update, student and teacher are the same function. The
+    # KL is 0.0 at world 1 and 2.4e-10 here (the teacher's head runs in chunks of 16 positions, a
+    # matmul of another shape than the student's lm_head: fp32 rounding); one step later it is 1.1e-5
     assert abs(first["train/kd_loss"]) < 1e-6 and first["train/ce_loss"] > 1.0
     assert first["train/loss"] == pytest.approx(0.7 * first["train/kd_loss"] + 0.3 * first["train/ce_loss"], rel=1e-6)
     later = [m["train/kd_loss"] for m in read_metrics(runs["w2b2a2"])[1:]]
-    assert all(k > 0 for k in later)  # once the adapters move, the student drifts from its teacher
+    # once the adapters move, the student drifts from its teacher, further at every step
+    assert later[0] > 1e-6 and all(a < b for a, b in zip(later, later[1:])), later
     assert rel_close(losses(runs["w1b8"]), losses(runs["w2b2a2"]), 1e-5)
     assert rel_close([m["train/kd_loss"] for m in read_metrics(runs["w1b8"])[1:]], later, 1e-4)
 
@@ -67,7 +70,8 @@ def test_qad_resume_is_bitwise_with_the_fake_quant_delay_across_it(world, tmp_pa
     run_train(base_overrides(world, split) + args + ["checkpoint.resume=auto"], 2)
     assert losses(split) == losses(straight)
     kd = [m["train/kd_loss"] for m in read_metrics(straight)]
-    assert abs(kd[0]) < 1e-6 and kd[2] > kd[1]  # fake quantization from step 3 widens the gap
+    # fake quantization from step 3 widens the gap: measured 0.0, 5.4e-9, then 1.4e-2 (int2 weights)
+    assert abs(kd[0]) < 1e-6 and kd[1] < 1e-6 and kd[2] > 1e-3, kd
 
 
 def test_full_run_teacher_is_a_frozen_copy_of_the_start(world, tmp_path, base_overrides, read_metrics, run_train):
@@ -80,4 +84,5 @@ def test_full_run_teacher_is_a_frozen_copy_of_the_start(world, tmp_path, base_ov
         run_train(base_overrides(world, out) + DISTILL + [f"distill.teacher={teacher}", "distill.weight=0.5",
                                                          "training.steps=3"], 1)
         kd = [m["train/kd_loss"] for m in read_metrics(out)]
-        assert abs(kd[0]) < 1e-6 and kd[1] > 1e-6 and kd[2] > 1e-6
+        # measured 0.0, 2.0e-3, 1.3e-2: the student leaves its teacher further at every step
+        assert abs(kd[0]) < 1e-6 and 1e-6 < kd[1] < kd[2], kd

@@ -40,7 +40,12 @@ def test_sweep_report_simulates_a_scheme_without_real_kernels(world, tmp_path, b
     rows = json.loads((sweep_dir / "sweep_results.json").read_text())
     evaluated = sorted((Path(r["run"]).name, r["model"], r.get("simulated")) for r in rows if r["model"] != "train")
     assert evaluated == [("run-000", "bf16", False), ("run-000", "ptq", True), ("run-001", "qat", True)]
-    assert all(r["eval/wikitext/bits_per_byte"] > 0 for r in rows if r["model"] != "train")
+    # each row holds the numbers of its model's own evaluation record
+    for r in rows:
+        if r["model"] != "train":
+            record = json.loads((Path(r["run"]) / "eval" / f"{r['model']}.json").read_text())["results"]
+            assert r["eval/wikitext/bits_per_byte"] == record["wikitext"]["bits_per_byte"] > 0, r
+            assert r["eval/hellaswag/acc"] == record["hellaswag"]["acc"], r
     table = (sweep_dir / "sweep_report.md").read_text()
     assert "| ptq (simulated) |" in table and "| qat (simulated) |" in table and "| bf16 |" in table
     for run, kind in [("run-000", "ptq"), ("run-001", "qat")]:

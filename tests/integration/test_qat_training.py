@@ -35,7 +35,9 @@ def test_merged_lora_mode_with_learned_scales_exports_exactly_what_it_trained(wo
     key = next(k for k in scales if "layers.0.self_attn.q_proj" in k)
     start = IntxWeight(2, 32).init_scale(base["model.layers.0.self_attn.q_proj.weight"])
     assert scales[key].shape == start.shape == (128, 4) and not torch.equal(scales[key], start)
-    assert float((scales[key] - start).abs().max()) < 0.5 * float(start.abs().max())
+    # Adam moves a parameter by about its learning rate per step, at most: 4 steps at 1e-3 x 3 (the
+    # scale multiplier) bound the travel by 1.2e-2; measured 9.1e-3, against scales up to 5.6e-2
+    assert float((scales[key] - start).abs().max()) <= 4 * 1e-3 * 3
 
 
 @pytest.mark.parametrize("scheme", ["float8", "nvfp4", "mxfp4"])

@@ -37,25 +37,33 @@ def final_model(run_dir, step, *, load_checkpoint_tensors):
     return load_checkpoint_tensors(run_dir / "checkpoints" / f"step-{step:06d}")["model"]
 
 
+# Parity tolerance: world 2 sums the gradients in another order (reduce-scatter), a rounding of
+# ~1e-7 in fp32 that 5 Adam steps carry. Measured: losses 1.1e-7, grad norms 2.8e-7, weights at
+# most 4.3e-7 relative; accumulation 1.5e-7, a resume at another world size 1.3e-7. 1e-5 leaves
+# room for another CPU's BLAS; a loss-scaling mistake (a factor of 2 or of the world size) moves
+# the grad norms by that factor.
+PARITY = 1e-5
+
+
 def test_fsdp2_world_2_matches_single_process_on_the_combined_batch(parity_runs, load_checkpoint_tensors, losses, read_metrics, rel_close):
     a, b = parity_runs["w1b8"], parity_runs["w2b4"]
     la, lb = losses(a), losses(b)
     assert len(la) == 5 and la[-1] < la[0]
-    assert rel_close(lb, la, 1e-5), (la, lb)
-    assert rel_close(grad_norms(b, read_metrics=read_metrics), grad_norms(a, read_metrics=read_metrics), 1e-5)  # catches loss-scaling mistakes Adam would hide
+    assert rel_close(lb, la, PARITY), (la, lb)
+    assert rel_close(grad_norms(b, read_metrics=read_metrics), grad_norms(a, read_metrics=read_metrics), PARITY)  # catches loss-scaling mistakes Adam would hide
     pa, pb = final_model(a, 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(b, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     assert pa.keys() == pb.keys()
     for k in pa:
-        assert rel_close(pb[k], pa[k], 1e-5), k
+        assert rel_close(pb[k], pa[k], PARITY), k
 
 
 def test_gradient_accumulation_equals_the_larger_micro_batch(parity_runs, load_checkpoint_tensors, losses, read_metrics, rel_close):
     b, c = parity_runs["w2b4"], parity_runs["w2b2a2"]
-    assert rel_close(losses(c), losses(b), 1e-5)
-    assert rel_close(grad_norms(c, read_metrics=read_metrics), grad_norms(b, read_metrics=read_metrics), 1e-5)
+    assert rel_close(losses(c), losses(b), PARITY)
+    assert rel_close(grad_norms(c, read_metrics=read_metrics), grad_norms(b, read_metrics=read_metrics), PARITY)
     pb, pc = final_model(b, 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(c, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     for k in pb:
-        assert rel_close(pc[k], pb[k], 1e-5), k
+        assert rel_close(pc[k], pb[k], PARITY), k
 
 
 @pytest.mark.parametrize("src, dst, nproc", [("w2b4", "w1", 1), ("w1b8", "w2", 2)])
@@ -66,10 +74,10 @@ def test_checkpoint_resumes_at_another_world_size(world, parity_runs, tmp_path, 
     bs = 8 // nproc
     run_train(base_overrides(world, other) + ["training.steps=5", f"training.batch_size={bs}",
                                               "checkpoint.resume=auto"], nproc)
-    assert rel_close(losses(other), losses(parity_runs[src])[3:], 1e-5)
+    assert rel_close(losses(other), losses(parity_runs[src])[3:], PARITY)
     ref, got = final_model(parity_runs[src], 5, load_checkpoint_tensors=load_checkpoint_tensors), final_model(other, 5, load_checkpoint_tensors=load_checkpoint_tensors)
     for k in ref:
-        assert rel_close(got[k], ref[k], 1e-5), k
+        assert rel_close(got[k], ref[k], PARITY), k
 
 
 def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_path, base_overrides, losses, qat_args, run_train, logits):
@@ -94,6 +102,8 @@ def test_fake_quantized_forward_under_fsdp2_equals_the_unsharded_one(world, tmp_
     lab = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
     expected = float(loss) / int((lab != IGNORE).sum())
+    # measured 4.2e-8 relative: FSDP2 sums the two ranks' token losses in another order than one
+    # cross_entropy over the batch; a wrongly quantized shard moves it by more than 1e-3
     assert abs(losses(tmp_path)[0] - expected) <= 1e-6 * expected
 
 
@@ -149,12 +159,13 @@ def test_lora_resume_and_only_adapters_train(world, tmp_path, base_overrides, lo
     assert f"{once} 3 " in resumed.stdout
     assert losses(straight)[0] > losses(straight)[-1]
     assert losses(every) == losses(straight)
-    assert rel_close(losses(split), losses(straight), 1e-5)
+    assert rel_close(losses(split), losses(straight), PARITY)
     assert losses(split)[:3] == losses(straight)[:3]
     state = load_checkpoint_tensors(straight / "checkpoints" / "step-000006")
     assert state["model"] and all(".lora_A." in k or ".lora_B." in k for k in state["model"])
     assert set(state["optim"]["state"]) == set(state["model"])
-    assert any(v.abs().sum() > 0 for k, v in state["model"].items() if "lora_B" in k)  # B starts at 0
+    lora_b = [v for k, v in state["model"].items() if "lora_B" in k]
+    assert len(lora_b) == 14 and all(v.abs().sum() > 0 for v in lora_b)  # every B moved from its 0 start
     every_state = load_checkpoint_tensors(every / "checkpoints" / "step-000006")["model"]
     assert all(torch.equal(every_state[k], v) for k, v in state["model"].items())
 

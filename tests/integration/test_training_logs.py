@@ -53,11 +53,13 @@ def test_training_log_into_a_file_has_progress_lines_and_no_noise(world, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr
     # the libraries' bars too (qat.progress.plain_library_bars): transformers loading weights,
-    # datasets generating a split and mapping; each a first and a final line
-    for desc, final in (("Loading weights", "100%|"), ("Generating train split", "examples/s]"),
-                        ("tokenize data.sources[0]", "100%|")):
+    # datasets generating a split (one per source file: two) and mapping; each bar a first and a
+    # final line, nothing between (QAT_PROGRESS_EVERY_S=3600)
+    for desc, final, bars in (("Loading weights", "100%|", 1), ("Generating train split", "examples/s]", 2),
+                              ("tokenize data.sources[0]", "100%|", 1)):
         lines = [l for l in proc.stderr.splitlines() if l.startswith(desc + ":")]
-        assert len(lines) >= 2 and final in lines[-1] and "?" in lines[0], (desc, proc.stderr)
+        assert len(lines) == 2 * bars, (desc, proc.stderr)
+        assert all("?" in a and final in b for a, b in zip(lines[::2], lines[1::2])), lines
     bar = [l for l in proc.stderr.splitlines() if l.startswith("train:")]
     assert [l.split("|")[0] for l in bar] == ["train:   0%", "train: 100%"], proc.stderr
     assert "6/6" in bar[-1]

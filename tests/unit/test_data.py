@@ -42,7 +42,9 @@ def test_concat_rows_are_the_documents_back_to_back_with_eos(world, tok, tmp_pat
     ids, labels, pos = data.batch(torch.arange(n))
     assert len(data) == n and pos is None
     assert torch.equal(ids, torch.tensor(stream[: n * 64]).view(n, 64)) and torch.equal(ids, labels)
-    assert (ids == tok.eos_token_id).sum() > 0
+    # an EOS ends each document, at the end of its own tokens, and nowhere else
+    ends = np.cumsum([len(tok(t)["input_ids"]) + 1 for t in texts])
+    assert (ids.flatten() == tok.eos_token_id).nonzero().flatten().tolist() == [e - 1 for e in ends if e <= n * 64]
 
 
 def test_documents_packing_positions_and_labels(world, tok, tmp_path):
@@ -79,7 +81,9 @@ def test_second_build_is_a_cache_hit_and_corrupt_entries_are_rebuilt(world, tok,
     # another seq_len or packing=concat reuses the same tokens: nothing is tokenized again
     again = build_dataset(text_cfg(world, tmp_path, seq_len=32, packing="concat"), tok, log=logs.append)
     assert "cache hit" in logs[2] and "nothing to tokenize" in logs[2]
-    assert len(again) == len(first) * 2 or len(again) == len(first) * 2 + 1
+    texts = [json.loads(l)["text"] for l in (world / "data/pretrain.jsonl").read_text().splitlines()[:300]]
+    tokens = sum(len(tok(t)["input_ids"]) + 1 for t in texts)  # each document and its EOS
+    assert len(again) == tokens // 32
     [entry] = [p for p in tmp_path.iterdir() if p.is_dir()]
     want = first.batch(torch.arange(len(first)))[0]
     flags = entry / "flags.bin"
@@ -198,11 +202,14 @@ def test_a_document_inside_a_packed_row_has_its_logits_alone(world, tok, tmp_pat
         for s, e in zip(starts[:-1], starts[1:]):
             with torch.no_grad():
                 alone = model(input_ids=ids[r : r + 1, s:e], use_cache=False).logits[0]
+            # measured at most 4.8e-7 (fp32; a document alone is a shorter matmul that the BLAS
+            # blocks differently); 1e-5 leaves room for other CPUs, far below a leak across documents
             assert (packed[r, s:e] - alone).abs().max() <= 1e-5
             if s > 0:
-                assert (crossing[r, s:e] - alone).abs().max() > 1e-2  # the test can tell
+                # the test can tell: attending across documents moves these logits by 0.95 to 1.06
+                assert (crossing[r, s:e] - alone).abs().max() > 0.5
                 checked += 1
-    assert checked >= 2
+    assert checked == 4  # documents that start inside the two rows
 
 
 def test_prefetcher_gives_the_step_its_own_rows_and_leaves_the_sampler_alone(world, tok, tmp_path):

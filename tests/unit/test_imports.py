@@ -81,7 +81,13 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 40  # the whole library and eval/ were found
+    # the library and eval/ (the package qat.eval) were found and their imports read: top-level ones,
+    # one inside a function (sharded convert loads qat.checkpoint lazily), and eval/'s into qat
+    assert {"qat.errors", "qat.fake_quant", "qat.layout", "qat.moe"} <= graph["qat.coverage"]
+    assert "qat.checkpoint" in graph["qat.convert.sharded"]
+    assert "qat.convert.experts" in graph["qat.eval.harness"]
+    # and the search reports a cycle where there is one
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     cycle = _cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 

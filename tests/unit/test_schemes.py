@@ -74,7 +74,9 @@ def test_fake_quant_changes_the_output_and_can_be_disabled(base):
         set_fake_quant(m, False)
         off = m(x).logits
     assert torch.equal(off, ref)
-    assert (on - ref).abs().max() > 1e-2
+    # int2 weights on every decoder Linear of the tiny world (seed 0): L2 error 0.7442 of the logits,
+    # measured in fp32 on CPU; 1e-4 leaves room for a BLAS summation order, a layer left out moves it more
+    assert float((on - ref).norm() / ref.norm()) == pytest.approx(0.74419, abs=1e-4)
 
 
 def test_qat_with_lora_wraps_only_frozen_base_layers(base):
@@ -86,7 +88,8 @@ def test_qat_with_lora_wraps_only_frozen_base_layers(base):
     fq = [n for n, mod in m.named_modules() if isinstance(mod, QATLinear)]
     assert fq and all(n.endswith("base_layer") for n in fq)
     assert len(fq) == 7 * base.config.num_hidden_layers
-    assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(fq) and all("lora_" in n for n in trainable)  # A and B of each
 
 
 def test_group_size_that_does_not_divide_names_the_layer(base):
@@ -118,7 +121,10 @@ def test_embedding_fake_quant_has_its_own_bits_and_converts_exactly(base):
     with torch.no_grad():
         assert torch.equal(m(x).logits, fake)
     w = m.get_input_embeddings().weight
-    assert "Intx" in type(w).__name__ and w.qdata.abs().max() > 7  # 8-bit values, not the Linears' 2
+    # 8-bit values over the whole int8 range, not the Linears' 2-bit ones
+    assert type(w).__name__ == "IntxUnpackedToInt8Tensor" and (int(w.qdata.min()), int(w.qdata.max())) == (-128, 127)
+    q = m.model.layers[0].self_attn.q_proj.weight.qdata
+    assert (int(q.min()), int(q.max())) == (-2, 1)
     qcfg = quantized_config(m, get_scheme("8da2w"), 32, emb)
     assert qcfg.include_input_output_embeddings
 
