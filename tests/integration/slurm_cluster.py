@@ -1,7 +1,7 @@
 """A real single-node Slurm cluster for the tests (Debian's slurmctld/slurmd + munge, no systemd).
 
 Started once per test session; only the daemons started here are stopped at teardown (by pid
-file), and every job of this cluster is cancelled. Facts this relies on are in issue 5:
+file), and every job of this cluster is cancelled. Two facts of such a cluster matter here:
 cred_expire=5 lets a requeued job restart within seconds; sacct is unavailable (no slurmdbd),
 so jobs are followed with `scontrol show job` and `squeue --states=all`.
 """
