@@ -103,6 +103,10 @@ case $STAGE in
 tests)
     setup
     versions
+    # the fake quantizers' Triton kernels compiled for this GPU against the CPU reference, bitwise
+    # (on the CPU these tests run in Triton's interpreter)
+    # (results in the log: $OUT holds at most 8 files)
+    step triton_kernels 90 python3 -m pytest tests/unit/test_fq_triton.py -v -rfEs -p no:cacheprovider --timeout 60
     # the GPU tests; -x off: every failure is information. Per-test timeout catches a hung kernel.
     # -v: one line per test as it finishes, so a run cut by the budget still says what passed.
     # test_gpu_numerics.py and test_gpu_paths.py first: unit-sized checks before test_gpu.py's recipe runs.

@@ -27,18 +27,22 @@ shared (they are quantized each time).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 _last: list = [None]  # (key, detached source, values)
-stats = {"hits": 0, "misses": 0}  # read by the tests and bench/count_kernels.py
+_on = [True]
+stats = {"hits": 0, "misses": 0}  # read by the tests
 
 
 def _key(fq, x: torch.Tensor) -> Optional[tuple]:
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta" or x.is_inference():
+    if not _on[0] or torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta" or x.is_inference():
         return None
-    return (fq._fq_key, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+    # the quantizer itself: equal configurations compare equal (frozen dataclasses), and the entry
+    # keeps it alive, so an identity-compared stand-in cannot be confused with a new one
+    return (fq, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
 
 def shared_values(fq, x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +63,15 @@ def shared_values(fq, x: torch.Tensor) -> torch.Tensor:
 def clear() -> None:
     """Drop the entry (and the memory it holds)."""
     _last[0] = None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Quantize every input anew inside the block (what sharing is compared with)."""
+    before = _on[0]
+    _on[0] = False
+    clear()
+    try:
+        yield
+    finally:
+        _on[0] = before
