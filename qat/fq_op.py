@@ -32,6 +32,8 @@ from typing import ClassVar, Optional
 
 import torch
 
+from qat.errors import UserError
+
 _REGISTRY: dict[str, "OpaqueFakeQuant"] = {}
 ROUTES = ("auto", "torch", "triton")
 _route = {"name": os.environ.get("QAT_FQ_KERNELS", "auto")}
@@ -92,11 +94,18 @@ def _register(fq: OpaqueFakeQuant) -> None:
 def fused_route(fq: OpaqueFakeQuant, x: torch.Tensor) -> bool:
     """Whether `fq(x)` runs the Triton kernel (see the module docstring for QAT_FQ_KERNELS)."""
     name = _route["name"]
+    if name not in ROUTES:
+        raise UserError(f"QAT_FQ_KERNELS={name!r} is not one of {', '.join(ROUTES)}; unset it for auto")
     if name == "torch" or not _HAS_TRITON or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if fq.fused_args(x, None) is None:
         return False
-    return name == "triton" or (name == "auto" and x.is_cuda)
+    if name == "auto":
+        return x.is_cuda
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("QAT_FQ_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton is "
+                        "imported); unset QAT_FQ_KERNELS to quantize with torch ops on the CPU")
+    return True
 
 
 def set_route(name: str) -> None:

@@ -228,3 +228,20 @@ def test_moe_expert_weights_on_the_triton_route_equal_the_reference(transposed):
         vals, _ = fq(w.to(DEV), mask=False)
         grad = fq.ste(g.to(DEV), w.to(DEV))
     assert torch.equal(vals.cpu(), ref_vals) and torch.equal(grad.cpu(), g * ref_mask)
+
+
+def test_a_bad_route_is_refused_in_one_line(monkeypatch):
+    """QAT_FQ_KERNELS: an unknown name, and the Triton route on CPU tensors outside the
+    interpreter, stop with a UserError (one `error:` line at an entry point) naming the fix."""
+    from qat import fq_op
+    from qat.errors import UserError
+
+    monkeypatch.setitem(fq_op._route, "name", "cuda")
+    with pytest.raises(UserError, match="QAT_FQ_KERNELS='cuda' is not one of auto, torch, triton"):
+        IntxWeight(4, 32)(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="not one of"):
+        fq_op.set_route("cuda")
+    monkeypatch.setitem(fq_op._route, "name", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="needs TRITON_INTERPRET=1"):
+        IntxWeight(4, 32)(torch.randn(8, 64))
