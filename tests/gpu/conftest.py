@@ -80,7 +80,7 @@ def _fake_quantizers(name: str):
     """(weight, activation) fake quantizers of a scheme, as QAT builds them (group 32)."""
     from qat.schemes import get_scheme
 
-    return get_scheme(name)._fake_quantizers(32)
+    return get_scheme(name).fake_quantizers(32)
 
 
 def _compare_float_format(got: torch.Tensor, ref: torch.Tensor, rel_step: float) -> tuple[float, bool]:
