@@ -153,6 +153,7 @@ all)
     # compiled LoRA modes and 8B run only when earlier steps ended early (then rerun with ONLY).
     setup
     versions
+    step triton_kernels 40 python3 -m pytest tests/unit/test_fq_triton.py -q -rfEs -p no:cacheprovider --timeout 30
     run_pytest 175
     step scheme_check 20 python3 .bench/gpu_scheme_check.py
     ours ours_1b_eager 90 llama3.2-1b 4 $M1 eager 5 2
@@ -169,6 +170,9 @@ all)
 tests)
     setup
     versions
+    # the fake quantizers' Triton kernels compiled for this GPU against the CPU reference, bitwise
+    # (on the CPU these tests run in Triton's interpreter)
+    step triton_kernels 90 python3 -m pytest tests/unit/test_fq_triton.py -v -rfEs -p no:cacheprovider --timeout 60
     run_pytest 400
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py

@@ -14,6 +14,11 @@ only what a plain Linear saves (the input and the weight) and recomputes the qua
 backward: an elementwise pass, cheap next to the matmuls. The gradient is the clipped
 straight-through estimator: identity where the value was inside the quantization range, zero
 where round-then-clamp clipped it. No gradient passes through a low-precision dtype.
+
+Passes. The forward computes values only, no masks. On CUDA the intx and int8 quantizers are one
+Triton kernel each (qat/fq_op.py, qat/fq_triton.py), and the backward multiplies by the clip mask
+inside a kernel that recomputes it. An input that several layers read (q/k/v, gate/up) is
+quantized once (qat/fq_share.py). bench/count_kernels.py counts the full-size passes of a step.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qat.fq_op import OpaqueFakeQuant
+from qat.fq_op import OpaqueFakeQuant, fused_route
+from qat.fq_share import shared_values
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ class IntxWeight(OpaqueFakeQuant):
 
         return get_group_qparams_symmetric(w, self.bits, self.block(w)[1], None)[0].float()
 
-    def eager(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
+              mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from torchao.quantization.utils import get_group_qparams_symmetric
 
         qmin, qmax = self.qrange
@@ -65,7 +72,14 @@ class IntxWeight(OpaqueFakeQuant):
         else:
             scale = self.effective_scale(scale, w.dtype)
         zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-        return _fake_quantize(w, (1, gs), scale, zp, qmin, qmax)
+        return _fake_quantize(w, (1, gs), scale, zp, qmin, qmax, mask=mask)
+
+    def fused_args(self, w: torch.Tensor, scale: Optional[torch.Tensor]):
+        gs = self.block(w)[1]
+        if w.dim() != 2 or gs < 2 or w.shape[-1] % gs:  # torchao's checks raise on the eager path
+            return None
+        seg_scale = self.effective_scale(scale, w.dtype) if scale is not None else None
+        return (gs, *self.qrange, False, seg_scale)
 
     @staticmethod
     def effective_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,15 +106,20 @@ class IntxWeight(OpaqueFakeQuant):
 class Int8PerToken(OpaqueFakeQuant):
     """Asymmetric int8 per-token dynamic activations (the "8da" in 8da4w)."""
 
-    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
         x2 = x.reshape(-1, x.shape[-1])
         scale, zp = choose_qparams_affine(x2, MappingType.ASYMMETRIC, (1, x2.shape[-1]), torch.int8,
                                           quant_min=-128, quant_max=127, eps=None, scale_dtype=None,
                                           zero_point_dtype=torch.int32)
-        xq, mask = _fake_quantize(x2, (1, x2.shape[-1]), scale, zp, -128, 127)
-        return xq.reshape_as(x).to(x.dtype), mask.reshape_as(x)
+        xq, m = _fake_quantize(x2, (1, x2.shape[-1]), scale, zp, -128, 127, mask=mask)
+        return xq.reshape_as(x).to(x.dtype), (m.reshape_as(x) if m is not None else None)
+
+    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
+        if x.dim() == 0 or x.shape[-1] == 0:
+            return None
+        return (x.shape[-1], -128, 127, True, None)
 
 
 @dataclass(frozen=True)
@@ -122,10 +141,10 @@ class Int4Asymmetric(OpaqueFakeQuant):
             raise ValueError(f"int4 packing {self.packing!r} is not one of {PACKINGS}")
         super().__post_init__()
 
-    def eager(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, w: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from qat.int4_grid import int4_fake_quant
 
-        return int4_fake_quant(w, self.group_size, self.packing)
+        return int4_fake_quant(w, self.group_size, self.packing, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -136,15 +155,15 @@ class Int4AfterFloat8(OpaqueFakeQuant):
     rows_independent = True
     group_size: int = 128
 
-    def eager(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(self, w: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
                                                            _quantize_affine_float8)
 
         fp8_scale = _choose_scale_float8(w, (1, w.shape[-1]), torch.float8_e4m3fn, hp_value_lb=1e-12)
         w8 = _dequantize_affine_float8(_quantize_affine_float8(w, fp8_scale, torch.float8_e4m3fn), fp8_scale, w.dtype)
         scale = torch.clamp(w8.view(w.shape[0], -1, self.group_size).abs().amax(-1) / 8, min=1e-6)
-        wq, mask = _fake_quantize(w8, (1, self.group_size), scale, torch.zeros_like(scale), -8, 7, torch.int8)
-        return wq.to(w.dtype), mask
+        wq, m = _fake_quantize(w8, (1, self.group_size), scale, torch.zeros_like(scale), -8, 7, torch.int8, mask)
+        return wq.to(w.dtype), m
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,7 @@ class Float8Rowwise(OpaqueFakeQuant):
     has_mask = False
     rows_independent = True
 
-    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, None]:
         from torchao.quantization.quant_primitives import (_choose_scale_float8, _dequantize_affine_float8,
                                                            _quantize_affine_float8)
 
@@ -175,7 +194,7 @@ class NVFP4Emulated(OpaqueFakeQuant):
     has_mask = False
     rows_independent = False  # the per-tensor scale needs the whole weight
 
-    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
         x2 = x.reshape(-1, x.shape[-1])
@@ -191,7 +210,7 @@ class MXFP4Emulated(OpaqueFakeQuant):
     has_mask = False
     rows_independent = True
 
-    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, None]:
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
 
         x2 = x.reshape(-1, x.shape[-1])
@@ -199,11 +218,15 @@ class MXFP4Emulated(OpaqueFakeQuant):
         return t.dequantize(x.dtype).reshape_as(x), None
 
 
-def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(torchao's fake-quantized values, mask of the elements that round-then-clamp did not clip)."""
+def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32,
+                   mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(torchao's fake-quantized values, mask of the elements that round-then-clamp did not clip,
+    or None when `mask` is False)."""
     from torchao.quantization.quant_primitives import _fake_quantize_affine
 
     xq = _fake_quantize_affine(x, block, scale, zp, quant_dtype, qmin, qmax)
+    if not mask:
+        return xq, None
     rows, gs = x.shape[0], block[1]
     q = torch.round(x.reshape(rows, -1, gs) * (1.0 / scale.reshape(rows, -1, 1))) + zp.reshape(rows, -1, 1)
     mask = ((q >= qmin) & (q <= qmax)).reshape_as(x)
@@ -212,13 +235,14 @@ def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32) -> 
 
 class _FakeQuantLinear(torch.autograd.Function):
     """y = fq_act(x) @ fq_w(w; scale).T + b, saving only x, w and the learned scale (a plain Linear
-    saves x and w). `scale` is None unless the scales are learned (qat.learn_scales)."""
+    saves x and w). `scale` is None unless the scales are learned (qat.learn_scales). The forward
+    computes values only; the backward recomputes what its gradients need (`_operand`)."""
 
     @staticmethod
     def forward(ctx, x, w, b, scale, wq_fn, aq_fn):
         with torch.no_grad():
-            wq, _ = _weight_fq(wq_fn, w, scale)
-            xq = aq_fn(x)[0] if aq_fn is not None else x
+            wq = _call(wq_fn, w, scale, mask=False)[0] if wq_fn is not None else w
+            xq = shared_values(aq_fn, x) if aq_fn is not None else x
             y = F.linear(xq, wq.to(xq.dtype), b)
         ctx.save_for_backward(x, w, scale)
         ctx.fns, ctx.has_bias = (wq_fn, aq_fn), b is not None
@@ -228,22 +252,19 @@ class _FakeQuantLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, w, scale = ctx.saved_tensors
         wq_fn, aq_fn = ctx.fns
-        wq, wmask = _weight_fq(wq_fn, w, scale)
-        if aq_fn is not None:
-            xq, xmask = aq_fn(x)
-        else:
-            xq, xmask = x, None
-        gx = gw = gb = gs = None
-        if ctx.needs_input_grad[0]:
-            gx = gy @ wq.to(gy.dtype)
-            if xmask is not None:
-                gx = gx * xmask
+        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # The gradient of the fake-quantized weight: the weight's (through the clipped STE) and,
         # in a LoRA run with learned scales, the scale's even though the weight is frozen.
-        if ctx.needs_input_grad[1] or (scale is not None and ctx.needs_input_grad[3]):
+        need_gwq = need_gw or (scale is not None and ctx.needs_input_grad[3])
+        wq, w_ste = _operand(wq_fn, w, scale, values=need_gx, ste=need_gw)
+        xq, x_ste = _operand(aq_fn, x, None, values=need_gwq, ste=need_gx, share=True)
+        gx = gw = gb = gs = None
+        if need_gx:
+            gx = x_ste(gy @ wq.to(gy.dtype), gy.dtype)
+        if need_gwq:
             g_wq = gy.reshape(-1, gy.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]).to(gy.dtype)
-            if ctx.needs_input_grad[1]:
-                gw = (g_wq * wmask if wmask is not None else g_wq).to(w.dtype)
+            if need_gw:
+                gw = w_ste(g_wq, w.dtype)
             if scale is not None and ctx.needs_input_grad[3]:
                 gs = wq_fn.scale_grad(w, scale, g_wq)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -251,10 +272,24 @@ class _FakeQuantLinear(torch.autograd.Function):
         return gx, gw, gb, gs, None, None
 
 
-def _weight_fq(wq_fn, w, scale):
-    if wq_fn is None:  # the weight already holds its fake-quantized values (quantize_frozen_weights)
-        return w, None
-    return wq_fn(w) if scale is None else wq_fn(w, scale)
+def _call(fn, t, scale, mask: bool):
+    return fn(t, mask=mask) if scale is None else fn(t, scale, mask=mask)
+
+
+def _operand(fn, t, scale, values: bool, ste: bool, share: bool = False):
+    """(fake-quantized t or None, g -> straight-through gradient in a dtype, or None), each pass
+    done once. The torch route computes values and mask together and multiplies by the mask; the
+    fused route computes the values alone and recomputes the mask inside the gradient's kernel.
+    `fn` None: t is used as it is (no quantizer, or a weight quantize_frozen_weights replaced)."""
+    if fn is None:
+        return t, (lambda g, dtype: g.to(dtype))
+    if ste and not (isinstance(fn, OpaqueFakeQuant) and fused_route(fn, t)):
+        vals, m = _call(fn, t, scale, mask=True)
+        return vals, (lambda g, dtype: (g * m if m is not None else g).to(dtype))
+    vals = None
+    if values:
+        vals = shared_values(fn, t) if share else _call(fn, t, scale, mask=False)[0]
+    return vals, ((lambda g, dtype: fn.ste(g, t, scale, dtype)) if ste else None)
 
 
 def fake_quant_linear(x, w, b, wq_fn, aq_fn, scale=None):
@@ -321,7 +356,7 @@ def quantize_frozen_weights(model: nn.Module) -> int:
             with torch.no_grad():
                 local = mod.weight.to_local() if hasattr(mod.weight, "to_local") else mod.weight
                 if local.numel():  # an uneven FSDP2 split can leave a rank no rows
-                    local.copy_(mod.weight_fq(local)[0])
+                    local.copy_(mod.weight_fq(local, mask=False)[0])
             mod.weight_quantized = True
             n += 1
     return n

@@ -25,6 +25,8 @@ scalar through its reciprocal, which can move an fp32 scale by one ulp and a cod
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 PACKINGS = ("plain", "tile_packed_to_4d")
@@ -77,10 +79,12 @@ def fma_to_bf16(c: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tor
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def int4_fake_quant(w: torch.Tensor, group_size: int, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the exported bf16 values in w's dtype, mask of the weights round-then-clamp did not clip)."""
+def int4_fake_quant(w: torch.Tensor, group_size: int, packing: str,
+                    mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the exported bf16 values in w's dtype, mask of the weights round-then-clamp did not clip, or
+    None when `mask` is False)."""
     wg = w.to(torch.bfloat16).reshape(w.shape[0], -1, group_size)
     q, scale, zero = (plain_grid if packing == "plain" else tinygemm_grid)(wg)
-    mask = (q >= 0) & (q <= QMAX)
+    inside = ((q >= 0) & (q <= QMAX)).reshape(w.shape) if mask else None
     wq = fma_to_bf16(q.clamp(0, QMAX) - MID, scale, zero)
-    return wq.reshape(w.shape).to(w.dtype), mask.reshape(w.shape)
+    return wq.reshape(w.shape).to(w.dtype), inside

@@ -57,28 +57,35 @@ class Experts3D:
     def __init__(self, fq2d, transposed: bool):
         self.fq2d, self.transposed = fq2d, transposed
 
-    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        w_oi = w.transpose(1, 2) if self.transposed else w  # [E, out, in]
-        e, o, i = w_oi.shape
-        wq, mask = self.fq2d(w_oi.reshape(e * o, i))
-        wq = wq.reshape(e, o, i)
-        mask = mask.reshape(e, o, i) if mask is not None else None
-        if self.transposed:
-            wq = wq.transpose(1, 2)
-            mask = mask.transpose(1, 2) if mask is not None else None
-        return wq.contiguous(), mask
+    def __call__(self, w: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        wq, m = self.fq2d(self._rows(w), mask=mask)
+        return self._back(wq, w).contiguous(), (self._back(m, w) if m is not None else None)
+
+    def ste(self, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The clipped straight-through gradient of the 3D weight (fused on CUDA)."""
+        return self._back(self.fq2d.ste(self._rows(grad), self._rows(w), out_dtype=w.dtype), w)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[E * out, in]: every expert's [out, in] matrix, stacked."""
+        t_oi = t.transpose(1, 2) if self.transposed else t
+        return t_oi.reshape(-1, t_oi.shape[-1])
+
+    def _back(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        e = like.shape[0]
+        t = rows.reshape(e, -1, rows.shape[-1])
+        return t.transpose(1, 2) if self.transposed else t
 
     def __repr__(self) -> str:
         return f"Experts3D({self.fq2d}, transposed={self.transposed})"
 
 
 class _FakeQuantWeight(torch.autograd.Function):
-    """wq = fq(w), gradient g * mask (clipped STE); saves only w and recomputes the mask."""
+    """wq = fq(w), gradient g * mask (clipped STE); saves only w and recomputes the mask in backward."""
 
     @staticmethod
     def forward(ctx, w, fn):
         with torch.no_grad():
-            wq, _ = fn(w)
+            wq, _ = fn(w, mask=False)
         ctx.save_for_backward(w)
         ctx.fn = fn
         return wq
@@ -89,8 +96,7 @@ class _FakeQuantWeight(torch.autograd.Function):
             return None, None
         (w,) = ctx.saved_tensors
         with torch.no_grad():
-            _, mask = ctx.fn(w)
-        return (g * mask if mask is not None else g).to(w.dtype), None
+            return ctx.fn.ste(g, w), None
 
 
 class _Recompute:
@@ -117,7 +123,7 @@ class _Recompute:
         self, (name, w, fn), size, stride, offset = packed
         if name not in self.cache:
             with torch.no_grad():
-                self.cache[name] = fn(w)[0]
+                self.cache[name] = fn(w, mask=False)[0]
         return self.cache[name].as_strided(size, stride, offset)
 
 

@@ -30,6 +30,14 @@ if "QAT_DATA_CACHE" not in os.environ:
     os.environ["QAT_DATA_CACHE"] = tempfile.mkdtemp(prefix="qat-data-cache-")
     atexit.register(shutil.rmtree, os.environ["QAT_DATA_CACHE"], True)
 
+# Without a GPU, the Triton kernels of the fake quantizers (qat/fq_triton.py) run on CPU tensors in
+# Triton's interpreter, which must be chosen before triton is first imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough that a torchrun launch is dominated by start-up (~10 s), big enough to learn.

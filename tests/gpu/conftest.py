@@ -59,10 +59,10 @@ class _PinnedToCPU:
     def __init__(self, fq):
         self.fq = fq
 
-    def __call__(self, t: torch.Tensor, scale=None):
+    def __call__(self, t: torch.Tensor, scale=None, mask: bool = True):
         args = (t.cpu(),) if scale is None else (t.cpu(), scale.cpu())
-        out, mask = self.fq(*args)
-        return out.to(t.device), (mask.to(t.device) if mask is not None else None)
+        out, m = self.fq(*args, mask=mask)
+        return out.to(t.device), (m.to(t.device) if m is not None else None)
 
     def scale_grad(self, w, scale, g_wq):  # learned scales: the LSQ gradient, on the caller's device
         return self.fq.scale_grad(w, scale, g_wq)

@@ -2,9 +2,12 @@
 `bench/gpu_check.sh tests` before tests/gpu/test_gpu.py, skipped where CUDA is missing. Each body is a
 helper that takes the device, so its comparisons can be exercised CPU against CPU.
 
-- against torchao's own fake quantizers on the same device: bit for bit, fp32 and bf16;
-- CUDA against the CPU: bf16 bitwise; fp32 scales within one ulp and codes one step apart only at
-  rounding ties (tests/gpu/conftest.py says why and what share);
+- the torch route (`QAT_FQ_KERNELS=torch`, qat/fq_op.py) against torchao's own fake quantizers on
+  the same device: bit for bit, fp32 and bf16;
+- the torch route on CUDA against the CPU: bf16 bitwise; fp32 scales within one ulp and codes one
+  step apart only at rounding ties (tests/gpu/conftest.py says why and what share). The Triton
+  kernels CUDA runs by default equal the CPU bitwise in both dtypes: tests/unit/test_fq_triton.py,
+  which `bench/gpu_check.sh tests` runs on the GPU;
 - the straight-through gradients on CUDA match the CPU's, given identical fake-quantized operands.
 """
 
@@ -41,9 +44,11 @@ def test_intx_weight_fake_quant_on_cuda_equals_torchaos_on_cuda(bits, group, dty
 
 def check_intx_same_device(bits, group, dtype, device, *, sample):
     from qat.fake_quant import IntxWeight
+    from qat.fq_op import route
 
     w = sample((256, 512), 0, 0.05, dtype).to(device)
-    ours = IntxWeight(bits, group)(w)[0]
+    with route("torch"):
+        ours = IntxWeight(bits, group)(w)[0]
     ref = torchao_fake_quantizers(f"intx{bits}-weight-only", group)[0](w)
     assert ours.dtype == ref.dtype and torch.equal(ours, ref)
 
@@ -60,9 +65,12 @@ def check_intx_across_devices(bits, group, dtype, device, *, check_codes_at_ties
     (tests/gpu/conftest.py). Measured on an H200 at commit 613c35c: fp32 codes moved, bf16 ones did not."""
     from qat.fake_quant import IntxWeight
 
+    from qat.fq_op import route
+
     fq, gs = IntxWeight(bits, group), group or 512
     w = sample((256, 512), 0, 0.05, dtype)
-    (ref, ref_mask), (got, mask) = fq(w), [t.cpu() for t in fq(w.to(device))]
+    with route("torch"):
+        (ref, ref_mask), (got, mask) = fq(w), [t.cpu() for t in fq(w.to(device))]
     s_ref, s = fq.init_scale(w), fq.init_scale(w.to(device)).cpu()
     if dtype == torch.bfloat16:
         assert torch.equal(s, s_ref) and torch.equal(got, ref) and torch.equal(mask, ref_mask)
@@ -82,9 +90,12 @@ def test_int8_per_token_fake_quant_on_cuda_equals_torchaos_on_cuda(dtype, sample
 def check_int8_same_device(dtype, device, *, sample):
     from qat.fake_quant import Int8PerToken
 
+    from qat.fq_op import route
+
     x = (sample((4, 33, 512), 1, 3.0, dtype) + 0.5).to(device)  # asymmetric: a nonzero zero point
     ref = torchao_fake_quantizers("8da4w", 32)[1](x)
-    assert torch.equal(Int8PerToken()(x)[0], ref)
+    with route("torch"):
+        assert torch.equal(Int8PerToken()(x)[0], ref)
 
 
 @DTYPES
@@ -104,8 +115,11 @@ def check_int8_across_devices(dtype, device, *, check_codes_at_ties, grid_codes,
     the codes moved only at rounding ties, which random tokens hardly ever hit (at most 1 in 10^4)."""
     from qat.fake_quant import Int8PerToken
 
+    from qat.fq_op import route
+
     x = sample((4, 33, 512), 1, 3.0, dtype) + 0.5
-    (ref, ref_mask), (got, mask) = Int8PerToken()(x), [t.cpu() for t in Int8PerToken()(x.to(device))]
+    with route("torch"):
+        (ref, ref_mask), (got, mask) = Int8PerToken()(x), [t.cpu() for t in Int8PerToken()(x.to(device))]
     s_ref, z_ref = per_token_qparams(x.reshape(-1, 512))
     s, z = [t.cpu() for t in per_token_qparams(x.to(device).reshape(-1, 512))]
     if dtype == torch.bfloat16:

@@ -1,0 +1,40 @@
+"""The full-size passes of one fake-quantized training step on the route CUDA runs
+(bench/count_kernels.py): at most 12 per QATLinear, forward and backward, for 8da4w and the intx
+weight-only schemes. A count is deterministic, so the exact numbers are asserted too: a change
+that adds a pass shows here (update docs/benchmarks.md with the new table)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (scheme, case): (passes of the whole step, passes inside the QATLinears)
+EXPECTED = {
+    ("8da4w", "linear"): (9, 9), ("8da4w", "lora"): (16, 6), ("8da4w", "lora-once"): (14, 4),
+    ("8da4w", "qkv"): (25, 23),
+    ("intx4-weight-only", "linear"): (6, 6), ("intx4-weight-only", "lora"): (14, 4),
+    ("intx4-weight-only", "lora-once"): (12, 2), ("intx4-weight-only", "qkv"): (20, 18),
+}
+
+
+def test_a_training_step_makes_at_most_12_full_size_passes_per_qat_linear(tmp_path, env):
+    out = tmp_path / "counts.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/count_kernels.py"), "--schemes", "8da4w,intx4-weight-only",
+                    "--json", str(out)], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["scheme"], r["case"]): (r["passes"], r["in_qatlinear"]) for r in rows}
+    assert got == EXPECTED
+    for r in rows:
+        # the adapters' own passes (lora) are not the QATLinear's; everything else in the step is
+        own = r["in_qatlinear"] if r["case"].startswith("lora") else r["passes"]
+        assert own / r["layers"] <= 12, r
+    linear = next(r for r in rows if r["case"] == "linear")
+    assert linear["ops"].count("qat.fused_fq") == 4  # 8da4w on the Triton route: weight and input, twice
