@@ -67,19 +67,23 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is corrupt: {META} does not parse ({e})") from None
 
 
-def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
+def resolve_resume(resume: Optional[str], root: Path, restarted: bool = False) -> Optional[Path]:
     """None (fresh start), the newest complete checkpoint for 'auto', or a validated explicit path.
 
     A fresh start into a folder that already holds checkpoints is refused: it would prune them.
+    `restarted`: torchrun restarted this job's workers (`--max-restarts`); whatever `resume` says,
+    the run continues its own progress, the newest complete checkpoint, if it saved any yet.
     Training calls this on rank 0 only and shares the answer (qat.distributed.decide_on_rank0).
     """
+    found = list_checkpoints(root)
+    if restarted and found:
+        return found[-1]
     if resume is None:
-        if list_checkpoints(root):
+        if found:
             raise UserError(f"{root} already holds checkpoints; set checkpoint.resume=auto to continue that run, "
                             f"or choose another output_dir")
         return None
     if resume == "auto":
-        found = list_checkpoints(root)
         return found[-1] if found else None
     read_meta(Path(resume))
     return Path(resume)

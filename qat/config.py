@@ -166,6 +166,21 @@ class FSDPConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How long a rank waits in a collective for the others before the job stops (qat/distributed.py).
+
+    A peer whose process dies is noticed at once on gloo (its sockets close). A peer that hangs,
+    a node that vanishes without closing its sockets, and a lost peer on NCCL are noticed only
+    when a collective times out, and all the other ranks wait that long."""
+    # steady training steps: the ranks arrive within a step's skew (a data stall, a slow disk)
+    timeout_s: int = rule(300, ge=1, why="seconds a collective waits for the other ranks between steady steps")
+    # set-up (rank 0 loading the weights the others receive, a data cache built on one node,
+    # a cold torch.compile in the first steps), a step where fake quantization switches on (a
+    # recompile), and every checkpoint save
+    setup_timeout_s: int = rule(3600, ge=1, why="seconds a collective waits during set-up and saves")
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <output_dir>/checkpoints
     every_n_steps: int = rule(0, ge=0)  # 0: only at the end
@@ -204,6 +219,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

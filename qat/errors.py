@@ -6,6 +6,11 @@ to its launcher through torchrun's error file, and the launcher prints the one l
 instead of torchrun's `ChildFailedError` traceback (qat/torchrun_errors.py, loaded into every
 torchrun launcher by our `torchrun.handlers` entry point). A user error is raised before anything
 is written, so nothing is lost. A bug (any other exception) keeps torchrun's full report.
+
+A lost peer (`PeerLost`: another rank's process or node is gone) takes the same way out with exit
+status `LOST_EXIT` (75, EX_TEMPFAIL of sysexits.h: a temporary failure, rerunning can succeed),
+kept apart from 2 (bad input, to be fixed before a rerun) and 1 (a bug, or torchrun's own report).
+Its message names the lost rank and says how to resume (qat/peers.py, recipes/train.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ from qat import torchrun_errors
 
 class UserError(Exception):
     """Bad input: a config key, a file, a scheme. The message names the culprit and the fix."""
+
+
+class PeerLost(Exception):
+    """Another rank is gone mid-run. The message names it and the resume; nothing is damaged:
+    checkpoints are complete or ignored (qat/checkpoint.py)."""
+
+
+USER_EXIT = 2
+LOST_EXIT = 75  # sysexits.h EX_TEMPFAIL
 
 
 @contextlib.contextmanager
@@ -49,7 +63,8 @@ def is_rank0() -> bool:
 
 
 def exit_on_user_error(fn):
-    """Turn a UserError into one line on stderr and exit status 2 (under torchrun: see above)."""
+    """Turn a UserError into one line on stderr and exit status 2, a PeerLost into one line and
+    exit status 75 (under torchrun: see above)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -60,9 +75,27 @@ def exit_on_user_error(fn):
                 torchrun_errors.hand_to_launcher(str(e))
             elif is_rank0():
                 print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(USER_EXIT)
+        except PeerLost as e:
+            exit_peer_lost(str(e))
 
     return wrapper
+
+
+def exit_peer_lost(message: str) -> None:
+    """Hand the message to the launcher (or print it: every survivor does, since rank 0 may be
+    the one lost), then exit at once: no Python teardown, whose collectives (a process group's
+    destruction on NCCL) could wait for the lost peer."""
+    if torchrun_errors.launcher_reports():
+        torchrun_errors.hand_to_launcher(message, kind=torchrun_errors.LOST)
+        if torchrun_errors.restarts_left() and os.environ.get("LOCAL_RANK", "0") == "0":
+            # torchrun restarts the workers and prints nothing: say why, once per node
+            print(f"rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LOST_EXIT)
 
 
 # At interpreter exit, keep the cyclic garbage collector off the objects alive by then. Python's

@@ -18,7 +18,7 @@ from typing import Optional
 from qat import checkpoint as ckpt
 from qat import runlock
 from qat.atomic import write_text_atomic
-from qat.distributed import decide_on_rank0
+from qat.distributed import decide_on_rank0, restarted
 from qat.errors import UserError
 
 
@@ -27,7 +27,8 @@ def checkpoint_root(output_dir: str, checkpoint_dir: Optional[str]) -> Path:
 
 
 def claim(output_dir: Path, ckpt_root: Path, resume: Optional[str]):
-    """Rank 0 takes the run lock of output_dir, then picks the checkpoint to resume.
+    """Rank 0 takes the run lock of output_dir, then picks the checkpoint to resume (after a
+    torchrun restart: the newest, qat.distributed.restarted).
 
     Both before anything is written, and both decided once: every rank receives rank 0's answer,
     or raises rank 0's UserError. Returns (the lock on rank 0 / a no-op elsewhere, resume path).
@@ -38,7 +39,7 @@ def claim(output_dir: Path, ckpt_root: Path, resume: Optional[str]):
         held.append(runlock.acquire(Path(output_dir)))
         for line in ckpt.clean_partial(ckpt_root):  # safe now: no other writer
             print(f"checkpoints: {line} (left by a save that was killed)", flush=True)
-        return ckpt.resolve_resume(resume, ckpt_root)
+        return ckpt.resolve_resume(resume, ckpt_root, restarted())
 
     try:
         resume_from = decide_on_rank0(on_rank0)
@@ -47,6 +48,23 @@ def claim(output_dir: Path, ckpt_root: Path, resume: Optional[str]):
             lock.release()
         raise
     return (held[0] if held else contextlib.nullcontext()), resume_from
+
+
+def lost_peer_message(lost: str, ckpt_root: Path, step: Optional[int]) -> str:
+    """What a survivor says when a peer is gone (qat/peers.py names it): where training stopped
+    and how it continues, from the newest complete checkpoint."""
+    from qat.torchrun_errors import restarts_left
+
+    found = ckpt.list_checkpoints(ckpt_root)
+    when = "during set-up" if step is None else f"after step {step}"
+    if restarts_left():
+        then = f"torchrun restarts the workers, which resume from {found[-1] if found else 'step 0'} by themselves"
+    elif found:
+        then = (f"rerun the same command with checkpoint.resume=auto to continue from {found[-1]}, the newest "
+                f"complete checkpoint")
+    else:
+        then = f"no checkpoint is complete yet in {ckpt_root}: rerun the same command with checkpoint.resume=auto"
+    return f"lost {lost}, {when}. {then[0].upper()}{then[1:]}"
 
 
 def prepare(run_dir: Path, config_yaml: str, resumed_step: int, total_steps: int) -> None:

@@ -37,6 +37,19 @@ Which line: every rank validates the same input, so usually every rank raises th
 The launcher also tells its workers that it reports (`REPORTS_ENV`, inherited by every worker): a
 worker whose launcher lacks the entry point (a checkout used without `pip install -e .`) prints
 its line itself on rank 0, and torchrun's report follows.
+
+A lost peer (qat/peers.py) takes the same path with a record of kind `LOST`: each surviving
+launcher prints its node's line and exits `LOST_EXIT` (75), without comparing notes (a barrier
+would wait for the launcher that is gone). When the lost launcher hosted the rendezvous store,
+the survivor's agent fails on the store instead of reporting its workers (RendezvousConnectionError);
+the hook then reads the workers' error files itself.
+
+Restarts (`--max-restarts N`): torchrun's agent keeps one store for all generations of workers,
+so keys that one generation's process group wrote (gloo's and NCCL's addresses) are still there
+when the next generation connects, which then dials dead addresses and times out
+(`connectFullMesh`). The launcher therefore exports each rendezvous round to its workers
+(`ROUND_ENV`): the same number on every node, new for every generation, and the workers prefix
+their store with it (qat/distributed.py).
 """
 
 from __future__ import annotations
@@ -49,6 +62,9 @@ import time
 
 MARK = "qat_user_error"  # our record in a worker's error file, and our keys in the rendezvous store
 REPORTS_ENV = "QAT_TORCHRUN_REPORTS_USER_ERRORS"  # set by the launcher plugin, inherited by workers
+ROUND_ENV = "QAT_RDZV_ROUND"  # the rendezvous round of this worker generation, exported by the launcher
+USER, LOST = "user", "lost"  # the kinds of record: bad input, a lost peer
+EXIT_STATUS = {USER: 2, LOST: 75}  # qat.errors.USER_EXIT, LOST_EXIT
 GRACE_S = 10.0  # how long a node's ranks wait for its first rank's error file
 # How long launchers wait for each other in the store. A launcher that gives up exits, and if it
 # hosts the store the others' next read fails with C++ socket warnings: generous, since a loaded
@@ -67,11 +83,17 @@ def launcher_reports() -> bool:
     return bool(os.environ.get("TORCHELASTIC_ERROR_FILE")) and os.environ.get(REPORTS_ENV) == "1"
 
 
-def hand_to_launcher(message: str, grace_s: float = GRACE_S) -> None:
-    """Record a user error for the launcher to print (see the module docstring); prints nothing."""
+def restarts_left() -> bool:
+    """Whether this worker's agent restarts the workers when they fail (`--max-restarts`)."""
+    count, most = (int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"))
+    return count < most
+
+
+def hand_to_launcher(message: str, grace_s: float = GRACE_S, kind: str = USER) -> None:
+    """Record an error for the launcher to print (see the module docstring); prints nothing."""
     path = os.environ["TORCHELASTIC_ERROR_FILE"]
     try:
-        _write_error_file(path, message, int(os.environ.get("RANK", "0")))
+        _write_error_file(path, message, int(os.environ.get("RANK", "0")), kind)
     except OSError:  # torchrun's folder is gone: say it ourselves, torchrun's report follows
         print(f"error: {message}", file=sys.stderr, flush=True)
         return
@@ -81,12 +103,13 @@ def hand_to_launcher(message: str, grace_s: float = GRACE_S) -> None:
         time.sleep(0.05)
 
 
-def _write_error_file(path: str, message: str, rank: int) -> None:
+def _write_error_file(path: str, message: str, rank: int, kind: str = USER) -> None:
     """The error file in torchrun's format (its failure table shows `error: ...` as the traceback),
     written whole or not at all: the agent parses it the moment this process exits."""
-    data = {"message": {"message": f"UserError: {message}",
+    title = "UserError" if kind == USER else "PeerLost"
+    data = {"message": {"message": f"{title}: {message}",
                         "extraInfo": {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}},
-            MARK: {"message": message, "rank": rank}}
+            MARK: {"message": message, "rank": rank, "kind": kind}}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -106,8 +129,10 @@ def _first_error_file_of_node(path: str, local_rank: str) -> str | None:
 # -- launcher side -------------------------------------------------------------------------------
 
 def first_user_error(failures: dict) -> dict | None:
-    """The lowest rank's user-error record among these `ProcessFailure`s, or None if they are not
-    a user error: some failure is neither ours nor a node-mate the agent stopped."""
+    """The record to report among these `ProcessFailure`s, or None if they are not ours to report:
+    some failure is neither our record nor a node-mate the agent stopped. A user error comes
+    before a lost peer (a rank that stops on bad input is "lost" to the others), then the lowest
+    rank."""
     records = []
     for failure in (failures or {}).values():
         data = failure.error_file_data.get(MARK) if isinstance(failure.error_file_data, dict) else None
@@ -115,7 +140,25 @@ def first_user_error(failures: dict) -> dict | None:
             records.append(data)
         elif failure.exitcode not in COLLATERAL_EXIT_CODES:
             return None
-    return min(records, key=lambda r: r["rank"]) if records else None
+    return min(records, key=_precedence) if records else None
+
+
+def _precedence(record: dict) -> tuple:
+    return record.get("kind", USER) != USER, record["rank"]
+
+
+def records_in_error_files(paths) -> dict | None:
+    """The record to report among the error files the workers left (those that exist)."""
+    records = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f).get(MARK)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(data, dict):
+            records.append(data)
+    return min(records, key=_precedence) if records else None
 
 
 def error_line(record: dict) -> str:
@@ -129,6 +172,7 @@ def torchrun_handler():
     a handler creator back; ours refuses to create one, so only an explicit
     `--rdzv_backend qat-errors` ever reaches it, and that gets one line saying what to use."""
     _install()
+    _export_rounds()
     return no_rendezvous
 
 
@@ -150,20 +194,56 @@ def _install() -> None:
 
     def excepthook(kind, value, tb):
         try:
-            record = first_user_error(_failures_of(value))
+            record = _record_for(value, tb)
         except Exception:  # never lose torchrun's report to a fault of ours
             record = None
         if record is None:
             return previous(kind, value, tb)
-        if not _shown_by_rank0_node(_worker_group(tb), record["message"]):
+        lost = record.get("kind") == LOST
+        if lost or not _shown_by_rank0_node(_worker_group(tb), record["message"]):
             print(error_line(record), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2)  # torchrun's own cleanup ran in launch_agent's `finally`; no teardown needed
+        os._exit(EXIT_STATUS[LOST if lost else USER])  # torchrun's cleanup ran in launch_agent's `finally`
 
     sys.excepthook = excepthook
     for name in AGENT_LOGGERS:
         logging.getLogger(name).addFilter(_QuietUserErrors())
+
+
+def _record_for(value, tb) -> dict | None:
+    """Our record behind the launcher's exception: the workers' failures of a ChildFailedError, or
+    for another error of the agent (its rendezvous store is gone with the node that hosted it) a
+    lost-peer record the workers left in their error files before the agent stopped them."""
+    failures = _failures_of(value)
+    if failures is not None:
+        return first_user_error(failures)
+    agent = _agent(tb)
+    context = getattr(agent, "_pcontext", None)
+    record = records_in_error_files((getattr(context, "error_files", None) or {}).values())
+    return record if record is not None and record.get("kind") == LOST else None
+
+
+def _export_rounds() -> None:
+    """Wrap the c10d (dynamic) rendezvous so that each round's number reaches the workers started
+    after it, through the launcher's environment, which torchrun copies into every worker. The
+    module is imported by now (the registry that loads this entry point imports it)."""
+    module = sys.modules.get("torch.distributed.elastic.rendezvous.dynamic_rendezvous")
+    handler = getattr(module, "DynamicRendezvousHandler", None)
+    if handler is None or getattr(handler.next_rendezvous, "_qat_rounds", False):
+        return
+    original = handler.next_rendezvous
+
+    def next_rendezvous(self):
+        info = original(self)
+        try:
+            os.environ[ROUND_ENV] = str(self._state_holder.state.round)
+        except AttributeError:  # another torch: the workers keep torch's own store keys
+            os.environ.pop(ROUND_ENV, None)
+        return info
+
+    next_rendezvous._qat_rounds = True
+    handler.next_rendezvous = next_rendezvous
 
 
 def _shown_by_rank0_node(group, message: str, grace_s: float = LAUNCHERS_S) -> bool:
@@ -203,16 +283,24 @@ def _barrier(store, name: str, nodes: int, deadline: float) -> bool:
 
 
 def _worker_group(tb):
-    """The agent's WorkerGroup (its rendezvous store, group rank and size): a local `agent` of
-    torchrun's `launch_agent`, the frame that raised the ChildFailedError."""
+    """The agent's WorkerGroup (its rendezvous store, group rank and size)."""
+    agent = _agent(tb)
+    try:
+        return agent.get_worker_group() if agent is not None else None
+    except Exception:  # then this node prints its own line
+        return None
+
+
+def _agent(tb):
+    """torchrun's agent: a local `agent` of `launch_agent`, a frame the exception went through."""
     agent_api = sys.modules.get("torch.distributed.elastic.agent.server.api")
     try:
         while agent_api is not None and tb is not None:
             for value in list(tb.tb_frame.f_locals.values()):
                 if isinstance(value, agent_api.SimpleElasticAgent):
-                    return value.get_worker_group()
+                    return value
             tb = tb.tb_next
-    except Exception:  # then this node prints its own line
+    except Exception:
         pass
     return None
 

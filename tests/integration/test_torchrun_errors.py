@@ -78,7 +78,7 @@ def test_a_worker_hands_its_error_to_torchrun_in_torchruns_format(tmp_path, monk
     parsed = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(attempt / "1" / "error.json"))
     assert parsed.message["message"] == "UserError: bad key"
     assert parsed.message["extraInfo"]["py_callstack"] == "error: bad key"
-    assert parsed.error_file_data[torchrun_errors.MARK] == {"message": "bad key", "rank": 3}
+    assert parsed.error_file_data[torchrun_errors.MARK] == {"message": "bad key", "rank": 3, "kind": "user"}
     assert sorted(p.name for p in (attempt / "1").iterdir()) == ["error.json"]  # no temporary left
     first = torchrun_errors._first_error_file_of_node
     assert first(str(attempt / "1" / "error.json"), "1") == str(attempt / "0" / "error.json")
