@@ -176,3 +176,17 @@ def shared_run_id() -> Optional[str]:
     import uuid
 
     return decide_on_rank0(lambda: uuid.uuid4().hex) if dist.is_available() and dist.is_initialized() else None
+
+
+class Timeouts:
+    """The collective timeout in force: `setup_s` for set-up, a step that compiles or switches fake
+    quantization on, and a checkpoint save; `steady_s` for a steady step (docs/hardening.md says why)."""
+
+    def __init__(self, setup_s: float, steady_s: float):
+        self.setup_s, self.steady_s, self.now = setup_s, steady_s, setup_s  # init_distributed set setup_s
+
+    def use(self, long: bool) -> None:
+        want = self.setup_s if long else self.steady_s
+        if want != self.now:
+            set_timeout(want)
+            self.now = want

@@ -183,3 +183,4 @@ def _ranks(ranks: list[int]) -> str:
 
 def _swap16(port: int) -> int:
     return ((port & 0xFF) << 8) | (port >> 8) if 0 <= port < 1 << 16 else port
+

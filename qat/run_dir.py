@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
+
+import torch.distributed as dist
 
 from qat import checkpoint as ckpt
 from qat import runlock
 from qat.atomic import write_text_atomic
-from qat.distributed import decide_on_rank0, restarted
-from qat.errors import UserError
+from qat import peers
+from qat.distributed import cleanup, decide_on_rank0, restarted
+from qat.errors import PeerLost, UserError
 
 
 def checkpoint_root(output_dir: str, checkpoint_dir: Optional[str]) -> Path:
@@ -75,6 +79,10 @@ def prepare(run_dir: Path, config_yaml: str, resumed_step: int, total_steps: int
     truncate_metrics(run_dir / "metrics.jsonl", resumed_step)
     if resumed_step < total_steps:
         (run_dir / ckpt.DONE).unlink(missing_ok=True)
+    slurm = os.environ.get("SLURM_RESTART_COUNT")
+    if resumed_step or slurm or restarted():
+        torchrun = " after a torchrun restart" if restarted() else ""
+        print(f"resumed at step {resumed_step}{torchrun} (SLURM_RESTART_COUNT={slurm or 0})", flush=True)
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
@@ -83,3 +91,19 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
         return
     lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= keep_through_step]
     write_text_atomic(path, "".join(l + "\n" for l in lines))
+
+
+@contextlib.contextmanager
+def lost_peer_is_one_line(ckpt_root, current_step):
+    """Around an entry point's distributed work: the process group is torn down at the end; a peer
+    lost on the way becomes one PeerLost line naming it and the checkpoint to resume from
+    (`current_step()`: where training stopped), without the teardown, which could wait for it."""
+    try:
+        yield
+    except Exception as e:
+        lost = peers.lost_peer(e, dist.get_rank()) if dist.get_world_size() > 1 else None
+        if lost is None:
+            cleanup()
+            raise
+        raise PeerLost(lost_peer_message(lost, ckpt_root, current_step())) from None
+    cleanup()

@@ -12,14 +12,9 @@ Resume: `checkpoint.resume=auto` continues from the newest complete checkpoint u
 `checkpoint.dir` (default <output_dir>/checkpoints), at any world size. SIGUSR1 or SIGTERM makes
 every rank finish the current step, save a checkpoint and exit (Slurm preemption).
 
-One writer per run folder: rank 0 holds <output_dir>/run.lock for the whole run, and a second run
-on the same folder stops with one line naming the holder (qat/runlock.py). Under torchrun each
-worker exits as soon as torchrun itself dies, even by SIGKILL (qat/lifeline.py).
-
-A lost peer (another node's launcher killed, a worker gone) stops every survivor with one line
-naming the lost rank and the checkpoint to resume from, exit status 75 (qat/peers.py). With
-torchrun's `--max-restarts N` the restarted workers continue from the newest checkpoint by
-themselves.
+One writer per run folder (run.lock); workers exit with their torchrun launcher; a bad input or a
+refused write is one line, exit 2; a lost peer is one line, exit 75, and with `--max-restarts N`
+torchrun's restarted workers continue from the newest checkpoint (docs/hardening.md).
 """
 
 from __future__ import annotations
@@ -43,10 +38,8 @@ from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import describe
 from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, load_teacher_copy, token_loss_sums
-from qat import peers
-from qat.distributed import (cleanup, control_group, decide_on_rank0, init_distributed, pick_device, restarted,
-                             set_timeout)
-from qat.errors import PeerLost, exit_on_user_error
+from qat.distributed import Timeouts, control_group, decide_on_rank0, init_distributed, pick_device
+from qat.errors import exit_on_user_error
 from qat.fake_quant_schedule import FakeQuantSchedule
 from qat.layout import base_model
 from qat.learned_scales import param_groups
@@ -71,9 +64,8 @@ class TrainRecipe:
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_root = rundir.checkpoint_root(cfg.output_dir, cfg.checkpoint.dir)
         self.scheme = get_scheme(cfg.qat.scheme) if cfg.qat.enabled else None
-        self.logger = self.bar = None
-        self.step = None
-        self.timeout_s = cfg.distributed.setup_timeout_s  # what init_distributed set
+        self.logger = self.bar = self.step = None
+        self.timeouts = Timeouts(cfg.distributed.setup_timeout_s, cfg.distributed.timeout_s)
 
     def setup(self, resume_from) -> None:
         """Model -> LoRA -> QAT -> AC/compile/FSDP2 -> teacher -> optimizer -> data -> resume -> logs."""
@@ -110,15 +102,12 @@ class TrainRecipe:
     def _open_logs(self) -> None:
         restarts = os.environ.get("SLURM_RESTART_COUNT")
         n_all, n_train = count_parameters(self.model)
-        hf_config = base_model(self.model).config
-        self.flops_per_token = model_flops_per_token(hf_config, n_all, self.cfg.data.seq_len, self.cfg.lora.enabled)
+        self.flops_per_token = model_flops_per_token(base_model(self.model).config, n_all, self.cfg.data.seq_len,
+                                                     self.cfg.lora.enabled)
         self.peak_flops = device_peak_flops(self.device)
         decide_on_rank0(rundir.prepare, self.run_dir, to_yaml(self.cfg), self.step, self.cfg.training.steps)
         if self.rank != 0:
             return
-        if self.step or restarts or restarted():
-            torchrun = " after a torchrun restart" if restarted() else ""
-            print(f"resumed at step {self.step}{torchrun} (SLURM_RESTART_COUNT={restarts or 0})", flush=True)
         self.logger = MetricLogger.for_training(self.run_dir, self.cfg.logging.wandb, to_dict(self.cfg), {
             "params/total": n_all, "params/trainable": n_train, "slurm/restart_count": int(restarts or 0)})
         if self.cfg.logging.progress_bar:
@@ -161,7 +150,7 @@ class TrainRecipe:
             while self.step < end:
                 seed_step(t.seed, self.step, self.rank)
                 fq_on = self.fake_quant.before_step(self.step)
-                self.wait_limit(long=self.step == first or fq_on != fq_was)  # compiles, then steady
+                self.timeouts.use(long=self.step == first or fq_on != fq_was)  # compiles, then steady
                 fq_was = fq_on
                 batches, data_s = self.stats.fetch(self.loader)
                 sums, tokens = self.train_step(batches)
@@ -178,7 +167,7 @@ class TrainRecipe:
                 save = stop_now or (self.step == end and cfg.checkpoint.save_final) or (every and not self.step % every)
                 self.log(lr, fq_on, end, read=save)
                 if save:
-                    self.wait_limit(long=True)
+                    self.timeouts.use(long=True)
                     self.save(self.time_before + time.perf_counter() - launched)
                 if stop_now:
                     if self.rank == 0:
@@ -188,14 +177,6 @@ class TrainRecipe:
             self.finish(self.time_before + time.perf_counter() - launched)
         finally:
             self.close()
-
-    def wait_limit(self, long: bool) -> None:
-        """The collective timeout for what comes next (qat/distributed.py): `setup_timeout_s` for a
-        step that compiles and for a save, `timeout_s` for a steady step."""
-        want = self.cfg.distributed.setup_timeout_s if long else self.cfg.distributed.timeout_s
-        if want != self.timeout_s:
-            set_timeout(want)
-            self.timeout_s = want
 
     def log(self, lr, fq_on, end, read: bool) -> None:
         """On log steps (and when a checkpoint or the end needs the loss), read the step's numbers:
@@ -258,21 +239,12 @@ def main(argv=None) -> None:
     device = pick_device(cfg.fsdp.device)
     mesh = init_distributed(device, cfg.distributed.setup_timeout_s)
     ckpt_root = rundir.checkpoint_root(cfg.output_dir, cfg.checkpoint.dir)
-    recipe = None
-    try:
+    recipe = TrainRecipe(cfg, device, mesh)
+    with rundir.lost_peer_is_one_line(ckpt_root, lambda: recipe.step):
         lock, resume_from = rundir.claim(Path(cfg.output_dir), ckpt_root, cfg.checkpoint.resume)
         with lock:  # released when training ends in any way; SIGKILL: by the kernel
-            recipe = TrainRecipe(cfg, device, mesh)
             recipe.setup(resume_from)
             recipe.train()
-    except Exception as e:
-        lost = peers.lost_peer(e, dist.get_rank()) if dist.get_world_size() > 1 else None
-        if lost is None:
-            cleanup()
-            raise
-        # no cleanup: tearing the process group down could wait for the lost peer
-        raise PeerLost(rundir.lost_peer_message(lost, ckpt_root, getattr(recipe, "step", None))) from None
-    cleanup()
 
 
 if __name__ == "__main__":
