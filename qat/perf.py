@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from qat.layout import base_model
+
 # Spec-sheet dense bf16 peak FLOP/s by device-name substring: the one table behind every MFU we
 # report (training log, bench/bench_train.py). Unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
@@ -36,9 +38,10 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops_per_device: float,
     return tokens_per_s * flops_per_tok / (peak_flops_per_device * devices)
 
 
-def model_flops_per_token(hf_config, n_params: int, seq_len: int, lora: bool) -> float:
-    """flops_per_token for a transformers model: its matmul parameters are all parameters but the
-    input embedding (a lookup), which counts when it is tied to lm_head (then it is a matmul)."""
+def model_flops_per_token(model, n_params: int, seq_len: int, lora: bool) -> float:
+    """flops_per_token for a transformers model (or its peft wrapper): its matmul parameters are all
+    parameters but the input embedding (a lookup), which counts when tied to lm_head (a matmul)."""
+    hf_config = base_model(model).config
     emb = hf_config.vocab_size * hf_config.hidden_size
     matmul = n_params if hf_config.tie_word_embeddings else n_params - emb
     return flops_per_token(matmul, hf_config.num_hidden_layers, hf_config.hidden_size, seq_len, lora)

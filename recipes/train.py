@@ -41,7 +41,6 @@ from qat.distill import build_teacher, check_teacher, load_teacher_copy, token_l
 from qat.distributed import Timeouts, control_group, decide_on_rank0, init_distributed, pick_device
 from qat.errors import exit_on_user_error
 from qat.fake_quant_schedule import FakeQuantSchedule
-from qat.layout import base_model
 from qat.learned_scales import param_groups
 from qat.loggers import MetricLogger
 from qat.model import (DTYPES, apply_lora, apply_qat, count_parameters, load_model, load_tokenizer, qat_backend,
@@ -100,16 +99,15 @@ class TrainRecipe:
         self._open_logs()
 
     def _open_logs(self) -> None:
-        restarts = os.environ.get("SLURM_RESTART_COUNT")
         n_all, n_train = count_parameters(self.model)
-        self.flops_per_token = model_flops_per_token(base_model(self.model).config, n_all, self.cfg.data.seq_len,
-                                                     self.cfg.lora.enabled)
+        self.flops_per_token = model_flops_per_token(self.model, n_all, self.cfg.data.seq_len, self.cfg.lora.enabled)
         self.peak_flops = device_peak_flops(self.device)
         decide_on_rank0(rundir.prepare, self.run_dir, to_yaml(self.cfg), self.step, self.cfg.training.steps)
         if self.rank != 0:
             return
         self.logger = MetricLogger.for_training(self.run_dir, self.cfg.logging.wandb, to_dict(self.cfg), {
-            "params/total": n_all, "params/trainable": n_train, "slurm/restart_count": int(restarts or 0)})
+            "params/total": n_all, "params/trainable": n_train,
+            "slurm/restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0)})
         if self.cfg.logging.progress_bar:
             self.bar = progress_bar(self.cfg.training.steps, "train", initial=self.step)
 
