@@ -55,3 +55,11 @@ def test_unsupported_architecture_is_one_line(tok, tmp_path):
                                         r"is 'gpt2' \(convert without --gguf"):
         write_gguf(tiny("gpt2", tok), tok, tmp_path / "m.gguf", "q4_0", set(), "f16", "tiny")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_compare_rows_of_llama_cpp_bits_per_byte():
+    from qat.eval.gguf_eval import markdown
+
+    md = markdown({"bf16": {"bits_per_byte": 1.0}, "ptq": {"bits_per_byte": 1.5}, "qat": {"bits_per_byte": 1.1}},
+                  "q4_0", "f16", "heldout.jsonl")
+    assert md.splitlines()[-3:] == ["| bf16 (GGUF f16) | 1.0000 |  |", "| PTQ | 1.5000 |  |", "| QAT | 1.1000 | 80% |"]
