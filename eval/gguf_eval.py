@@ -47,7 +47,9 @@ def evaluate_gguf(model: Path, texts: list[str], n_ctx: int, result_file: Path, 
     from qat.convert.gguf_check import bits_per_byte, load
 
     log(f"llama.cpp {result_file.stem}: {model}")
-    result = {"model": str(model), **bits_per_byte(load(model, n_ctx), texts, n_ctx)}
+    llm = load(model, n_ctx)
+    result = {"model": str(model), **bits_per_byte(llm, texts, n_ctx)}
+    llm.close()
     result_file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(result_file, json.dumps(result, indent=2))
     return result

@@ -104,9 +104,9 @@ def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dic
     """{bf16, ptq, qat[, qad, qat_ls, qad_ls]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
-    exports = {"bf16": export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log, gguf=cfg.gguf)}
     planned = arms(cfg, out)
-    for arm in (a for a in ARMS[1:] if f"{a}{suffix}" in planned):  # QAT runs too: their model is "qat"
+    exports = {}
+    for arm in ["bf16", "qat"] + [a for a in ARMS[1:] if f"{a}{suffix}" in planned]:  # QAT runs: model "qat"
         exports[arm] = export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq, log=log,
                                   gguf=cfg.gguf)
     targets = {**run_models(exports["bf16"]), **{arm: run_models(e)["qat"] for arm, e in exports.items() if arm != "bf16"}}

@@ -189,6 +189,7 @@ class GGUFExporter(Exporter):
             llm = load(quantized, n_ctx=job.probe.shape[1])
             report["llama_cpp_vs_simulated"] = top1_agreement(llm, job.probe, job.logits["simulated"],
                                                               job.tokenizer.pad_token_id)
+            llm.close()
         job.report["gguf"] = report
 
 

@@ -38,8 +38,7 @@ def load(path: Path, n_ctx: int):
 
 def logits(llm, ids: list[int]) -> np.ndarray:
     """[len(ids), vocab] next-token logits of one sequence, from a fresh context."""
-    llm.reset()
-    llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+    llm.reset()  # position 0 again: eval drops the cache entries from there on
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)], dtype=np.float32)
 
