@@ -5,6 +5,8 @@ llama.cpp computes in its own order and precision (Q8_0 activations times Q4_0/Q
 integer dot products and fp32 block sums, fp32 attention, f16 activations into an f16 output
 head), so its logits are close to, not equal to, our fake-quantized forward: the check is the
 share of positions whose top-1 token agrees, and the largest logit difference is reported.
+Everything runs on llama.cpp's CPU backend (n_gpu_layers=0), the backend the Q8_0 activation
+fake quantization models.
 """
 
 from __future__ import annotations
@@ -25,15 +27,22 @@ def has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+GGML_TYPE_F32 = 0
+
+
 def load(path: Path, n_ctx: int):
-    """llama.cpp's model and context for `path`, on the CPU, with logits at every position."""
+    """llama.cpp's model and context for `path`, on the CPU, with logits at every position.
+
+    The KV cache is f32, not llama.cpp's default f16: our forward keeps keys and values in fp32,
+    and an f16 rounding there moves activations across Q8_0 rounding boundaries in the next layer
+    (docs/gguf.md has the measured effect)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise UserError("llama.cpp's Python binding is not installed: pip install '.[gguf]' "
                         "(llama-cpp-python builds llama.cpp from source, minutes)") from None
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                 n_gpu_layers=0, n_threads=1, verbose=False)
+                 n_gpu_layers=0, n_threads=1, verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 
 
 def logits(llm, ids: list[int]) -> np.ndarray:
