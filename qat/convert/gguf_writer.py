@@ -52,11 +52,27 @@ def gguf_name(hf_name: str) -> Optional[str]:
     return None
 
 
-def check_architecture(model: nn.Module) -> str:
-    arch = getattr(model.config, "model_type", None)
+def check_model_type(arch: Optional[str]) -> None:
     if arch not in ARCHS:
         raise UserError(f"GGUF export supports the architectures {', '.join(ARCHS)}; this model is {arch!r} "
                         f"(convert without --gguf, or use llama.cpp's convert_hf_to_gguf.py on hf/)")
+
+
+def check_source(model_cfg) -> None:
+    """Before any weight is read: the run's model architecture and tokenizer can be written."""
+    from transformers import AutoConfig
+
+    from qat.model import load_tokenizer
+
+    hf = AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision,
+                                    trust_remote_code=model_cfg.trust_remote_code)
+    check_model_type(getattr(hf, "model_type", None))
+    pre_tokenizer_name(load_tokenizer(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code))
+
+
+def check_architecture(model: nn.Module) -> str:
+    arch = getattr(model.config, "model_type", None)
+    check_model_type(arch)
     if any(getattr(m, "weight", None) is not None and m.weight.dim() == 3 for m in model.modules()):
         raise UserError("GGUF export of MoE experts is not supported here; convert without --gguf")
     return arch

@@ -170,6 +170,11 @@ def check_gguf(scheme: Scheme, meta: dict, gguf: Optional[str], only_hf: bool) -
         how = "this checkpoint was trained with" if meta.get("qat") else "PTQ would use"
         raise UserError(f"--gguf needs a GGUF scheme (q4_0 or q8_0), but {how} {scheme.name!r}"
                         + ("" if meta.get("qat") else "; add --scheme q4_0 or --scheme q8_0"))
+    if "model" in meta.get("config", {}):  # the run's architecture and tokenizer, before minutes of loading
+        from qat.config import config_from_dict
+        from qat.convert.gguf_writer import check_source
+
+        check_source(config_from_dict(meta["config"]).model)
 
 
 def check_export_dtype(scheme: Scheme, meta: dict, dtype: str) -> None:

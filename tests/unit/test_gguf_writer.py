@@ -63,3 +63,19 @@ def test_compare_rows_of_llama_cpp_bits_per_byte():
     md = markdown({"bf16": {"bits_per_byte": 1.0}, "ptq": {"bits_per_byte": 1.5}, "qat": {"bits_per_byte": 1.1}},
                   "q4_0", "f16", "heldout.jsonl")
     assert md.splitlines()[-3:] == ["| bf16 (GGUF f16) | 1.0000 |  |", "| PTQ | 1.5000 |  |", "| QAT | 1.1000 | 80% |"]
+
+
+def test_a_tokenizer_llama_cpp_cannot_name_is_one_line(tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qat.convert.gguf_writer import pre_tokenizer_name
+
+    assert pre_tokenizer_name(tok) == "gpt-2"
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(UserError, match=r"^GGUF export supports byte-level BPE tokenizers; this one is 'WordLevel'$"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=word))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(UserError, match="not one llama.cpp knows by name"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=bpe))
