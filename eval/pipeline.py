@@ -45,12 +45,12 @@ def finished(run_dir: Path) -> bool:
     return ckpt.read_done(run_dir) is not None
 
 
-def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print) -> Path:
-    """Convert the run's newest checkpoint into export_dir, once."""
+def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print, gguf: Optional[str] = None) -> Path:
+    """Convert the run's newest checkpoint into export_dir, once (`gguf`: also gguf/, convert --gguf)."""
     if (export_dir / "verify.json").exists():
         log(f"convert {run_dir.name}: done already")
         return export_dir
-    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=True)
+    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=True, gguf=gguf)
     log(f"convert {run_dir.name}: {'QAT convert' if plan.trained else 'PTQ'} {plan.scheme.describe(plan.group_size)}"
         + (" (simulated: no real kernels here)" if plan.quantize == "simulated" else ""))
     run_convert(plan)

@@ -259,6 +259,11 @@ class CompareConfig:
     # teacher is then the model it starts from (distill.teacher=base: no second copy with LoRA).
     qat_from: str = rule("base", choices=("base", "bf16"))
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
+    # GGUF schemes (q4_0, q8_0): also export gguf/ with the rest in this dtype, and report llama.cpp's
+    # own bits per byte on gguf_texts (a JSONL file of {"text": ...} rows) for bf16, PTQ and each arm
+    gguf: Optional[str] = rule(None, choices=(None, "f16", "f32"))
+    gguf_texts: str = ""
+    gguf_ctx: int = rule(512, ge=2)  # llama.cpp's context: longer texts are scored in windows of this many tokens
     title: str = ""
     data_description: str = ""
     eval: EvalConfig = field(default_factory=EvalConfig)

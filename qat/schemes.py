@@ -9,6 +9,7 @@ through `get_scheme`, and everything they need to know about it is a method of i
                                                 zero points; optionally float8 activations
     Float8Scheme  float8                        float8 e4m3 rowwise activations and weights
     FP4Scheme     nvfp4, mxfp4                  E2M1 values with per-block scales
+    GGUFScheme    q4_0, q8_0                    llama.cpp's GGUF blocks of 32 (qat/gguf_scheme.py)
 
 A family owns: its torchao base config (PTQ and QAT convert), its weight and
 activation fake quantizers (numerics in qat/fake_quant.py), the shape checks that name the layer
@@ -47,6 +48,10 @@ class Scheme:
     uses_group_size: ClassVar[bool] = False
     # Its weight scales can be trained (qat.learn_scales): an affine grid with one scale per group.
     learnable_scales: ClassVar[bool] = False
+    # torchao has kernels for it on some hardware; without any, convert always writes it simulated.
+    torchao_kernels: ClassVar[bool] = True
+    # convert --gguf can write it as a GGUF block format (llama.cpp).
+    gguf_format: ClassVar[bool] = False
 
     # --- what each family defines ------------------------------------------------------------
     def base_config(self, group_size: Optional[int]):
@@ -431,6 +436,10 @@ def _registry() -> dict[str, Scheme]:
     reg["float8"] = Float8Scheme("float8")
     for kind in FP4_BLOCK:
         reg[kind] = FP4Scheme(kind, kind=kind)
+    from qat.gguf_scheme import GGUFScheme  # its module imports Scheme from here
+
+    for fmt in ("q4_0", "q8_0"):
+        reg[fmt] = GGUFScheme(fmt, fmt=fmt)
     return reg
 
 

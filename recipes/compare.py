@@ -10,7 +10,8 @@ training continues from its newest checkpoint):
   2. convert each arm: bf16 arms give hf/ (no quantization) and quantized/ (PTQ, same scheme);
              QAT arms give quantized/ (QAT convert). Without the scheme's real kernels here, the
              PTQ and QAT models are evaluated simulated and labelled so everywhere.
-  3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models
+  3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models; with gguf (schemes q4_0,
+             q8_0), also llama.cpp's own bits per byte of each arm's .gguf (eval/gguf_eval.py)
   Steps 2 and 3 are eval/pipeline.py, shared with the Slurm sweep report.
   4. report  report.md + results.json + comparison.png in output_dir, and W&B runs in one group
 """
@@ -103,15 +104,28 @@ def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dic
     """{bf16, ptq, qat[, qad, qat_ls, qad_ls]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
-    targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log)),
-               **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log))}
     planned = arms(cfg, out)
-    for arm in (a for a in ARMS[1:] if f"{a}{suffix}" in planned):  # QAT runs too: their model is "qat"
-        targets[arm] = run_models(export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq,
-                                             log=log))["qat"]
+    exports = {}
+    for arm in ["bf16", "qat"] + [a for a in ARMS[1:] if f"{a}{suffix}" in planned]:  # QAT runs: model "qat"
+        exports[arm] = export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq, log=log,
+                                  gguf=cfg.gguf)
+    targets = {**run_models(exports["bf16"]), **{arm: run_models(e)["qat"] for arm, e in exports.items() if arm != "bf16"}}
     results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
     simulated = next((t.simulate for t in targets.values() if t.simulated), None)
+    if cfg.gguf:
+        results["llama_cpp"] = llama_cpp_results(cfg, out, suffix, exports)
     return results, simulated
+
+
+def llama_cpp_results(cfg: CompareConfig, out: Path, suffix: str, exports: dict[str, Path]) -> dict:
+    """{bf16, ptq, qat, ...} -> llama.cpp's bits per byte of the arm's .gguf on cfg.gguf_texts."""
+    from qat.eval.gguf_eval import evaluate_gguf, gguf_models, read_texts
+
+    texts = read_texts(Path(cfg.gguf_texts))
+    files = {**gguf_models(exports["bf16"]),
+             **{arm: gguf_models(e)["qat"] for arm, e in exports.items() if arm != "bf16"}}
+    return {arm: evaluate_gguf(f, texts, cfg.gguf_ctx, out / "eval" / f"llama_cpp_{arm}{suffix}.json", log=log)
+            for arm, f in files.items()}
 
 
 def header(cfg: CompareConfig, out: Path, kind: str) -> dict:
@@ -150,13 +164,18 @@ def arm_coverage(cfg: CompareConfig, out: Path, suffix: str) -> dict:
 
 
 def report(cfg: CompareConfig, out: Path, kind: str, results: dict, head: dict, simulated: bool,
-           coverage: Optional[dict] = None) -> str:
+           coverage: Optional[dict] = None, llama_cpp: Optional[dict] = None) -> str:
     from qat.eval.report import markdown, plot
 
     suffix = "" if kind == "full" else "_lora"
     md = markdown(results, head, simulated)
+    if llama_cpp:
+        from qat.eval.gguf_eval import markdown as gguf_markdown
+
+        md += gguf_markdown(llama_cpp, cfg.scheme, cfg.gguf, cfg.gguf_texts)
     write_text_atomic(out / f"report{suffix}.md", md)
-    record = {"header": head, "simulated": simulated, "results": results, "qat_coverage": coverage}
+    record = {"header": head, "simulated": simulated, "results": results, "qat_coverage": coverage,
+              **({"llama_cpp": llama_cpp} if llama_cpp else {})}
     write_text_atomic(out / f"results{suffix}.json", json.dumps(record, indent=2))
     title = f"{head['title']} - {head['scheme']}" + (" - PTQ/QAT SIMULATED (no real kernels)" if simulated else "")
     plot(results, out / f"comparison{suffix}.png", title, simulated)
@@ -172,7 +191,7 @@ def main(argv=None) -> None:
     cfg = load_config(a.config, a.overrides, schema=CompareConfig)
     from qat.schemes import get_scheme
 
-    get_scheme(cfg.scheme)
+    check_gguf_request(cfg, get_scheme(cfg.scheme))
     from qat.eval.harness import check_tasks
     from qat.atomic import check_target
 
@@ -186,12 +205,13 @@ def main(argv=None) -> None:
         suffix = "_lora" if arm.endswith("_lora") else ""
         if any(str(fine_tuned_export(out, suffix)) in o for o in overrides):  # QAD's teacher, qat_from=bf16's start
             export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", PTQRequest(cfg.scheme, cfg.group_size),
-                       log=log)
+                       log=log, gguf=cfg.gguf)
         train_arm(cfg, arm, overrides, out)
     for kind in ("full", "lora"):
         if not getattr(cfg, kind):
             continue
         results, simulated = evaluate_comparison(cfg, out, "" if kind == "full" else "_lora")
+        llama_cpp = results.pop("llama_cpp", None)  # rows of their own: llama.cpp's bits per byte
         head = header(cfg, out, kind)
         coverage = arm_coverage(cfg, out, "" if kind == "full" else "_lora")
         from qat.eval.report import coverage_note
@@ -201,9 +221,23 @@ def main(argv=None) -> None:
         if simulated:
             head["simulated"] = (f"PTQ and QAT rows are the fake-quantized forward of {simulated['scheme']}: "
                                  f"this machine lacks its real kernels")
-        print(report(cfg, out, kind, results, head, simulated is not None, coverage))
+        print(report(cfg, out, kind, results, head, simulated is not None, coverage, llama_cpp))
         log_comparison(cfg.wandb, out, kind, results, head, simulated is not None, coverage)
     log(f"report in {out}")
+
+
+def check_gguf_request(cfg: CompareConfig, scheme) -> None:
+    """gguf on: a GGUF scheme, llama.cpp's binding and the held-out texts, before hours of training."""
+    if not cfg.gguf:
+        return
+    from qat.convert.gguf_check import has_llama_cpp
+    from qat.eval.gguf_eval import read_texts
+
+    if not scheme.gguf_format:
+        raise UserError(f"gguf={cfg.gguf} needs a GGUF scheme (q4_0 or q8_0), not {cfg.scheme!r}")
+    if not has_llama_cpp():
+        raise UserError("gguf is on but llama.cpp's Python binding is not installed: pip install '.[gguf]'")
+    read_texts(Path(cfg.gguf_texts))
 
 
 def log_comparison(cfg, out: Path, kind: str, results: dict, head: dict, simulated: bool,

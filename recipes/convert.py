@@ -14,6 +14,8 @@ Writes, atomically (a temporary folder renamed at the end):
   quantized/   real quantized weights. QAT runs: the checkpoint's own scheme through torchao's
                QATConfig(step="convert"). bf16 runs: --scheme as post-training quantization.
                AutoModelForCausalLM.from_pretrained(quantized/) loads it.
+  gguf/        with --gguf (schemes q4_0, q8_0): model-<scheme>.gguf for llama.cpp, the trained (or
+               PTQ) codes; a bf16 run also gets model-<dtype>.gguf, unquantized. docs/gguf.md
   verify.json  on a fixed probe batch: converted vs fake-quantized logits (exact for intx
                schemes: asserted), converted vs the unquantized model (relative error, top-1
                agreement), and the reloaded quantized folder vs the in-memory one.
@@ -49,6 +51,9 @@ def parse_args(argv=None):
                    help="when this machine lacks the scheme's real kernels: write hf/ and simulated.json "
                         "instead of quantized/; evaluate with evaluate.py --simulate (labelled simulated)")
     p.add_argument("--only-hf", action="store_true", help="write only hf/ (e.g. a pretrained base model)")
+    p.add_argument("--gguf", choices=["f16", "f32"], default=None,
+                   help="also write gguf/ for llama.cpp (schemes q4_0, q8_0), with norms, embeddings and the "
+                        "output head in this dtype (needs the gguf package: pip install '.[gguf]')")
     p.add_argument("--no-reload-check", action="store_true", help="skip reloading quantized/ to compare logits")
     return p.parse_args(argv)
 
@@ -59,7 +64,7 @@ def main(argv=None) -> None:
 
     a = parse_args(argv)
     plan = make_plan(a.checkpoint, out=a.out, scheme=a.scheme, group_size=a.group_size, per_channel=a.per_channel,
-                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check)
+                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check, gguf=a.gguf)
     report = run_convert(plan)
     if is_rank0():
         print(json.dumps(report, indent=2))

@@ -5,6 +5,8 @@
     quantized   quantized/      real quantized weights (QAT convert, or PTQ for a bf16 run)
     simulated   simulated.json  no real kernels here: the scheme record that evaluate --simulate
                                 applies as fake quantization to hf/
+    gguf        gguf/           --gguf (schemes q4_0, q8_0): .gguf files for llama.cpp, checked by
+                                llama.cpp when its Python binding is installed
 
 A new format (an ExecuTorch .pte, GGUF) is one more class here plus its name in
 ConvertPlan.artifacts. Exporters run in order on one `Job` and add to its report; those with
@@ -140,6 +142,7 @@ class SimulatedExporter(Exporter):
         stage("simulated forward")
         sim = simulate(copy.deepcopy(job.plain), plan.scheme, plan.group_size)
         sim_logits = io.forward(sim, job.probe)
+        job.logits["simulated"] = sim_logits
         job.report.update({"mode": "simulated", "simulated": True, "scheme": plan.scheme.record(plan.group_size, None),
                            "scheme_description": plan.scheme.describe(plan.group_size)
                            + " (simulated: fake-quantized forward, no real kernels)"})
@@ -152,8 +155,46 @@ class SimulatedExporter(Exporter):
             (tmp / "simulated.json").write_text(json.dumps(job.report["scheme"], indent=2))
 
 
+class GGUFExporter(Exporter):
+    """gguf/model-<scheme>.gguf: the scheme's codes (trained, or PTQ of a bf16 run) as GGUF blocks, the
+    rest in the --gguf dtype; a bf16 run also gets gguf/model-<dtype>.gguf, unquantized. With
+    llama-cpp-python installed, llama.cpp loads the file and its top-1 next token is compared with
+    the simulated (fake-quantized) forward on the probe batch."""
+
+    name, folder = "gguf", "gguf/"
+
+    def files(self, job) -> dict[str, Optional[str]]:
+        """File name -> GGUF weight format (None: unquantized)."""
+        plan = job.plan
+        files = {f"model-{plan.scheme.name}.gguf": plan.scheme.fmt}
+        return files if job.trained_scheme else {**files, f"model-{plan.gguf}.gguf": None}
+
+    def export(self, job, io, tmp, stage):
+        from qat.convert.gguf_check import has_llama_cpp
+        from qat.convert.gguf_writer import write_gguf
+        from qat.model import qat_targets
+
+        stage(self.folder)
+        (tmp / "gguf").mkdir()
+        targets = set(qat_targets(job.plain))
+        report = {"dtype": job.plan.gguf, "files": {}}
+        for fname, fmt in self.files(job).items():
+            types = write_gguf(job.plain, job.tokenizer, tmp / "gguf" / fname, fmt, targets if fmt else set(),
+                               job.plan.gguf, Path(job.cfg.model.path).name)
+            report["files"][fname] = {"tensors": {t: sum(v == t for v in types.values()) for t in set(types.values())}}
+        quantized = tmp / "gguf" / next(iter(self.files(job)))
+        if has_llama_cpp() and job.logits.get("simulated") is not None:
+            from qat.convert.gguf_check import load, top1_agreement
+
+            llm = load(quantized, n_ctx=job.probe.shape[1])
+            report["llama_cpp_vs_simulated"] = top1_agreement(llm, job.probe, job.logits["simulated"],
+                                                              job.tokenizer.pad_token_id)
+            llm.close()
+        job.report["gguf"] = report
+
+
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in (AdapterExporter(), HFExporter(), QuantizedExporter(),
-                                                       SimulatedExporter())}
+                                                       SimulatedExporter(), GGUFExporter())}
 
 
 def logit_checks(q_logits, plain_logits, trained_logits, fake_logits, merged_lora: bool) -> dict:

@@ -7,6 +7,7 @@ kernels. Every refusal happens here, as one line, so a bad request writes nothin
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,8 @@ class ConvertPlan:
     # there (intx) and for simulated or hf-only exports; the GPU whose kernels the scheme needs
     # otherwise (int4, float8, nvfp4). Loading and the hf/ and adapter/ folders are the same either way.
     device: str = "cpu"
+    # gguf/ for llama.cpp: None (off), or the dtype ("f16", "f32") of the tensors outside the scheme
+    gguf: Optional[str] = None
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_MODES:
@@ -60,7 +63,8 @@ class ConvertPlan:
     def artifacts(self) -> list[str]:
         """Exporter names (qat/convert/exporters.py), in the order they run."""
         names = (["adapter"] if self.lora else []) + ["hf"]
-        return names + ({"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize])
+        names += {"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize]
+        return names + (["gguf"] if self.gguf else [])
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -116,17 +120,20 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
               group_size: Optional[int] = None, per_channel: bool = False, dtype: str = "auto",
               simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
               device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest(),
-              capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None) -> ConvertPlan:
+              capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None,
+              gguf: Optional[str] = None) -> ConvertPlan:
     """Resolve a conversion request. scheme/group_size/per_channel: an explicit request (must agree
     with a QAT checkpoint's record); `ptq`: what a bf16 checkpoint gets without one; `device`: where
     real kernels would run (default: this machine's), with its `capability` and `mslk` (default:
-    what this machine has; see kernel_device)."""
+    what this machine has; see kernel_device); `gguf`: also write gguf/ with that dtype outside the scheme."""
     path = find_checkpoint(Path(checkpoint))
     meta = ckpt.read_meta(path)
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
     where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
     why = None if only_hf else why
+    check_gguf(chosen, meta, gguf, only_hf)
+    simulate = simulate or not chosen.torchao_kernels  # its real form is the .gguf, not a torchao folder
     if why and not simulate:
         raise UserError(f"{why}. Real kernels are missing here: rerun with --simulate to export hf/ and evaluate "
                         f"the fake-quantized model (evaluate.py --simulate {chosen.name}; labelled simulated)")
@@ -143,7 +150,31 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     return ConvertPlan(checkpoint=path, out=out,
                        scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
                        lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check,
-                       device=str(where) if quantize == "real" else "cpu")
+                       device=str(where) if quantize == "real" else "cpu", gguf=gguf)
+
+
+GGUF_DTYPES = ("f16", "f32")
+
+
+def check_gguf(scheme: Scheme, meta: dict, gguf: Optional[str], only_hf: bool) -> None:
+    """A GGUF export needs a GGUF block scheme (trained, or as PTQ of a bf16 run)."""
+    if gguf is None:
+        return
+    if gguf not in GGUF_DTYPES:
+        raise UserError(f"--gguf {gguf!r}: the dtype of the tensors outside the scheme is one of {GGUF_DTYPES}")
+    if only_hf:
+        raise UserError("--gguf writes quantized codes; it cannot go with --only-hf")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--gguf writes one file from the whole model: run convert without torchrun")
+    if not scheme.gguf_format:
+        how = "this checkpoint was trained with" if meta.get("qat") else "PTQ would use"
+        raise UserError(f"--gguf needs a GGUF scheme (q4_0 or q8_0), but {how} {scheme.name!r}"
+                        + ("" if meta.get("qat") else "; add --scheme q4_0 or --scheme q8_0"))
+    if "model" in meta.get("config", {}):  # the run's architecture and tokenizer, before minutes of loading
+        from qat.config import config_from_dict
+        from qat.convert.gguf_writer import check_source
+
+        check_source(config_from_dict(meta["config"]).model)
 
 
 def check_export_dtype(scheme: Scheme, meta: dict, dtype: str) -> None:

@@ -70,3 +70,25 @@ def test_only_a_real_convert_leaves_the_cpu():
     for mode in ("simulated", "none"):
         with pytest.raises(ValueError, match="only a real-kernel convert leaves the CPU"):
             ConvertPlan(**common, quantize=mode, device="cuda:0")
+
+
+def test_gguf_export_needs_a_gguf_scheme():
+    from qat.convert.plan import check_gguf
+
+    bf16, qat = {"config": {}}, {"config": {}, "qat": {"scheme": "8da4w"}}
+    with pytest.raises(UserError, match=r"^--gguf needs a GGUF scheme \(q4_0 or q8_0\), but PTQ would use '8da4w'; "
+                                        r"add --scheme q4_0 or --scheme q8_0$"):
+        check_gguf(get_scheme("8da4w"), bf16, "f16", only_hf=False)
+    with pytest.raises(UserError, match=r"^--gguf needs a GGUF scheme .* this checkpoint was trained with '8da4w'$"):
+        check_gguf(get_scheme("8da4w"), qat, "f16", only_hf=False)
+    with pytest.raises(UserError, match="cannot go with --only-hf"):
+        check_gguf(get_scheme("q4_0"), bf16, "f16", only_hf=True)
+    check_gguf(get_scheme("q4_0"), bf16, "f32", only_hf=False)
+    check_gguf(get_scheme("8da4w"), bf16, None, only_hf=False)  # no --gguf: nothing to check
+
+
+def test_gguf_artifact_runs_last():
+    plan = ConvertPlan(checkpoint=Path("c"), out=Path("o"), scheme=get_scheme("q4_0"), group_size=None,
+                       embedding=None, trained=True, lora=True, quantize="simulated", gguf="f16")
+    assert plan.artifacts == ["adapter", "hf", "simulated", "gguf"]
+    assert ConvertPlan(**{**plan.__dict__, "gguf": None}).artifacts == ["adapter", "hf", "simulated"]

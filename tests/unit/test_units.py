@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # --- scheme families ------------------------------------------------------------------------
 
 def test_every_scheme_belongs_to_one_family_and_round_trips_through_its_record():
-    families = {IntxScheme: "intx", Int4Scheme: "int4", Float8Scheme: "float8", FP4Scheme: "fp4"}
+    from qat.gguf_scheme import GGUFScheme
+
+    families = {IntxScheme: "intx", Int4Scheme: "int4", Float8Scheme: "float8", FP4Scheme: "fp4", GGUFScheme: "gguf"}
     for name, s in SCHEMES.items():
         assert families[type(s)] == s.family
         rec = s.record(128, None)
@@ -26,9 +28,11 @@ def test_every_scheme_belongs_to_one_family_and_round_trips_through_its_record()
         assert rec["group_size"] == (128 if s.uses_group_size else None)
 
 
-def test_only_intx_converts_exactly_and_only_mxfp4_lacks_torchao_qat():
+def test_only_intx_converts_exactly_and_only_mxfp4_and_gguf_lack_torchao_qat():
     assert {n for n, s in SCHEMES.items() if s.exact_convert} == {n for n in SCHEMES if n.startswith(("8da", "intx"))}
-    assert [n for n, s in SCHEMES.items() if not s.torchao_qat] == ["mxfp4"]
+    assert [n for n, s in SCHEMES.items() if not s.torchao_qat] == ["mxfp4", "q4_0", "q8_0"]
+    assert [n for n, s in SCHEMES.items() if not s.torchao_kernels] == ["q4_0", "q8_0"]
+    assert [n for n, s in SCHEMES.items() if s.gguf_format] == ["q4_0", "q8_0"]
 
 
 def test_records_that_disagree_with_the_registry_are_refused():

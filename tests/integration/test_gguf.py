@@ -1,0 +1,135 @@
+"""GGUF export checked by llama.cpp itself: a short q4_0 QAT run on the tiny world, convert --gguf,
+then llama.cpp (llama-cpp-python) loads the file, tokenizes the held-out text as our tokenizer
+does, and predicts the same next token as our converted (fake-quantized) model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def q4_export(world, tmp_path_factory, base_overrides, run_train, convert_cli):
+    run = tmp_path_factory.mktemp("gguf") / "q4_0"
+    run_train(base_overrides(world, run) + ["qat.enabled=true", "qat.scheme=q4_0"])
+    convert_cli(["--checkpoint", run, "--gguf", "f32", "--out", run / "export"])
+    return run
+
+
+def heldout_texts(world) -> list[str]:
+    return [json.loads(line)["text"] for line in (world / "data" / "heldout_text.jsonl").read_text().splitlines()]
+
+
+def test_gguf_holds_the_trained_codes_bit_for_bit(q4_export):
+    """Every Q4_0 tensor dequantizes (gguf's own reader and dequantizer) to exactly the weights the
+    fake-quantized forward multiplies, and its bytes are gguf's reference quantization of them."""
+    from qat.convert.gguf_writer import gguf_name, permute_rows
+    from qat.convert.transforms import load_trained
+    from qat.fake_quant import QATLinear
+
+    model, cfg, _, _ = load_trained(next((q4_export / "checkpoints").iterdir()))
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    tensors = {t.name: t for t in gguf.GGUFReader(q4_export / "export" / "gguf" / "model-q4_0.gguf").tensors}
+    checked = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QATLinear):
+            continue
+        w = mod.weight.detach()
+        proj = name.split(".")[-1]
+        if proj in heads:
+            w = permute_rows(w, heads[proj])
+        t = tensors[gguf_name(name + ".weight")]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(w.shape)
+        assert torch.equal(values, mod.weight_fq(w)[0])
+        assert (t.data.reshape(-1) == gguf.quants.quantize(w.numpy(), t.tensor_type).reshape(-1)).all()
+        checked += 1
+    assert checked == 14
+    assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def our_nats(model, ids: list[int], n_ctx: int) -> float:
+    """Our converted model's NLL of ids[1:], in the windows gguf_check.bits_per_byte scores."""
+    nats, start = 0.0, 0
+    while start < len(ids) - 1:
+        window = ids[start:start + n_ctx]
+        with torch.no_grad():
+            lg = model(torch.tensor([window])).logits[0].double()
+        nats -= float(torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(window[1:])[:, None]).sum())
+        start += n_ctx - 1
+    return nats
+
+
+def test_llama_cpp_tokenizes_and_predicts_as_our_converted_model(q4_export, world, tok):
+    """Tolerance: llama.cpp quantizes activations with its SIMD rounding and sums blocks in its own
+    order, so logits differ by float noise (under 0.01 here): top-1 agreement >= 99%, and bits per
+    byte within 1%."""
+    from qat.convert.gguf_check import bits_per_byte, load, logits, tokenize
+    from qat.convert.simulated import load_simulated
+
+    n_ctx = 512  # the tiny model's max_position_embeddings; longer texts are cut (top-1) or windowed (bpb)
+    llm = load(q4_export / "export" / "gguf" / "model-q4_0.gguf", n_ctx=n_ctx)
+    ours = load_simulated(q4_export / "export" / "hf", "q4_0", None)
+    agree = total = 0
+    nats = 0.0
+    texts = heldout_texts(world)
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert tokenize(llm, text) == ids
+        nats += our_nats(ours, ids, n_ctx)
+        ids = ids[:n_ctx]
+        with torch.no_grad():
+            ref = ours(torch.tensor([ids])).logits[0].double()
+        got = torch.from_numpy(logits(llm, ids)).double()
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+        assert float((got - ref).abs().max()) < 0.05
+    assert agree / total >= 0.99, (agree, total)
+    ours_bpb = nats / math.log(2) / sum(len(t.encode()) for t in texts)
+    theirs = bits_per_byte(llm, texts, n_ctx)
+    llm.close()
+    assert abs(theirs["bits_per_byte"] - ours_bpb) <= 0.01 * ours_bpb, (theirs, ours_bpb)
+    report = json.loads((q4_export / "export" / "verify.json").read_text())
+    assert report["gguf"]["llama_cpp_vs_simulated"]["top1_agreement"] >= 0.99
+    assert report["gguf"]["files"]["model-q4_0.gguf"]["tensors"] == {"q4_0": 14, "f32": 7}
+
+
+def test_gguf_refusals(q4_export, world, tmp_path, convert_cli, base_overrides, run_train):
+    p = convert_cli(["--checkpoint", q4_export, "--gguf", "f16", "--only-hf", "--out", tmp_path / "a"], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == \
+        "error: --gguf writes quantized codes; it cannot go with --only-hf"
+    assert not (tmp_path / "a").exists()
+
+
+def test_compare_reports_llama_cpp_bits_per_byte(world, tmp_path, base_overrides, env):
+    """compare with gguf on: bf16 and q4_0 QAT arms, each .gguf evaluated by llama.cpp itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cmp"
+    train = [o for o in base_overrides(world, out) if not o.startswith("output_dir=")]
+    cfg = {"output_dir": str(out), "train_config": str(root / "configs/tiny/full.yaml"), "train_overrides": train,
+           "scheme": "q4_0", "group_size": None, "qad": False, "learn_scales": False, "gguf": "f32",
+           "gguf_texts": str(world / "data/heldout_text.jsonl"),
+           "eval": {"tasks": "local", "data_dir": str(world / "eval"), "limit": 20, "device": "cpu",
+                    "dtype": "float32"}, "wandb": {"enabled": False}}
+    (tmp_path / "cmp.yaml").write_text(json.dumps(cfg))
+    p = subprocess.run([sys.executable, str(root / "recipes/compare.py"), "--config", str(tmp_path / "cmp.yaml")],
+                       cwd=root, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["llama_cpp"]
+    assert set(rows) == {"bf16", "ptq", "qat"}
+    assert rows["bf16"]["model"].endswith("bf16/export/gguf/model-f32.gguf")
+    assert rows["ptq"]["model"].endswith("bf16/export/gguf/model-q4_0.gguf")
+    assert rows["qat"]["model"].endswith("qat/export/gguf/model-q4_0.gguf")
+    assert len({r["tokens"] for r in rows.values()}) == 1  # the same text, the same tokens
+    assert all(0 < r["bits_per_byte"] < 8 for r in rows.values())
+    report = (out / "report.md").read_text()
+    assert "## llama.cpp (GGUF q4_0): bits per byte" in report
+    assert f"| PTQ | {rows['ptq']['bits_per_byte']:.4f} |" in report

@@ -1,0 +1,81 @@
+"""The GGUF writer: llama.cpp's tensor names, the architectures it writes, and its refusals."""
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from qat.convert.gguf_writer import gguf_name, write_gguf  # noqa: E402
+from qat.errors import UserError  # noqa: E402
+from qat.gguf_quant import GGUFWeight  # noqa: E402
+
+
+def test_llama_cpp_names():
+    assert gguf_name("model.layers.3.mlp.up_proj.weight") == "blk.3.ffn_up.weight"
+    assert gguf_name("model.layers.0.self_attn.k_norm.weight") == "blk.0.attn_k_norm.weight"
+    assert gguf_name("model.layers.1.self_attn.q_proj.bias") == "blk.1.attn_q.bias"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_name("lm_head.weight") == "output.weight"
+    assert gguf_name("model.layers.0.mlp.experts.gate_up_proj") is None
+
+
+def tiny(kind: str, tok):
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_files_hold_the_codes_and_their_own_tensors(arch, tok, tmp_path):
+    model = tiny(arch, tok)
+    targets = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    types = write_gguf(model, tok, tmp_path / "m.gguf", "q8_0", targets, "f16", "tiny")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == arch
+    tensors = {t.name: t for t in r.tensors}
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    t = tensors["blk.0.ffn_down.weight"]
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(w.shape),
+                       GGUFWeight("q8_0")(w)[0])
+    assert types["token_embd.weight"] == "f16" and types["blk.0.attn_norm.weight"] == "f32"
+    extra = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight"}[arch]
+    assert extra in tensors and types[extra] == "f32"
+    assert sum(v == "q8_0" for v in types.values()) == 7
+
+
+def test_unsupported_architecture_is_one_line(tok, tmp_path):
+    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3; this model "
+                                        r"is 'gpt2' \(convert without --gguf"):
+        write_gguf(tiny("gpt2", tok), tok, tmp_path / "m.gguf", "q4_0", set(), "f16", "tiny")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_compare_rows_of_llama_cpp_bits_per_byte():
+    from qat.eval.gguf_eval import markdown
+
+    md = markdown({"bf16": {"bits_per_byte": 1.0}, "ptq": {"bits_per_byte": 1.5}, "qat": {"bits_per_byte": 1.1}},
+                  "q4_0", "f16", "heldout.jsonl")
+    assert md.splitlines()[-3:] == ["| bf16 (GGUF f16) | 1.0000 |  |", "| PTQ | 1.5000 |  |", "| QAT | 1.1000 | 80% |"]
+
+
+def test_a_tokenizer_llama_cpp_cannot_name_is_one_line(tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qat.convert.gguf_writer import pre_tokenizer_name
+
+    assert pre_tokenizer_name(tok) == "gpt-2"
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(UserError, match=r"^GGUF export supports byte-level BPE tokenizers; this one is 'WordLevel'$"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=word))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(UserError, match="not one llama.cpp knows by name"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=bpe))
