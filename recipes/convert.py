@@ -14,6 +14,9 @@ Writes, atomically (a temporary folder renamed at the end):
   quantized/   real quantized weights. QAT runs: the checkpoint's own scheme through torchao's
                QATConfig(step="convert"). bf16 runs: --scheme as post-training quantization.
                AutoModelForCausalLM.from_pretrained(quantized/) loads it.
+  model.pte    --formats pte: quantized/ as an ExecuTorch program for phones (XNNPACK kernels), with
+               a KV-cache `forward` and a whole-window `window` method, run in ExecuTorch's
+               runtime against quantized/ (verify.json "pte"). Needs pip install -e '.[executorch]'.
   verify.json  on a fixed probe batch: converted vs fake-quantized logits (exact for intx
                schemes: asserted), converted vs the unquantized model (relative error, top-1
                agreement), and the reloaded quantized folder vs the in-memory one.
@@ -49,6 +52,8 @@ def parse_args(argv=None):
                    help="when this machine lacks the scheme's real kernels: write hf/ and simulated.json "
                         "instead of quantized/; evaluate with evaluate.py --simulate (labelled simulated)")
     p.add_argument("--only-hf", action="store_true", help="write only hf/ (e.g. a pretrained base model)")
+    p.add_argument("--formats", default="", help="extra formats from quantized/, comma separated: pte "
+                                                 "(ExecuTorch .pte lowered to XNNPACK; schemes: 8da4w)")
     p.add_argument("--no-reload-check", action="store_true", help="skip reloading quantized/ to compare logits")
     return p.parse_args(argv)
 
@@ -59,7 +64,8 @@ def main(argv=None) -> None:
 
     a = parse_args(argv)
     plan = make_plan(a.checkpoint, out=a.out, scheme=a.scheme, group_size=a.group_size, per_channel=a.per_channel,
-                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check)
+                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check,
+                     formats=tuple(f for f in a.formats.split(",") if f))
     report = run_convert(plan)
     if is_rank0():
         print(json.dumps(report, indent=2))

@@ -49,6 +49,7 @@ class ConvertPlan:
     # there (intx) and for simulated or hf-only exports; the GPU whose kernels the scheme needs
     # otherwise (int4, float8, nvfp4). Loading and the hf/ and adapter/ folders are the same either way.
     device: str = "cpu"
+    formats: tuple[str, ...] = ()  # extra formats after quantized/: "pte" (ExecuTorch, qat/convert/pte.py)
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_MODES:
@@ -60,7 +61,8 @@ class ConvertPlan:
     def artifacts(self) -> list[str]:
         """Exporter names (qat/convert/exporters.py), in the order they run."""
         names = (["adapter"] if self.lora else []) + ["hf"]
-        return names + ({"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize])
+        return names + ({"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize]) + \
+            list(self.formats)
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -116,15 +118,17 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
               group_size: Optional[int] = None, per_channel: bool = False, dtype: str = "auto",
               simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
               device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest(),
-              capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None) -> ConvertPlan:
+              capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None,
+              formats: tuple[str, ...] = ()) -> ConvertPlan:
     """Resolve a conversion request. scheme/group_size/per_channel: an explicit request (must agree
     with a QAT checkpoint's record); `ptq`: what a bf16 checkpoint gets without one; `device`: where
     real kernels would run (default: this machine's), with its `capability` and `mslk` (default:
-    what this machine has; see kernel_device)."""
+    what this machine has; see kernel_device); formats: extra formats (FORMATS) made from quantized/."""
     path = find_checkpoint(Path(checkpoint))
     meta = ckpt.read_meta(path)
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
+    check_formats(tuple(formats), chosen, embedding, quantize)  # an XNNPACK scheme converts on the CPU: real
     where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
     why = None if only_hf else why
     if why and not simulate:
@@ -143,7 +147,24 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     return ConvertPlan(checkpoint=path, out=out,
                        scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
                        lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check,
-                       device=str(where) if quantize == "real" else "cpu")
+                       device=str(where) if quantize == "real" else "cpu", formats=tuple(formats))
+
+
+FORMATS = ("pte",)
+
+
+def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[EmbeddingQuant], quantize: str) -> None:
+    """Extra formats are made from the real quantized model: refuse what cannot be, before loading."""
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"--formats {f!r}: not a format convert writes; choose from {', '.join(FORMATS)}")
+    if "pte" in formats:
+        from qat.convert.pte import check_pte_scheme, require_executorch
+
+        if quantize != "real":
+            raise UserError("--formats pte exports the real quantized model: drop --simulate/--only-hf")
+        check_pte_scheme(scheme, embedding)
+        require_executorch()
 
 
 def check_export_dtype(scheme: Scheme, meta: dict, dtype: str) -> None:
