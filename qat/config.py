@@ -240,6 +240,9 @@ class CompareConfig:
     # teacher is then the model it starts from (distill.teacher=base: no second copy with LoRA).
     qat_from: str = rule("base", choices=("base", "bf16"))
     skip_train: bool = False  # compare the checkpoints already in output_dir/<arm>/
+    # Held-out text (JSONL "text" rows or plain lines): also export every arm's quantized model as an
+    # ExecuTorch .pte (XNNPACK; scheme 8da4w) and report bits/byte from ExecuTorch's own logits.
+    pte_text: Optional[str] = None
     title: str = ""
     data_description: str = ""
     eval: EvalConfig = field(default_factory=EvalConfig)

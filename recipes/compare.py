@@ -10,7 +10,8 @@ training continues from its newest checkpoint):
   2. convert each arm: bf16 arms give hf/ (no quantization) and quantized/ (PTQ, same scheme);
              QAT arms give quantized/ (QAT convert). Without the scheme's real kernels here, the
              PTQ and QAT models are evaluated simulated and labelled so everywhere.
-  3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models
+  3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models; with pte_text, also each
+             quantized model's .pte (convert --formats pte) in ExecuTorch's runtime: bits/byte
   Steps 2 and 3 are eval/pipeline.py, shared with the Slurm sweep report.
   4. report  report.md + results.json + comparison.png in output_dir, and W&B runs in one group
 """
@@ -26,7 +27,7 @@ from typing import Optional
 
 
 from qat.convert import PTQRequest
-from qat.eval.pipeline import evaluate_target, export_run, finished, export_coverage, run_models
+from qat.eval.pipeline import evaluate_pte, evaluate_target, export_run, finished, export_coverage, run_models
 from qat.eval.report import ARMS
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
@@ -103,13 +104,20 @@ def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dic
     """{bf16, ptq, qat[, qad, qat_ls, qad_ls]} -> results for one comparison (full, or LoRA with suffix "_lora"), and the
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
-    targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log)),
-               **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log))}
+    formats = ("pte",) if cfg.pte_text else ()
+    targets = {**run_models(export_run(out / f"bf16{suffix}", out / f"bf16{suffix}" / "export", ptq, log=log,
+                                       formats=formats)),
+               **run_models(export_run(out / f"qat{suffix}", out / f"qat{suffix}" / "export", ptq, log=log,
+                                       formats=formats))}
     planned = arms(cfg, out)
     for arm in (a for a in ARMS[1:] if f"{a}{suffix}" in planned):  # QAT runs too: their model is "qat"
         targets[arm] = run_models(export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq,
-                                             log=log))["qat"]
+                                             log=log, formats=formats))["qat"]
     results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
+    if cfg.pte_text:  # ExecuTorch's bits/byte, a column of its own (qat.eval.metrics.PTE_METRIC)
+        for k, t in targets.items():
+            results[k] = {**results[k], "executorch": evaluate_pte(k, t, Path(cfg.pte_text),
+                                                                   out / "eval" / f"{k}{suffix}_pte.json", log=log)}
     simulated = next((t.simulate for t in targets.values() if t.simulated), None)
     return results, simulated
 
@@ -173,6 +181,12 @@ def main(argv=None) -> None:
     from qat.schemes import get_scheme
 
     get_scheme(cfg.scheme)
+    if cfg.pte_text:  # before hours of training: the scheme must run in XNNPACK, the text must exist
+        from qat.convert.plan import check_formats
+
+        check_formats(("pte",), get_scheme(cfg.scheme), None, "real")
+        if not Path(cfg.pte_text).is_file():
+            raise UserError(f"pte_text={cfg.pte_text}: no such file (held-out text: JSONL with \"text\" or plain lines)")
     from qat.eval.harness import check_tasks
     from qat.atomic import check_target
 

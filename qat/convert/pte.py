@@ -47,7 +47,8 @@ def require_executorch() -> None:
     try:
         import executorch.runtime  # noqa: F401  (the pybindings: lowering alone would not need them)
     except ImportError as e:
-        raise UserError(f"--formats pte needs ExecuTorch ({e}): pip install -e '.[executorch]'") from None
+        raise UserError(f"--formats pte needs ExecuTorch ({e}): pip install -e '.[executorch]' && "
+                        f"pip install --no-deps executorch==1.5.1 (docs/executorch.md)") from None
 
 
 class _Window(nn.Module):

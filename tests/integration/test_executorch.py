@@ -70,3 +70,26 @@ def test_pte_bad_input(pte_export, tmp_path, convert_cli):
         lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
         assert p.returncode == 2 and len(lines) == 1 and says in lines[0], p.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+def test_bits_per_byte_from_executorch_logits(pte_export, world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qat.convert.pte import bits_per_byte
+    from qat.eval.pipeline import EvalTarget, evaluate_pte, heldout_texts
+    from qat.model import load_tokenizer
+
+    _, out = pte_export
+    text = world / "data" / "heldout_text.jsonl"
+    got = evaluate_pte("qat", EvalTarget(out / "quantized"), text, tmp_path / "qat_pte.json")
+    assert got["runtime"] == "executorch" and json.loads((tmp_path / "qat_pte.json").read_text()) == got
+    model = AutoModelForCausalLM.from_pretrained(out / "quantized").eval()
+    tok = load_tokenizer(str(out / "hf"), key="--model", need_pad=True)
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    ref = bits_per_byte(logits, tok, heldout_texts(text), 64)
+    assert got["tokens"] == ref["tokens"] > 1000 and got["bytes"] == ref["bytes"]
+    assert got["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=0.01)
