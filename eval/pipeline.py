@@ -50,7 +50,9 @@ def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print, form
     if (export_dir / "verify.json").exists():
         log(f"convert {run_dir.name}: done already")
         return export_dir
-    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=not formats, formats=formats)
+    # a .pte is lowered from the fp32 model (XNNPACK's int4 kernels take fp32 activations)
+    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=not formats, formats=formats,
+                     dtype="fp32" if "pte" in formats else "auto")
     log(f"convert {run_dir.name}: {'QAT convert' if plan.trained else 'PTQ'} {plan.scheme.describe(plan.group_size)}"
         + (" (simulated: no real kernels here)" if plan.quantize == "simulated" else ""))
     run_convert(plan)

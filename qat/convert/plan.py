@@ -128,7 +128,8 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     meta = ckpt.read_meta(path)
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
-    check_formats(tuple(formats), chosen, embedding, quantize)  # an XNNPACK scheme converts on the CPU: real
+    export_dtype = meta["config"]["training"]["dtype"] if dtype == "auto" else dtype
+    check_formats(tuple(formats), chosen, embedding, quantize, export_dtype)  # XNNPACK schemes convert on the CPU
     where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
     why = None if only_hf else why
     if why and not simulate:
@@ -153,7 +154,8 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
 FORMATS = ("pte",)
 
 
-def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[EmbeddingQuant], quantize: str) -> None:
+def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[EmbeddingQuant], quantize: str,
+                  export_dtype: str = "fp32") -> None:
     """Extra formats are made from the real quantized model: refuse what cannot be, before loading."""
     for f in formats:
         if f not in FORMATS:
@@ -164,6 +166,9 @@ def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[
         if quantize != "real":
             raise UserError("--formats pte exports the real quantized model: drop --simulate/--only-hf")
         check_pte_scheme(scheme, embedding)
+        if export_dtype != "fp32":  # XNNPACK's int4 kernels take fp32 (or fp16) activations, not bf16
+            raise UserError(f"--formats pte: XNNPACK runs the 8da4w model in fp32; this export would be "
+                            f"{export_dtype}: rerun with --dtype fp32")
         require_executorch()
 
 

@@ -22,6 +22,8 @@ def test_unknown_format_and_hf_only_are_refused():
         check_formats(("gguf",), get_scheme("8da4w"), None, "real")
     with pytest.raises(UserError, match="drop --simulate/--only-hf"):
         check_formats(("pte",), get_scheme("8da4w"), None, "none")
+    with pytest.raises(UserError, match="would be bf16: rerun with --dtype fp32"):
+        check_formats(("pte",), get_scheme("8da4w"), None, "real", "bf16")
 
 
 def test_windows_predict_every_token_once():
