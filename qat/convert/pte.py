@@ -171,7 +171,8 @@ def nll_sum(logits_fn, token_rows: list[list[int]], window: int, pad: int) -> tu
 def bits_per_byte(logits_fn, tokenizer, texts: list[str], window: int) -> dict:
     """Bits per UTF-8 byte of `texts` (each scored after a BOS, when the tokenizer has one)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # verbose=False: a document longer than the model's max length is expected here (it is windowed)
+    rows = [bos + tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
     nats, tokens = nll_sum(logits_fn, rows, window, tokenizer.pad_token_id or 0)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"bits_per_byte": nats / math.log(2) / n_bytes, "tokens": tokens, "bytes": n_bytes}
