@@ -16,7 +16,7 @@ Writes, atomically (a temporary folder renamed at the end):
                AutoModelForCausalLM.from_pretrained(quantized/) loads it.
   model.pte    --formats pte: quantized/ as an ExecuTorch program for phones (XNNPACK kernels), with
                a KV-cache `forward` and a whole-window `window` method, run in ExecuTorch's
-               runtime against quantized/ (verify.json "pte"). Needs pip install -e '.[executorch]'.
+               runtime against quantized/ (verify.json "pte"). Needs ExecuTorch (docs/executorch.md).
   verify.json  on a fixed probe batch: converted vs fake-quantized logits (exact for intx
                schemes: asserted), converted vs the unquantized model (relative error, top-1
                agreement), and the reloaded quantized folder vs the in-memory one.

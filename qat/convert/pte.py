@@ -119,9 +119,8 @@ class PteRunner:
         self.window = int(meta.input_tensor_meta(0).sizes()[1])
 
     def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """[1, W] ids -> [1, W, V] logits. The bindings read a tensor's storage from its start, so a
-        view (a slice) is passed as a fresh contiguous copy."""
-        return self.window_method.execute([ids.contiguous().clone()])[0]
+        """[1, W] ids -> [1, W, V] logits."""
+        return self.window_method.execute([ids.contiguous()])[0]
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
         """Greedy tokens from the KV-cache method: the prompt a token at a time, then each argmax."""
