@@ -10,12 +10,14 @@ WORLD := assets/world
 venv: .venv/.installed
 
 # torch first (the local CPU wheel here, a CUDA build on clusters), then everything else under
-# constraints.txt so that no dependency can replace it.
+# constraints.txt so that no dependency can replace it. ExecuTorch (convert --formats pte) last and
+# without its declared dependencies (pyproject.toml, extra executorch: why); about 20 s more.
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,executorch]"
+	$(PIP) install -q --no-deps executorch==1.5.1
 	touch $@
 
 world: venv

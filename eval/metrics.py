@@ -29,7 +29,15 @@ METRICS = [
     Metric("wikitext", "byte_perplexity", "wikitext byte ppl", False),
     Metric("wikitext", "bits_per_byte", "wikitext bits/byte", False),
 ]
-BY_KEY = {m.key: m for m in METRICS}
+# compare with pte_text: bits per byte of held-out text from the .pte's own logits in ExecuTorch's
+# runtime (PTQ and QAT; the bf16 row is the unquantized model in PyTorch over the same windows).
+PTE_METRIC = Metric("executorch", "bits_per_byte", "ExecuTorch bits/byte", False)
+BY_KEY = {m.key: m for m in METRICS + [PTE_METRIC]}
+
+
+def reported(results: dict) -> list[Metric]:
+    """The table's columns: the lm-eval metrics, and ExecuTorch's bits/byte where it was measured."""
+    return METRICS + ([PTE_METRIC] if any(PTE_METRIC.task in r for r in results.values()) else [])
 
 
 def higher_is_better(key: str) -> bool:

@@ -45,12 +45,16 @@ def finished(run_dir: Path) -> bool:
     return ckpt.read_done(run_dir) is not None
 
 
-def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print, gguf: Optional[str] = None) -> Path:
-    """Convert the run's newest checkpoint into export_dir, once (`gguf`: also gguf/, convert --gguf)."""
+def export_run(run_dir: Path, export_dir: Path, ptq: PTQRequest, log=print, gguf: Optional[str] = None,
+               formats: tuple[str, ...] = ()) -> Path:
+    """Convert the run's newest checkpoint into export_dir, once (`gguf`: also gguf/, convert --gguf;
+    `formats`: also model.pte)."""
     if (export_dir / "verify.json").exists():
         log(f"convert {run_dir.name}: done already")
         return export_dir
-    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=True, gguf=gguf)
+    # a .pte is lowered from the fp32 model (XNNPACK's int4 kernels take fp32 activations)
+    plan = make_plan(find_checkpoint(run_dir), out=export_dir, ptq=ptq, simulate=not formats, formats=formats,
+                     dtype="fp32" if "pte" in formats else "auto", gguf=gguf)
     log(f"convert {run_dir.name}: {'QAT convert' if plan.trained else 'PTQ'} {plan.scheme.describe(plan.group_size)}"
         + (" (simulated: no real kernels here)" if plan.quantize == "simulated" else ""))
     run_convert(plan)
@@ -66,6 +70,40 @@ def run_models(export_dir: Path) -> dict[str, EvalTarget]:
     if report["training"] == "qat":
         return {"qat": quant}
     return {"bf16": EvalTarget(export_dir / "hf"), "ptq": quant}
+
+
+def heldout_texts(path: Path) -> list[str]:
+    """A JSONL file's "text" rows, or a plain text file's non-empty lines."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line)["text"] for line in lines] if Path(path).suffix == ".jsonl" else lines
+
+
+def evaluate_pte(kind: str, target: EvalTarget, text: Path, result_file: Path, log=print) -> dict:
+    """{"bits_per_byte", "tokens", "bytes"} of `text`: from model.pte's window method in ExecuTorch's
+    runtime for a quantized target; for bf16, the hf/ model in PyTorch over the .pte's windows."""
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qat.convert.pte import PteRunner, bits_per_byte
+
+    export_dir = target.folder.parent
+    runner = PteRunner(export_dir / "model.pte")
+    tokenizer = load_tokenizer(str(export_dir / "hf"), key="--model", need_pad=True)
+    logits = runner.window_logits
+    if kind == "bf16":
+        model = AutoModelForCausalLM.from_pretrained(export_dir / "hf", dtype=torch.float32).eval()
+
+        def logits(ids):
+            with torch.no_grad():
+                return model(input_ids=ids, use_cache=False).logits
+    log(f"eval {result_file.stem}: bits/byte of {text}" + (" in ExecuTorch" if kind != "bf16" else " (PyTorch)"))
+    out = {**bits_per_byte(logits, tokenizer, heldout_texts(text), runner.window),
+           "runtime": "pytorch" if kind == "bf16" else "executorch"}
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(result_file, json.dumps(out, indent=2))
+    return out
 
 
 def export_coverage(export_dir: Path) -> Optional[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from qat.eval.metrics import METRICS, Metric
+from qat.eval.metrics import METRICS, Metric, reported
 
 MODELS = ["bf16", "ptq", "qat"]
 # Quantization-aware arms, in table order: plain QAT, QAT with distillation (QAD), and each with
@@ -59,10 +59,11 @@ def rows(results: dict, simulated: bool = False) -> dict[str, dict[str, Optional
     the degradation of PTQ and of each arm, then the share of PTQ's degradation each arm recovered."""
     names = labels(simulated)
     keys = models(results)
-    table = {names[k]: {m.label: value(results, k, m) for m in METRICS} for k in keys}
+    shown = reported(results)
+    table = {names[k]: {m.label: value(results, k, m) for m in shown} for k in keys}
     deg = {k: {} for k in keys[1:]}
     rec = {a: {} for a in keys[2:]}
-    for m in METRICS:
+    for m in shown:
         b, p = value(results, "bf16", m), value(results, "ptq", m)
         if None in (b, p):
             continue
@@ -97,11 +98,12 @@ def markdown(results: dict, header: dict, simulated: bool = False) -> str:
     names = " vs ".join(["bf16"] + [LABELS[k] for k in models(results)[1:]])
     lines = [f"# {names}: {header.get('title', '')}".rstrip(": "), ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
-    lines += ["", "| | " + " | ".join(m.label for m in METRICS) + " |",
-              "|---|" + "---|" * len(METRICS)]
+    shown = reported(results)
+    lines += ["", "| | " + " | ".join(m.label for m in shown) + " |",
+              "|---|" + "---|" * len(shown)]
     names = labels(simulated)
     for row, vals in rows(results, simulated).items():
-        lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m, names) for m in METRICS) + " |")
+        lines.append(f"| {row} | " + " | ".join(_fmt(vals.get(m.label), row, results, m, names) for m in shown) + " |")
     lines += ["", "Degradation is in each metric's bad direction (accuracy lost, perplexity gained). "
               "Recovered = (PTQ degradation - arm degradation) / PTQ degradation; n/a where PTQ's "
               "degradation is not above two standard errors. ± is lm-eval's standard error."]

@@ -264,6 +264,9 @@ class CompareConfig:
     gguf: Optional[str] = rule(None, choices=(None, "f16", "f32"))
     gguf_texts: str = ""
     gguf_ctx: int = rule(512, ge=2)  # llama.cpp's context: longer texts are scored in windows of this many tokens
+    # Held-out text (JSONL "text" rows or plain lines): also export every arm's quantized model as an
+    # ExecuTorch .pte (XNNPACK; scheme 8da4w) and report bits/byte from ExecuTorch's own logits.
+    pte_text: Optional[str] = None
     title: str = ""
     data_description: str = ""
     eval: EvalConfig = field(default_factory=EvalConfig)

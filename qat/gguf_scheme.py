@@ -14,7 +14,7 @@ from typing import ClassVar, Optional
 
 from qat.errors import UserError
 from qat.gguf_quant import BLOCK, GGUFActivationQ8, GGUFWeight
-from qat.schemes import Scheme, _reduction_dim
+from qat.scheme_base import Scheme, _reduction_dim
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ training continues from its newest checkpoint):
              PTQ and QAT models are evaluated simulated and labelled so everywhere.
   3. eval    lm-eval hellaswag + wikitext on bf16, PTQ and QAT models; with gguf (schemes q4_0,
              q8_0), also llama.cpp's own bits per byte of each arm's .gguf (eval/gguf_eval.py)
+             with pte_text, also each quantized model's .pte (convert --formats pte) in ExecuTorch's
+             runtime: bits/byte
   Steps 2 and 3 are eval/pipeline.py, shared with the Slurm sweep report.
   4. report  report.md + results.json + comparison.png in output_dir, and W&B runs in one group
 """
@@ -27,7 +29,7 @@ from typing import Optional
 
 
 from qat.convert import PTQRequest
-from qat.eval.pipeline import evaluate_target, export_run, finished, export_coverage, run_models
+from qat.eval.pipeline import evaluate_pte, evaluate_target, export_run, finished, export_coverage, run_models
 from qat.eval.report import ARMS
 from qat.atomic import write_text_atomic
 from qat.config import CompareConfig, load_config
@@ -105,12 +107,17 @@ def evaluate_comparison(cfg: CompareConfig, out: Path, suffix: str) -> tuple[dic
     scheme record of the simulated rows, if this machine lacks the scheme's real kernels."""
     ptq = PTQRequest(cfg.scheme, cfg.group_size)
     planned = arms(cfg, out)
+    formats = ("pte",) if cfg.pte_text else ()
     exports = {}
     for arm in ["bf16", "qat"] + [a for a in ARMS[1:] if f"{a}{suffix}" in planned]:  # QAT runs: model "qat"
         exports[arm] = export_run(out / f"{arm}{suffix}", out / f"{arm}{suffix}" / "export", ptq, log=log,
-                                  gguf=cfg.gguf)
+                                  gguf=cfg.gguf, formats=formats)
     targets = {**run_models(exports["bf16"]), **{arm: run_models(e)["qat"] for arm, e in exports.items() if arm != "bf16"}}
     results = {k: evaluate_target(t, cfg.eval, out / "eval" / f"{k}{suffix}.json", log=log) for k, t in targets.items()}
+    if cfg.pte_text:  # ExecuTorch's bits/byte, a column of its own (qat.eval.metrics.PTE_METRIC)
+        for k, t in targets.items():
+            results[k] = {**results[k], "executorch": evaluate_pte(k, t, Path(cfg.pte_text),
+                                                                   out / "eval" / f"{k}{suffix}_pte.json", log=log)}
     simulated = next((t.simulate for t in targets.values() if t.simulated), None)
     if cfg.gguf:
         results["llama_cpp"] = llama_cpp_results(cfg, out, suffix, exports)
@@ -192,6 +199,12 @@ def main(argv=None) -> None:
     from qat.schemes import get_scheme
 
     check_gguf_request(cfg, get_scheme(cfg.scheme))
+    if cfg.pte_text:  # before hours of training: the scheme must run in XNNPACK, the text must exist
+        from qat.convert.plan import check_formats
+
+        check_formats(("pte",), get_scheme(cfg.scheme), None, "real")
+        if not Path(cfg.pte_text).is_file():
+            raise UserError(f"pte_text={cfg.pte_text}: no such file (held-out text: JSONL with \"text\" or plain lines)")
     from qat.eval.harness import check_tasks
     from qat.atomic import check_target
 

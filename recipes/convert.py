@@ -16,6 +16,9 @@ Writes, atomically (a temporary folder renamed at the end):
                AutoModelForCausalLM.from_pretrained(quantized/) loads it.
   gguf/        with --gguf (schemes q4_0, q8_0): model-<scheme>.gguf for llama.cpp, the trained (or
                PTQ) codes; a bf16 run also gets model-<dtype>.gguf, unquantized. docs/gguf.md
+  model.pte    --formats pte: quantized/ as an ExecuTorch program for phones (XNNPACK kernels), with
+               a KV-cache `forward` and a whole-window `window` method, run in ExecuTorch's
+               runtime against quantized/ (verify.json "pte"). Needs ExecuTorch (docs/executorch.md).
   verify.json  on a fixed probe batch: converted vs fake-quantized logits (exact for intx
                schemes: asserted), converted vs the unquantized model (relative error, top-1
                agreement), and the reloaded quantized folder vs the in-memory one.
@@ -54,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--gguf", choices=["f16", "f32"], default=None,
                    help="also write gguf/ for llama.cpp (schemes q4_0, q8_0), with norms, embeddings and the "
                         "output head in this dtype (needs the gguf package: pip install '.[gguf]')")
+    p.add_argument("--formats", default="", help="extra formats from quantized/, comma separated: pte "
+                                                 "(ExecuTorch .pte lowered to XNNPACK; schemes: 8da4w)")
     p.add_argument("--no-reload-check", action="store_true", help="skip reloading quantized/ to compare logits")
     return p.parse_args(argv)
 
@@ -64,7 +69,8 @@ def main(argv=None) -> None:
 
     a = parse_args(argv)
     plan = make_plan(a.checkpoint, out=a.out, scheme=a.scheme, group_size=a.group_size, per_channel=a.per_channel,
-                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check, gguf=a.gguf)
+                     dtype=a.dtype, simulate=a.simulate, only_hf=a.only_hf, reload_check=not a.no_reload_check,
+                     gguf=a.gguf, formats=tuple(f for f in a.formats.split(",") if f))
     report = run_convert(plan)
     if is_rank0():
         print(json.dumps(report, indent=2))

@@ -7,6 +7,8 @@
                                 applies as fake quantization to hf/
     gguf        gguf/           --gguf (schemes q4_0, q8_0): .gguf files for llama.cpp, checked by
                                 llama.cpp when its Python binding is installed
+    pte         model.pte       --formats pte: quantized/'s model for ExecuTorch (XNNPACK), checked
+                                in ExecuTorch's runtime (qat/convert/pte.py)
 
 A new format (an ExecuTorch .pte, GGUF) is one more class here plus its name in
 ConvertPlan.artifacts. Exporters run in order on one `Job` and add to its report; those with
@@ -50,6 +52,7 @@ class Job:
     report: dict
     plain: Optional[nn.Module] = None  # the merged model without fake quantizers
     logits: dict = field(default_factory=dict)  # "trained", "fake", "plain", "quantized"
+    quantized: Optional[nn.Module] = None  # the converted model, once the quantized exporter ran
 
     def forward(self, key: str, model: nn.Module, io: ConvertIO) -> Optional[torch.Tensor]:
         if key not in self.logits:
@@ -108,6 +111,7 @@ class QuantizedExporter(Exporter):
         experts = quantize_experts(quant, plan.scheme, plan.group_size)
         if experts is not None:
             job.report["experts"] = experts
+        job.quantized = quant
         q_logits = job.forward("quantized", quant, io)
         job.report.update({"mode": "qat" if job.trained_scheme else "ptq",
                            "scheme": plan.scheme.record(plan.group_size, plan.embedding),
@@ -193,8 +197,39 @@ class GGUFExporter(Exporter):
         job.report["gguf"] = report
 
 
+class PteExporter(Exporter):
+    """The converted model (quantized/, in memory) as an ExecuTorch program lowered to XNNPACK, then
+    loaded in ExecuTorch's runtime and compared with the converted model."""
+
+    name, folder = "pte", "model.pte"
+
+    def stages(self, job):
+        return ["pte export", "pte lower", "pte runtime check"]
+
+    def export(self, job, io, tmp, stage):
+        from qat.convert import pte
+
+        window = job.cfg.data.seq_len
+        stage("pte export")
+        programs = pte.export_programs(job.quantized, window, max_cache_len=window)
+        stage("pte lower")
+        edge = pte.lower(programs)
+        linears = {m: pte.linear_counts(edge, m) for m in pte.METHODS}
+        total = pte.count_linears(job.quantized)
+        if any(c["delegated"] != total or c["not_delegated"] for c in linears.values()):
+            raise RuntimeError(f"ExecuTorch: every Linear ({total}) must run in XNNPACK: {linears}")
+        (tmp / "model.pte").write_bytes(edge.to_executorch().buffer)
+        stage("pte runtime check")
+        runner = pte.PteRunner(tmp / "model.pte")
+        checks = pte.runtime_checks(runner, job.quantized, job.probe, job.tokenizer.pad_token_id)
+        job.report["pte"] = {"file": "model.pte", "methods": {"forward": f"1 token, static KV cache of {window}",
+                                                              "window": f"{window} tokens, no cache"},
+                             "backend": "XnnpackBackend", "linears": total, "linears_by_method": linears,
+                             **checks}
+
+
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in (AdapterExporter(), HFExporter(), QuantizedExporter(),
-                                                       SimulatedExporter(), GGUFExporter())}
+                                                       SimulatedExporter(), GGUFExporter(), PteExporter())}
 
 
 def logit_checks(q_logits, plain_logits, trained_logits, fake_logits, merged_lora: bool) -> dict:

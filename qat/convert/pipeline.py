@@ -46,6 +46,9 @@ def _convert_sharded(plan: ConvertPlan) -> dict:
     from qat.convert.sharded import ShardedIO, agree, load_part, run_in_shared_dir
     from qat.distributed import cleanup, init_distributed
 
+    if plan.formats:  # an ExecuTorch program is traced from the whole model in one process
+        raise UserError(f"--formats {','.join(plan.formats)} needs the whole model in one process: run convert "
+                        f"without torchrun")
     if plan.device != "cpu":  # the slices and the pipeline's send/recv live in host memory (gloo)
         raise UserError(f"scheme {plan.scheme.name!r} converts with CUDA kernels, in one process: run convert "
                         f"without torchrun, or with --simulate to export hf/ sliced")

@@ -52,6 +52,7 @@ class ConvertPlan:
     device: str = "cpu"
     # gguf/ for llama.cpp: None (off), or the dtype ("f16", "f32") of the tensors outside the scheme
     gguf: Optional[str] = None
+    formats: tuple[str, ...] = ()  # extra formats after quantized/: "pte" (ExecuTorch, qat/convert/pte.py)
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_MODES:
@@ -64,7 +65,7 @@ class ConvertPlan:
         """Exporter names (qat/convert/exporters.py), in the order they run."""
         names = (["adapter"] if self.lora else []) + ["hf"]
         names += {"real": ["quantized"], "simulated": ["simulated"], "none": []}[self.quantize]
-        return names + (["gguf"] if self.gguf else [])
+        return names + (["gguf"] if self.gguf else []) + list(self.formats)
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -121,15 +122,18 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
               simulate: bool = False, only_hf: bool = False, reload_check: bool = True,
               device: Optional[torch.device] = None, ptq: PTQRequest = PTQRequest(),
               capability: Optional[tuple[int, int]] = None, mslk: Optional[bool] = None,
-              gguf: Optional[str] = None) -> ConvertPlan:
+              gguf: Optional[str] = None, formats: tuple[str, ...] = ()) -> ConvertPlan:
     """Resolve a conversion request. scheme/group_size/per_channel: an explicit request (must agree
     with a QAT checkpoint's record); `ptq`: what a bf16 checkpoint gets without one; `device`: where
     real kernels would run (default: this machine's), with its `capability` and `mslk` (default:
-    what this machine has; see kernel_device); `gguf`: also write gguf/ with that dtype outside the scheme."""
+    what this machine has; see kernel_device); `gguf`: also write gguf/ with that dtype outside the
+    scheme; `formats`: extra formats (FORMATS) made from quantized/."""
     path = find_checkpoint(Path(checkpoint))
     meta = ckpt.read_meta(path)
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
+    export_dtype = meta["config"]["training"]["dtype"] if dtype == "auto" else dtype
+    check_formats(tuple(formats), chosen, embedding, quantize, export_dtype)  # XNNPACK schemes convert on the CPU
     where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
     why = None if only_hf else why
     check_gguf(chosen, meta, gguf, only_hf)
@@ -150,7 +154,7 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     return ConvertPlan(checkpoint=path, out=out,
                        scheme=chosen, group_size=group, embedding=embedding, trained=meta.get("qat") is not None,
                        lora=lora, dtype=dtype, quantize=quantize, reload_check=reload_check,
-                       device=str(where) if quantize == "real" else "cpu", gguf=gguf)
+                       device=str(where) if quantize == "real" else "cpu", gguf=gguf, formats=tuple(formats))
 
 
 GGUF_DTYPES = ("f16", "f32")
@@ -175,6 +179,27 @@ def check_gguf(scheme: Scheme, meta: dict, gguf: Optional[str], only_hf: bool) -
         from qat.convert.gguf_writer import check_source
 
         check_source(config_from_dict(meta["config"]).model)
+
+
+FORMATS = ("pte",)
+
+
+def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[EmbeddingQuant], quantize: str,
+                  export_dtype: str = "fp32") -> None:
+    """Extra formats are made from the real quantized model: refuse what cannot be, before loading."""
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"--formats {f!r}: not a format convert writes; choose from {', '.join(FORMATS)}")
+    if "pte" in formats:
+        from qat.convert.pte import check_pte_scheme, require_executorch
+
+        if quantize != "real":
+            raise UserError("--formats pte exports the real quantized model: drop --simulate/--only-hf")
+        check_pte_scheme(scheme, embedding)
+        if export_dtype != "fp32":  # XNNPACK's int4 kernels take fp32 (or fp16) activations, not bf16
+            raise UserError(f"--formats pte: XNNPACK runs the 8da4w model in fp32; this export would be "
+                            f"{export_dtype}: rerun with --dtype fp32")
+        require_executorch()
 
 
 def check_export_dtype(scheme: Scheme, meta: dict, dtype: str) -> None:

@@ -201,3 +201,15 @@ def test_an_arm_config_that_cannot_train_is_refused_before_any_training(world, t
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert e.value.code == 2 and len(err) == 1 and "qat.learn_scales=true is for the intx schemes" in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_executorch_bits_per_byte_is_a_column_with_its_recovery():
+    lm = {"wikitext": {"bits_per_byte": 1.0}}
+    res = {"bf16": {**lm, "executorch": {"bits_per_byte": 1.0}}, "ptq": {**lm, "executorch": {"bits_per_byte": 1.5}},
+           "qat": {**lm, "executorch": {"bits_per_byte": 1.1}}}
+    r = rows(res)
+    assert r["recovered by QAT"]["ExecuTorch bits/byte"] == pytest.approx(0.8)
+    assert r["PTQ degradation"]["ExecuTorch bits/byte"] == pytest.approx(0.5)
+    md = markdown(res, {"title": "t"})
+    assert "| ExecuTorch bits/byte |" in md and md.splitlines()[-3].endswith("| 80% |")
+    assert "ExecuTorch" not in markdown({k: {"wikitext": v["wikitext"]} for k, v in res.items()}, {"title": "t"})
