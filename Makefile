@@ -6,7 +6,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 WORLD := assets/world
 
-.PHONY: venv test test-unit demo world clean
+.PHONY: venv test test-unit demo world clean llama-cpp
 venv: .venv/.installed
 
 # torch first (the local CPU wheel here, a CUDA build on clusters), then everything else under
@@ -18,7 +18,15 @@ venv: .venv/.installed
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[test,executorch]"
 	$(PIP) install -q --no-deps executorch==1.5.1
+	@# llama.cpp's Python binding builds llama.cpp from source (8 min on 2 idle cores, more when
+	@# loaded); pip caches the built wheel, so this takes seconds once it was built on the machine
+	@# (`make llama-cpp`). Without it the tests that load a .gguf in llama.cpp skip and say why.
+	timeout 180 $(PIP) install -q -c constraints.txt "llama-cpp-python==0.3.36" \
+		|| echo "llama-cpp-python not installed in 180 s (no built wheel cached): run 'make llama-cpp' once"
 	touch $@
+
+llama-cpp: venv
+	$(PIP) install -c constraints.txt "llama-cpp-python==0.3.36"
 
 world: venv
 	$(PY) -m qat.synthetic.build --out $(WORLD)
