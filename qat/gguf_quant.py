@@ -23,6 +23,8 @@ in the weight's dtype, so a bf16 run multiplies bf16 roundings of them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,8 +119,9 @@ class GGUFWeight(OpaqueFakeQuant):
             raise ValueError(f"GGUF format {self.fmt!r} is not one of {FORMATS}")
         super().__post_init__()
 
-    def eager(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fake_quantize(self.fmt, w)
+    def eager(self, w: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        wq, clipped = fake_quantize(self.fmt, w)
+        return wq, (clipped if mask else None)
 
 
 @dataclass(frozen=True)
@@ -129,5 +132,5 @@ class GGUFActivationQ8(OpaqueFakeQuant):
     has_mask = False
     rows_independent = True
 
-    def eager(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, None]:
         return fake_quantize("q8_0", x)[0], None

@@ -14,7 +14,7 @@ from typing import ClassVar, Optional
 
 from qat.errors import UserError
 from qat.gguf_quant import BLOCK, GGUFActivationQ8, GGUFWeight
-from qat.scheme_base import Scheme, _reduction_dim
+from qat.scheme_base import Scheme, check_blocks_divide
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,7 @@ class GGUFScheme(Scheme):
         return GGUFWeight(self.fmt), GGUFActivationQ8()
 
     def check_shapes(self, targets, group_size):
-        for fqn, mod in targets.items():
-            if _reduction_dim(mod) % BLOCK:
-                raise UserError(f"scheme {self.name!r} needs in_features divisible by {BLOCK} (GGUF blocks): "
-                                f"layer {fqn} has {_reduction_dim(mod)}")
+        check_blocks_divide(self.name, targets, BLOCK, " (GGUF blocks)")
 
     @property
     def hardware(self) -> str:

@@ -164,3 +164,12 @@ def _check_groups_divide(targets: dict[str, nn.Module], group_size: Optional[int
         if dim % group_size:
             raise UserError(f"qat.group_size={group_size} does not divide in_features={dim} of layer "
                             f"{fqn}; pick a divisor of {dim} or null for per-channel")
+
+
+def check_blocks_divide(scheme: str, targets: dict[str, nn.Module], block: int, what: str = "") -> None:
+    """Raise naming the first targeted layer whose reduction dimension the scheme's fixed block
+    size does not divide (FP4's 16 or 32, GGUF's 32)."""
+    for fqn, mod in targets.items():
+        if _reduction_dim(mod) % block:
+            raise UserError(f"scheme {scheme!r} needs in_features divisible by {block}{what}: layer {fqn} has "
+                            f"{_reduction_dim(mod)}")

@@ -33,7 +33,7 @@ import torch.nn as nn
 from qat.errors import UserError
 from qat.gguf_scheme import GGUFScheme
 from qat.scheme_base import (EmbeddingQuant, Scheme, _check_groups_divide, _cuda_capability_gap, _reduction_dim,  # noqa: F401
-                              embedding_from_record, embedding_quant)
+                              check_blocks_divide, embedding_from_record, embedding_quant)
 from qat.fake_quant import (Float8Rowwise, Int4AfterFloat8, Int4Asymmetric, Int8PerToken, IntxWeight, MXFP4Emulated,
                             NVFP4Emulated)
 
@@ -249,11 +249,7 @@ class FP4Scheme(Scheme):
         return fq, fq
 
     def check_shapes(self, targets, group_size):
-        block = FP4_BLOCK[self.kind]
-        for fqn, mod in targets.items():
-            if _reduction_dim(mod) % block:
-                raise UserError(f"scheme {self.name!r} needs in_features divisible by {block}: layer {fqn} has "
-                                f"{_reduction_dim(mod)}")
+        check_blocks_divide(self.name, targets, FP4_BLOCK[self.kind])
 
     @property
     def hardware(self) -> str:

@@ -256,3 +256,22 @@ def small_fs(tmp_path):
     for path in mounted:
         with contextlib.suppress(Exception):
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def eager_and_compiled():
+    def run(layer, x, gy) -> list[tuple]:
+        """(output, input gradient, weight gradient) of `layer` run eager, then compiled (fullgraph)."""
+        import torch
+
+        torch._dynamo.reset()
+        results = []
+        for fn in (layer, torch.compile(layer, fullgraph=True)):
+            xi = x.clone().requires_grad_()
+            layer.weight.grad = None
+            y = fn(xi)
+            y.backward(gy)
+            results.append((y.detach(), xi.grad, layer.weight.grad.clone()))
+        return results
+
+    return run

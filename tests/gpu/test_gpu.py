@@ -103,7 +103,7 @@ def test_compiled_qat_block_forward_and_backward_match_eager(fake_quantizers, sa
             assert torch.equal(g == 0, ref == 0), name
 
 
-def test_compiled_qat_linear_on_cuda_equals_eager_bitwise(fake_quantizers, sample):
+def test_compiled_qat_linear_on_cuda_equals_eager_bitwise(fake_quantizers, sample, eager_and_compiled):
     """A compiled fake-quantized Linear (8da4w and the int4 tinygemm grid) gives eager's output and
     gradients bit for bit on CUDA: the quantizers are the eager ones, the matmuls the same cuBLAS
     calls (tests/unit/test_compile_fq.py on the CPU)."""
@@ -115,15 +115,7 @@ def test_compiled_qat_linear_on_cuda_equals_eager_bitwise(fake_quantizers, sampl
                                       *fake_quantizers(name))
         x = sample((4, 16, 512), 15, 2.0, torch.bfloat16).cuda()
         gy = sample((4, 16, 256), 16, 1.0, torch.bfloat16).cuda()
-        results = []
-        torch._dynamo.reset()
-        for fn in (layer, torch.compile(layer, fullgraph=True)):
-            xi = x.clone().requires_grad_()
-            layer.weight.grad = None
-            y = fn(xi)
-            y.backward(gy)
-            results.append((y.detach(), xi.grad, layer.weight.grad.clone()))
-        (y0, gx0, gw0), (y1, gx1, gw1) = results
+        (y0, gx0, gw0), (y1, gx1, gw1) = eager_and_compiled(layer, x, gy)
         assert torch.equal(y1, y0) and torch.equal(gx1, gx0) and torch.equal(gw1, gw0), name
 
 

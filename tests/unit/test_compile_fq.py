@@ -69,7 +69,7 @@ def _inductor_recording(graphs: list):
     return backend
 
 
-def test_a_compiled_qat_linear_trains_like_eager_bitwise():
+def test_a_compiled_qat_linear_trains_like_eager_bitwise(eager_and_compiled):
     """Forward and the recomputing straight-through backward of our fake-quantized Linear, compiled:
     the same output and gradients as eager, bit for bit (the matmuls are the same aten kernels;
     the quantizers are the eager ones), for an int8 x int4 and the int4 tinygemm scheme."""
@@ -79,14 +79,7 @@ def test_a_compiled_qat_linear_trains_like_eager_bitwise():
         layer = QATLinear.from_linear(lin, *get_scheme(name).fake_quantizers(32))
         x = (torch.randn(4, 16, 512) * 2).to(BF16)
         gy = (torch.randn(4, 16, 256)).to(BF16)
-        results = []
-        for fn in (layer, torch.compile(layer, fullgraph=True)):
-            xi = x.clone().requires_grad_()
-            layer.weight.grad = None
-            y = fn(xi)
-            y.backward(gy)
-            results.append((y.detach(), xi.grad, layer.weight.grad.clone()))
-        (y0, gx0, gw0), (y1, gx1, gw1) = results
+        (y0, gx0, gw0), (y1, gx1, gw1) = eager_and_compiled(layer, x, gy)
         assert torch.equal(y1, y0) and torch.equal(gx1, gx0) and torch.equal(gw1, gw0), name
         if name == "8da4w":
             assert (gw0 == 0).any()  # clipped weights: the mask is part of what is compared

@@ -100,7 +100,7 @@ def test_no_code_outside_the_scheme_module_branches_on_family_names():
     offenders = []
     for folder in ("qat", "recipes", "eval", "slurm", "bench"):
         for f in (ROOT / folder).rglob("*.py"):
-            if f.name == "schemes.py":
+            if f.name in ("schemes.py", "scheme_base.py", "gguf_scheme.py"):  # the scheme modules
                 continue
             for n, line in enumerate(f.read_text().splitlines(), 1):
                 if re.search(r"\.family\b|['\"](intx|float8|fp4|nvfp4|mxfp4)['\"]\s*(==|!=|in\b)|"
