@@ -1,12 +1,13 @@
 # make        -> .venv with the pinned stack
-# make test   -> the full CPU test suite (what CI runs)
+# make test      -> the CPU test suite but the slow end-to-end pipelines (about 11 min from a fresh clone)
+# make test-slow -> those pipelines (about 12 min); CI runs both
 # make test-unit -> tests/unit only (one process each, about a minute)
 # make demo   -> the tiny-world pipeline on 2 CPU processes
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 WORLD := assets/world
 
-.PHONY: venv test test-unit demo world clean llama-cpp
+.PHONY: venv test test-slow test-unit demo world clean llama-cpp
 venv: .venv/.installed
 
 # torch first (the local CPU wheel here, a CUDA build on clusters), then everything else under
@@ -32,7 +33,10 @@ world: venv
 	$(PY) -m qat.synthetic.build --out $(WORLD)
 
 test: venv
-	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 tests
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 -m "not slow" tests
+
+test-slow: venv
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs --durations=15 -m slow tests
 
 test-unit: venv
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PY) -m pytest -q -rs tests/unit

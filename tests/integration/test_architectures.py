@@ -147,6 +147,7 @@ def test_moe_experts_train_at_world_two_convert_evaluate(kind, world, tmp_path, 
     assert json.loads((tmp_path / "export/quantized/config.json").read_text())["experts_implementation"] == "eager"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_deepseek_v3_and_glm4_moe_train_convert_evaluate(kind, world, tmp_path, base_overrides, run_train, recipe):
     """Defaults at world size 2: QAT 8da4w (full fine-tuning, activation checkpointing) and LoRA +

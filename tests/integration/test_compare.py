@@ -12,6 +12,8 @@ import pytest
 
 from qat.eval.report import degradation, markdown, recovered, rows
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
+
 pytest.importorskip("executorch.runtime", reason="ExecuTorch is the optional extra .[executorch]")
 
 # Long enough that the tiny model's next-token choices are clear: with the 6-step default its

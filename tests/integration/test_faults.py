@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
+
 CKPT = ["training.steps=6", "checkpoint.every_n_steps=2", "checkpoint.keep_last=3"]
 
 

@@ -11,6 +11,8 @@ rendezvous on loopback. Node A starts first and hosts the rendezvous store; B jo
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import socket
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ["checkpoint.every_n_steps=2"]

@@ -12,6 +12,8 @@ import pytest
 
 from slurm_cluster import Cluster, missing_binaries
 
+pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20"]

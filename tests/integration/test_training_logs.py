@@ -33,8 +33,12 @@ def probe(first: str, *, env) -> str:
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the noise is that of CPU-only hosts")
 def test_torchao_startup_noise_is_filtered_and_other_warnings_show(env):
+    import importlib.util
+
     bare = probe("bare", env=env)  # the stack as it is: the noise is there (if this fails, drop the filter)
-    assert all(n in bare for n in NOISE), bare
+    # torchao says "Detected no triton" only where triton is missing (the test install has it)
+    expected = [n for n in NOISE if n != "Detected no triton" or importlib.util.find_spec("triton") is None]
+    assert all(n in bare for n in expected), bare
     err = probe("qat", env=env)
     assert not any(n in l for l in err.splitlines()
                    for n in ("_C_mxfp8", "_C_cutlass", "<enum 'Kernel", "Detected no triton")), err
