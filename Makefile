@@ -1,6 +1,7 @@
 # make        -> .venv with the pinned stack
-# make test      -> the CPU test suite but the slow end-to-end pipelines (about 11 min from a fresh clone)
-# make test-slow -> those pipelines (about 12 min); CI runs both
+# make test      -> the CPU test suite but the slow end-to-end pipelines (13.6 min from a fresh clone on
+#                   2 cores, install included)
+# make test-slow -> those pipelines; CI runs both
 # make test-unit -> tests/unit only (one process each, about a minute)
 # make demo   -> the tiny-world pipeline on 2 CPU processes
 PY := .venv/bin/python
