@@ -110,8 +110,11 @@ def test_a_user_error_on_two_nodes_is_one_line_and_status_2_on_both(world, tmp_p
     note = "node_rank is only used for static rdzv_backend"  # torchrun's own notice on node 1
     out = [[l for l in lines(*o) if not l.startswith(note)] for o in outputs]
     assert [p.returncode for p in procs] == [2, 2], outputs
-    assert sorted(map(len, out)) == [0, 1], out
-    line = (out[0] or out[1])[0]
+    # torch's C++ store client may warn (`[W ... TCPStore ...]`, with frames) when the launcher that
+    # hosts the store exits first; those are torch's lines, not a second error or a traceback
+    errors = [[l for l in o if l.startswith("error:")] for o in out]
+    assert sorted(map(len, errors)) == [0, 1] and not any("Traceback" in l for o in out for l in o), out
+    line = (errors[0] or errors[1])[0]
     assert line.startswith(WANT) and "(rank" not in line, out
 
 
