@@ -65,6 +65,7 @@ from qat.data.packed import rows_to_batch
 from qat.data.sources import (BUILDERS, _parse_problem, encode_texts, local_files, resolve_column,
                               tokenize_chat_batch)
 from qat.distributed import raise_together
+from qat.data.stream_state import Position, merge_positions, reshard  # noqa: F401 (re-exported)
 from qat.errors import UserError
 
 TOKENIZE_DOCS = 64  # documents per tokenizer call: amortises the call, bounds the first row's wait
@@ -290,13 +291,6 @@ def document_order(data: StreamData, docs_per_epoch=None):
     return DocumentMix(data, docs_per_epoch)
 
 
-@dataclasses.dataclass(frozen=True)
-class Position:
-    """The next document a rank looks at (the first it owns at or after g) and the tokens of g already used."""
-    g: int = 0
-    offset: int = 0
-
-
 @dataclasses.dataclass
 class Row:
     tokens: np.ndarray
@@ -376,30 +370,6 @@ class RankStream:
                     after = Position(g, off) if off < len(ids) else Position(g + 1, 0)
                     yield Row(tok, flg, after, tuple(dict.fromkeys(members)))
                     tok, flg, got, members = np.empty(L, np.int64), np.empty(L, np.uint8), 0, []
-
-
-def reshard(state: dict, rank: int, world: int) -> tuple[Position, frozenset]:
-    """This rank's start position and skip set from a checkpoint's stream state (the rule above)."""
-    old_world, positions = state["world"], [Position(*p) for p in state["positions"]]
-    skip = set(state["skip"])
-    if old_world == world:
-        return positions[rank], frozenset(skip)
-    frontier = min(p.g for p in positions)
-    consumed = {g for g in skip if g >= frontier}
-    for r, p in enumerate(positions):
-        first = frontier + (r - frontier) % old_world  # rank r's first document at or above the frontier
-        consumed.update(range(first, p.g, old_world))
-        if p.offset > 0:
-            consumed.add(p.g)  # cut by a row end: counts as consumed, its rest is dropped
-    return Position(frontier, 0), frozenset(consumed)
-
-
-def merge_positions(positions: list[Position], world: int, skip: frozenset, docs_per_epoch,
-                    order: Optional[dict] = None) -> dict:
-    """The checkpoint's stream state; skip entries every rank has passed are dropped."""
-    frontier = min(p.g for p in positions)
-    return {"stream": True, "world": world, "positions": [[p.g, p.offset] for p in positions],
-            "skip": sorted(g for g in skip if g >= frontier), "docs_per_epoch": docs_per_epoch, **(order or {})}
 
 
 def check_order(state: dict, data: StreamData) -> None:
