@@ -5,7 +5,9 @@ Without torchrun, rank 0 prints it. Under torchrun a worker prints nothing: it h
 to its launcher through torchrun's error file, and the launcher prints the one line and exits 2
 instead of torchrun's `ChildFailedError` traceback (qat/torchrun_errors.py, loaded into every
 torchrun launcher by our `torchrun.handlers` entry point). A user error is raised before anything
-is written, so nothing is lost. A bug (any other exception) keeps torchrun's full report.
+is written, so nothing is lost. A bug (any other exception) keeps torchrun's full report, its
+traceback in the worker's error file so that torchrun names it, not a peer that lost it, the root
+cause.
 
 A lost peer (`PeerLost`: another rank's process or node is gone) takes the same way out with exit
 status `LOST_EXIT` (75, EX_TEMPFAIL of sysexits.h: a temporary failure, rerunning can succeed),
@@ -78,6 +80,9 @@ def exit_on_user_error(fn):
             sys.exit(USER_EXIT)
         except PeerLost as e:
             exit_peer_lost(str(e))
+        except Exception as e:
+            torchrun_errors.record_bug(e)
+            raise
 
     return wrapper
 

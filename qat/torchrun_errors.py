@@ -54,11 +54,13 @@ their store with it (qat/distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+import traceback
 
 MARK = "qat_user_error"  # our record in a worker's error file, and our keys in the rendezvous store
 REPORTS_ENV = "QAT_TORCHRUN_REPORTS_USER_ERRORS"  # set by the launcher plugin, inherited by workers
@@ -103,6 +105,27 @@ def hand_to_launcher(message: str, grace_s: float = GRACE_S, kind: str = USER) -
         time.sleep(0.05)
 
 
+def record_bug(e: BaseException) -> None:
+    """A bug in a torchrun worker: its traceback into the error file, stamped now, as torch's
+    `@record` does. torchrun names the failure with the earliest stamp as the root cause; a worker
+    without an error file is stamped when the agent notices its exit, often after a peer that lost
+    this worker wrote its own file, which would make "lost rank N" the root cause of a bug."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{type(e).__name__}: {e}",
+                        "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):  # torchrun's folder is gone: its report follows all the same
+        _write_json_atomic(path, data)
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
 def _write_error_file(path: str, message: str, rank: int, kind: str = USER) -> None:
     """The error file in torchrun's format (its failure table shows `error: ...` as the traceback),
     written whole or not at all: the agent parses it the moment this process exits."""
@@ -110,10 +133,7 @@ def _write_error_file(path: str, message: str, rank: int, kind: str = USER) -> N
     data = {"message": {"message": f"{title}: {message}",
                         "extraInfo": {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}},
             MARK: {"message": message, "rank": rank, "kind": kind}}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    _write_json_atomic(path, data)
 
 
 def _first_error_file_of_node(path: str, local_rank: str) -> str | None:
