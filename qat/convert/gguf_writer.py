@@ -5,15 +5,19 @@ computes (qat/gguf_quant.py: the same codes the fake-quantized forward multiplie
 (norms, biases) are f32, as llama.cpp's own converter stores them, and the other 2D tensors
 (embeddings, output head) are in the dtype asked for (f16 or f32).
 
-Architectures: llama, qwen2, qwen3 (checked against llama.cpp: llama; see docs/gguf.md).
-Tokenizers: byte-level BPE (llama.cpp's "gpt2" model) whose pre-tokenizer is GPT-2's, Llama 3's
-or Qwen 2's. Anything else is one `error:` line.
+Architectures: llama, qwen2, qwen3 and gemma3_text (Gemma 3's text model), each checked against
+llama.cpp (docs/gguf.md). Gemma 3 has settings llama.cpp fixes in code rather than reading them
+from the file (every 6th layer global, local RoPE base 10000, no softcapping, 1/sqrt(head_dim)
+attention scale); a config that differs is refused rather than written into a file that llama.cpp
+would run differently. Tokenizers: byte-level BPE (llama.cpp's "gpt2" model) whose pre-tokenizer
+is GPT-2's, Llama 3's or Qwen 2's. Anything else is one `error:` line.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,16 +28,31 @@ import torch.nn as nn
 from qat.errors import UserError
 from qat.gguf_quant import pack_rows
 
-ARCHS = ("llama", "qwen2", "qwen3")
-# llama.cpp's llama applies RoPE to interleaved pairs, HF's Llama to halves: q and k rows are
-# permuted for it (llama.cpp's converter does the same). Qwen's rope type is NeoX, as in HF.
-PERMUTE_QK = {"llama": True, "qwen2": False, "qwen3": False}
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
+# Gemma 3 normalizes four times per block: around attention and around the MLP
+GEMMA3_LAYER_NAMES = {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf: str  # llama.cpp's architecture name
+    layers: dict  # a block's HF module path -> llama.cpp's tensor name
+    # llama.cpp's llama applies RoPE to interleaved pairs, HF's Llama to halves: q and k rows are
+    # permuted for it (llama.cpp's converter does the same). Qwen's and Gemma's rope is NeoX, as in HF.
+    permute_qk: bool = False
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight
+    rope_scaling: tuple = ()  # the HF rope types llama.cpp's architecture reproduces
+
+
+ARCHS = {"llama": Arch("llama", LAYER_NAMES, permute_qk=True, rope_scaling=("llama3",)),
+         "qwen2": Arch("qwen2", LAYER_NAMES), "qwen3": Arch("qwen3", LAYER_NAMES),
+         "gemma3_text": Arch("gemma3", GEMMA3_LAYER_NAMES, norm_offset=1.0, rope_scaling=("linear",))}
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # The pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre).
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -41,21 +60,49 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
-def gguf_name(hf_name: str) -> Optional[str]:
+def gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     """llama.cpp's name of an HF parameter ("model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
     module, _, kind = hf_name.rpartition(".")
     if module in TOP_NAMES:
         return f"{TOP_NAMES[module]}.{kind}"
-    parts = module.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LAYER_NAMES:
-        return f"blk.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:])]}.{kind}"
+    parts, names = module.split("."), ARCHS[arch].layers
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in names:
+        return f"blk.{parts[2]}.{names['.'.join(parts[3:])]}.{kind}"
     return None
 
 
-def check_model_type(arch: Optional[str]) -> None:
+def check_config(cfg) -> str:
+    """The HF config's architecture, if llama.cpp runs it as HF does; else UserError."""
+    arch = getattr(cfg, "model_type", None)
     if arch not in ARCHS:
         raise UserError(f"GGUF export supports the architectures {', '.join(ARCHS)}; this model is {arch!r} "
                         f"(convert without --gguf, or use llama.cpp's convert_hf_to_gguf.py on hf/)")
+    if arch == "gemma3_text":
+        check_gemma3(cfg)
+    return arch
+
+
+def check_gemma3(cfg) -> None:
+    """llama.cpp's gemma3 hard-codes what HF's Gemma 3 config leaves open (llama.cpp's
+    llama_load_hparams for LLM_ARCH_GEMMA3 and its graph): refuse a config it would run differently."""
+    n = cfg.num_hidden_layers
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
+    scale = cfg.hidden_size // cfg.num_attention_heads if n == 62 else cfg.head_dim  # llama.cpp: 62 layers = 27B
+    why = None
+    if cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping is not None:
+        why = "llama.cpp's gemma3 applies no logit softcapping"
+    elif list(cfg.layer_types) != pattern:
+        why = "llama.cpp's gemma3 makes every 6th layer global and the others sliding-window"
+    elif local.get("rope_theta", 10000.0) != 10000.0 or local.get("rope_type", "default") != "default":
+        why = "llama.cpp's gemma3 gives its sliding-window layers plain RoPE with base 10000"
+    elif cfg.query_pre_attn_scalar != scale:
+        why = f"llama.cpp's gemma3 scales attention by 1/sqrt({scale}), this config by 1/sqrt({cfg.query_pre_attn_scalar})"
+    elif getattr(cfg, "use_bidirectional_attention", False):
+        why = "llama.cpp's gemma3 attends causally"
+    if why:
+        raise UserError(f"GGUF export: {why}; this Gemma 3 config differs, so llama.cpp would compute another "
+                        "model (convert without --gguf)")
 
 
 def check_source(model_cfg) -> None:
@@ -66,13 +113,12 @@ def check_source(model_cfg) -> None:
 
     hf = AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision,
                                     trust_remote_code=model_cfg.trust_remote_code)
-    check_model_type(getattr(hf, "model_type", None))
+    check_config(hf)
     pre_tokenizer_name(load_tokenizer(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code))
 
 
 def check_architecture(model: nn.Module) -> str:
-    arch = getattr(model.config, "model_type", None)
-    check_model_type(arch)
+    arch = check_config(model.config)
     if any(getattr(m, "weight", None) is not None and m.weight.dim() == 3 for m in model.modules()):
         raise UserError("GGUF export of MoE experts is not supported here; convert without --gguf")
     return arch
@@ -90,7 +136,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, fmt: Optional[str], quan
     import gguf
 
     arch = check_architecture(model)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), ARCHS[arch].gguf)
     add_hparams(writer, model.config, arch, name, fmt, dtype)
     add_tokenizer(writer, tokenizer, model.config.vocab_size)
     types = add_tensors(writer, model, arch, fmt, quantized, dtype)
@@ -102,8 +148,10 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, fmt: Optional[str], quan
 
 
 def _rope(cfg) -> tuple[float, Optional[dict]]:
-    """(rope theta, the rope scaling dict or None): transformers 5 keeps both in rope_parameters."""
+    """(rope theta, the rope scaling dict or None) of the global-attention layers: transformers 5
+    keeps both in rope_parameters, per layer type where the types differ (Gemma 3)."""
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    params = dict(params.get("full_attention", params))
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     return float(theta), (params if kind not in (None, "default") else None)
@@ -126,8 +174,15 @@ def add_hparams(writer, cfg, arch: str, name: str, fmt: Optional[str], dtype: st
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     theta, scaling = _rope(cfg)
     writer.add_rope_freq_base(theta)
-    if scaling is not None and scaling.get("rope_type") != "llama3":
-        raise UserError(f"GGUF export: rope scaling {scaling.get('rope_type')!r} is not supported (llama3 is)")
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind is not None and kind not in ARCHS[arch].rope_scaling:
+        raise UserError(f"GGUF export: rope scaling {kind!r} of {arch} is not supported "
+                        f"({', '.join(ARCHS[arch].rope_scaling) or 'none'} is)")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if arch == "gemma3_text":
+        writer.add_sliding_window(cfg.sliding_window)
     writer.add_vocab_size(cfg.vocab_size)
     ftype = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              None: gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32}[fmt]
@@ -207,20 +262,24 @@ def add_tensors(writer, model: nn.Module, arch: str, fmt: Optional[str], quantiz
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(fmt)
     types = {}
     _, scaling = _rope(cfg)
-    if scaling is not None:
+    if scaling is not None and scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg, scaling).numpy())
         types["rope_freqs.weight"] = "f32"
     tied = getattr(cfg, "tie_word_embeddings", False)
     for hf_name, p in model.state_dict().items():
-        name = gguf_name(hf_name)
+        if tied and hf_name == "lm_head.weight":  # llama.cpp uses token_embd when output is absent
+            continue
+        name = gguf_name(hf_name, arch)
         if name is None:
-            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
             raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name} of this {arch} model")
         w = p.detach().float().cpu()
         proj = hf_name.split(".")[-2]
-        if PERMUTE_QK[arch] and proj in heads:
+        if ARCHS[arch].permute_qk and proj in heads:
             w = permute_rows(w, heads[proj])
+        if proj.endswith("norm") and ARCHS[arch].norm_offset:
+            w = w + ARCHS[arch].norm_offset
         module = hf_name.rpartition(".")[0]
         if module in quantized and hf_name.endswith(".weight"):
             writer.add_tensor(name, pack_rows(fmt, w), raw_dtype=qtype)

@@ -135,3 +135,51 @@ def test_compare_reports_llama_cpp_bits_per_byte(world, tmp_path, base_overrides
     report = (out / "report.md").read_text()
     assert "## llama.cpp (GGUF q4_0): bits per byte" in report
     assert f"| PTQ | {rows['ptq']['bits_per_byte']:.4f} |" in report
+
+
+ARCH_CONFIGS = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": {}, "qwen3": {},
+    # 7 layers: layer 5 is global, the others slide over 16 tokens (the held-out texts are longer)
+    "gemma3_text": dict(num_hidden_layers=7, query_pre_attn_scalar=32, sliding_window=16),
+}
+
+
+@pytest.mark.parametrize("kind", ARCH_CONFIGS)
+def test_llama_cpp_runs_each_architecture_as_transformers_does(kind, world, tok, tmp_path):
+    """An f32 export of a random model per architecture, norms randomized (Gemma stores 1 + w):
+    llama.cpp's logits equal transformers' up to float arithmetic, so its metadata, names and
+    layouts are right. Measured max difference: about 1e-7 for Llama and Qwen, 3.5-5.1e-4 for
+    Gemma 3 (llama.cpp's CPU GELU reads an f16 table), on logits up to 0.8; the bound is 5e-3."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.convert.gguf_check import load, logits, tokenize
+    from qat.convert.gguf_writer import write_gguf
+
+    world_cfg = json.loads((world / "model" / "config.json").read_text())
+    ids = {k: world_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=32, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**kw, **ids, **ARCH_CONFIGS[kind]})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    write_gguf(model, tok, tmp_path / "m.gguf", None, set(), "f32", kind)
+    llm = load(tmp_path / "m.gguf", n_ctx=256)
+    checked = 0
+    for text in heldout_texts(world)[:4]:
+        ids = tok(text)["input_ids"][:256]
+        assert tokenize(llm, text)[:256] == ids
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0]
+        got = torch.from_numpy(logits(llm, ids))
+        assert float((got - ref).abs().max()) < 5e-3, kind
+        top2 = ref.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] > 1e-2  # a random model's near-ties may flip within the bound
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+        checked += int(clear.sum())
+    llm.close()
+    assert checked >= 100, checked

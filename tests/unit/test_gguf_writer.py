@@ -17,14 +17,21 @@ def test_llama_cpp_names():
     assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
     assert gguf_name("lm_head.weight") == "output.weight"
     assert gguf_name("model.layers.0.mlp.experts.gate_up_proj") is None
+    # Gemma 3's four norms per block
+    assert gguf_name("model.layers.2.post_attention_layernorm.weight", "gemma3_text") == "blk.2.post_attention_norm.weight"
+    assert gguf_name("model.layers.2.pre_feedforward_layernorm.weight", "gemma3_text") == "blk.2.ffn_norm.weight"
+    assert gguf_name("model.layers.2.post_feedforward_layernorm.weight", "gemma3_text") == "blk.2.post_ffw_norm.weight"
 
 
-def tiny(kind: str, tok):
+def tiny(kind: str, tok, **gemma3):
     import transformers
 
     torch.manual_seed(0)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "gemma3_text":
+        kw = dict(common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32) | gemma3
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw))
     if kind == "qwen3":
         return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
     if kind == "qwen2":
@@ -51,7 +58,7 @@ def test_qwen_files_hold_the_codes_and_their_own_tensors(arch, tok, tmp_path):
 
 
 def test_unsupported_architecture_is_one_line(tok, tmp_path):
-    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3; this model "
+    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3, gemma3_text; this model "
                                         r"is 'gpt2' \(convert without --gguf"):
         write_gguf(tiny("gpt2", tok), tok, tmp_path / "m.gguf", "q4_0", set(), "f16", "tiny")
     assert not (tmp_path / "m.gguf").exists()
@@ -79,3 +86,31 @@ def test_a_tokenizer_llama_cpp_cannot_name_is_one_line(tok):
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(UserError, match="not one llama.cpp knows by name"):
         pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=bpe))
+
+
+def test_gemma3_norms_are_stored_as_llama_cpp_multiplies_them(tok, tmp_path):
+    """Gemma's RMSNorm scales by (1 + w); llama.cpp's by the stored weight: the file holds 1 + w."""
+    model = tiny("gemma3_text", tok)
+    with torch.no_grad():
+        model.model.layers[0].post_feedforward_layernorm.weight.normal_()
+    types = write_gguf(model, tok, tmp_path / "m.gguf", None, set(), "f32", "tiny")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "gemma3"
+    assert int(r.fields["gemma3.attention.sliding_window"].parts[-1][0]) == 32
+    tensors = {t.name: t for t in r.tensors}
+    w = model.model.layers[0].post_feedforward_layernorm.weight.detach()
+    assert torch.equal(torch.from_numpy(tensors["blk.0.post_ffw_norm.weight"].data.copy()), w + 1)
+    assert "output.weight" not in types  # tied to token_embd, as llama.cpp reads it
+
+
+@pytest.mark.parametrize("change, why", [
+    (dict(query_pre_attn_scalar=64), r"scales attention by 1/sqrt\(16\), this config by 1/sqrt\(64\)"),
+    (dict(final_logit_softcapping=30.0), "applies no logit softcapping"),
+    (dict(layer_types=["full_attention"]), "makes every 6th layer global"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                           "full_attention": {"rope_type": "default", "rope_theta": 1e6}}), "base 10000"),
+])
+def test_a_gemma3_config_llama_cpp_would_run_differently_is_one_line(change, why, tok, tmp_path):
+    with pytest.raises(UserError, match=f"^GGUF export: llama.cpp's gemma3 .*{why}.*; this Gemma 3 config differs"):
+        write_gguf(tiny("gemma3_text", tok, **change), tok, tmp_path / "m.gguf", "q8_0", set(), "f32", "tiny")
+    assert not (tmp_path / "m.gguf").exists()
