@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qat.chunked_ce import cross_entropy_sum, shifted_labels
 from qat.config import DistillConfig, FSDPConfig, ModelConfig
 from qat.data.packed import flash_varlen_kwargs
 from qat.data.sources import IGNORE
@@ -45,9 +46,9 @@ def kd_sum(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head_weig
            softcap: Optional[float] = None) -> torch.Tensor:
     """Sum over supervised positions of T^2 * KL(p_teacher || p_student), teacher logits computed
     `chunk_size` positions at a time. Position t predicts labels[t + 1], as in the CE loss."""
-    s = student_logits[:, :-1].flatten(0, 1)
-    h = teacher_hidden[:, :-1].flatten(0, 1)
-    keep = (labels[:, 1:].flatten() != IGNORE).nonzero().squeeze(1)
+    s = student_logits.flatten(0, 1)  # views: the rows are picked per chunk, nothing is copied whole
+    h = teacher_hidden.flatten(0, 1)
+    keep = (shifted_labels(labels).flatten() != IGNORE).nonzero().squeeze(1)
     total = student_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, keep.numel(), chunk_size):
         rows = keep[start:start + chunk_size]
@@ -178,8 +179,7 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor, teacher: Optiona
     loss is the cross-entropy; with one, weight * KL + (1 - weight) * CE."""
     # KL only (the default): cross-entropy is for the log, so it keeps no graph for backward
     with torch.set_grad_enabled(teacher is None or cfg.weight < 1):
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                             ignore_index=IGNORE, reduction="sum")
+        ce = cross_entropy_sum(logits, labels)
     if teacher is None:
         return ce, ce, torch.zeros((), device=logits.device)
     weight, bias = teacher.head_params()
