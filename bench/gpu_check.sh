@@ -117,13 +117,14 @@ run_pytest() {
         --timeout 170 --junitxml="$OUT/pytest.xml"
 }
 
-# ours|anchor NAME MAX SHAPE BATCH MODES eager|compiled STEPS WARMUP: one bench step, whose JSON
-# (every mode that finished, if the step was cut) ends up as $OUT/NAME.json. Ours compiles per
-# block; the anchor compiles the whole model.
+# ours|anchor NAME MAX SHAPE BATCH MODES eager|compiled STEPS WARMUP [KEY=VALUE...]: one bench
+# step, whose JSON (every mode that finished, if the step was cut) ends up as $OUT/NAME.json. Ours
+# compiles per block; the anchor compiles the whole model. Ours takes training overrides after them.
 ours() {
     local flag=(); [ "$6" = compiled ] && flag=(--compile)
+    local train=("${@:9}"); [ ${#train[@]} -gt 0 ] && train=(--train "${train[@]}")
     step "$1" "$2" python3 bench/bench_train.py --shape "$3" --batch "$4" --seq 2048 --modes "$5" "${flag[@]}" \
-        --steps "$7" --warmup "$8" --out "$OUT/$1.d"
+        --steps "$7" --warmup "$8" "${train[@]}" --out "$OUT/$1.d"
     collect "$1"
 }
 anchor() {
@@ -162,6 +163,10 @@ all)
         --shape llama3.2-1b --batch 4 --seq 2048 --anchor .bench/anchor_bench_gpu.py --out "$OUT"
     ours ours_1b_compiled 55 llama3.2-1b 4 $M1_FULL compiled 4 2
     anchor anchor_1b_compiled 55 llama3.2-1b 4 $M1_FULL compiled 4 2
+    # packed documents: the default (position ids, transformers' block-causal mask for sdpa), against
+    # rows without document boundaries (as the anchor trains) and against flex_attention's block mask
+    ours ours_1b_concat 30 llama3.2-1b 4 full-bf16 eager 5 2 data.packing=concat
+    ours ours_1b_flex 45 llama3.2-1b 4 full-bf16 eager 5 2 model.attn_implementation=flex_attention
     ours ours_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
     anchor anchor_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
     ours ours_8b_eager 60 llama3.1-8b 2 $M8 eager 4 2
