@@ -106,3 +106,4 @@ def test_per_block_compile_matches_eager(world, tmp_path, base_overrides, losses
     # 1.2e-6 relative at step 1, 3.0e-5 by step 3 (before the opaque op: 1e-5 and 3e-4).
     assert abs(a[0] - b[0]) < 1e-5 * b[0]
     assert max(abs(x - y) / y for x, y in zip(a, b)) < 1e-4
+
