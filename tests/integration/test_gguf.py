@@ -142,20 +142,14 @@ ARCH_CONFIGS = {
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2": {}, "qwen3": {},
     # 7 layers: layer 5 is global, the others slide over 16 tokens (the held-out texts are longer)
-    "gemma3_text": dict(num_hidden_layers=7, query_pre_attn_scalar=32, sliding_window=16),
+    "gemma3_text": dict(num_hidden_layers=7, query_pre_attn_scalar=32, sliding_window=16, tie_word_embeddings=True),
 }
 
 
-@pytest.mark.parametrize("kind", ARCH_CONFIGS)
-def test_llama_cpp_runs_each_architecture_as_transformers_does(kind, world, tok, tmp_path):
-    """An f32 export of a random model per architecture, norms randomized (Gemma stores 1 + w):
-    llama.cpp's logits equal transformers' up to float arithmetic, so its metadata, names and
-    layouts are right. Measured max difference: about 1e-7 for Llama and Qwen, 3.5-5.1e-4 for
-    Gemma 3 (llama.cpp's CPU GELU reads an f16 table), on logits up to 0.8; the bound is 5e-3."""
+def random_model(kind: str, world):
+    """A random tiny model of `kind` with the world's vocabulary, its norm weights randomized too
+    (Gemma stores 1 + w: a norm of ones would hide a missing offset)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qat.convert.gguf_check import load, logits, tokenize
-    from qat.convert.gguf_writer import write_gguf
 
     world_cfg = json.loads((world / "model" / "config.json").read_text())
     ids = {k: world_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
@@ -167,6 +161,19 @@ def test_llama_cpp_runs_each_architecture_as_transformers_does(kind, world, tok,
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ARCH_CONFIGS)
+def test_llama_cpp_runs_each_architecture_as_transformers_does(kind, world, tok, tmp_path):
+    """An f32 export of a random model per architecture: llama.cpp's logits equal transformers' up
+    to float arithmetic, so its metadata, names and layouts are right. Measured max difference:
+    about 1e-7 for Llama and Qwen, 3.5-5.1e-4 for Gemma 3 (llama.cpp's CPU GELU reads an f16
+    table), on logits up to 0.8; the bound is 5e-3."""
+    from qat.convert.gguf_check import load, logits, tokenize
+    from qat.convert.gguf_writer import write_gguf
+
+    model = random_model(kind, world)
     write_gguf(model, tok, tmp_path / "m.gguf", None, set(), "f32", kind)
     llm = load(tmp_path / "m.gguf", n_ctx=256)
     checked = 0
@@ -179,6 +186,47 @@ def test_llama_cpp_runs_each_architecture_as_transformers_does(kind, world, tok,
         assert float((got - ref).abs().max()) < 5e-3, kind
         top2 = ref.topk(2, -1).values
         clear = top2[:, 0] - top2[:, 1] > 1e-2  # a random model's near-ties may flip within the bound
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+        checked += int(clear.sum())
+    llm.close()
+    assert checked >= 100, checked
+
+
+def test_a_gemma3_q4_0_run_exports_its_codes_and_llama_cpp_agrees(world, tok, tmp_path, base_overrides, run_train,
+                                                                   convert_cli):
+    """Gemma 3 end to end: q4_0 QAT from the random model above (tied head, 7 layers with one
+    global), convert --gguf, then llama.cpp against our converted (fake-quantized) model on 4
+    held-out texts. Four steps leave the logits of a random model flat (within about 0.3), so
+    near-ties flip: convert's probe measured 98.0% top-1 at a max difference of 0.0066. The check
+    is the test above's: max difference under 0.05 (the trained Llama test's bound; measured 0.006-0.010), the same
+    top-1 wherever our top two differ by more than 0.05."""
+    import shutil
+
+    from qat.convert.gguf_check import load, logits
+    from qat.convert.simulated import load_simulated
+
+    folder = tmp_path / "gemma3"
+    random_model("gemma3_text", world).save_pretrained(folder)
+    for f in (world / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    run = tmp_path / "run"
+    run_train(base_overrides(world, run) + [f"model.path={folder}", "training.steps=4", "qat.enabled=true",
+                                            "qat.scheme=q4_0", "qat.group_size=null"])
+    convert_cli(["--checkpoint", run, "--gguf", "f32", "--out", run / "export"])
+    report = json.loads((run / "export" / "verify.json").read_text())["gguf"]
+    # 7 blocks x 7 Linears in Q4_0; 7 x 6 norms, the final norm and the tied embedding in f32
+    assert report["files"]["model-q4_0.gguf"]["tensors"] == {"q4_0": 49, "f32": 44}
+    llm = load(run / "export" / "gguf" / "model-q4_0.gguf", n_ctx=256)
+    ours = load_simulated(run / "export" / "hf", "q4_0", None)
+    checked = 0
+    for text in heldout_texts(world)[:4]:
+        ids = tok(text)["input_ids"][:256]
+        with torch.no_grad():
+            ref = ours(torch.tensor([ids])).logits[0]
+        got = torch.from_numpy(logits(llm, ids))
+        assert float((got - ref).abs().max()) < 0.05
+        top2 = ref.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] > 0.05
         assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
         checked += int(clear.sum())
     llm.close()
