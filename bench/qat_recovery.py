@@ -86,6 +86,10 @@ def reuse_bf16(root: Path, mode: str, seed: int, elsewhere: list[Path]) -> None:
             shutil.copytree(src.resolve(), dst, symlinks=True)
 
 
+def finished(out: Path, mode: str) -> bool:
+    return (out / ("results.json" if mode == "full" else "results_lora.json")).exists()
+
+
 def results_of(out: Path, mode: str) -> dict:
     """{model: {task: {metric: value}}}, llama.cpp's rows folded in as the task "llama_cpp"."""
     name = "results.json" if mode == "full" else "results_lora.json"
@@ -133,8 +137,7 @@ def table(root: Path, modes: list[str], seeds: list[int]) -> str:
     lines = []
     for mode in modes:
         # the seeds whose comparison finished (a sweep cut short reports what it has, and says so)
-        per_seed = [(seed, root / f"{mode}-s{seed}") for seed in seeds
-                    if (root / f"{mode}-s{seed}" / ("results.json" if mode == "full" else "results_lora.json")).exists()]
+        per_seed = [(seed, root / f"{mode}-s{seed}") for seed in seeds if finished(root / f"{mode}-s{seed}", mode)]
         if not per_seed:
             continue
         results = {seed: results_of(out, mode) for seed, out in per_seed}
@@ -149,7 +152,8 @@ def table(root: Path, modes: list[str], seeds: list[int]) -> str:
             cells = [fmt([got[s].get(arm, {}).get(m.label) for s in got]) for m in metrics]
             ratios = [median_step_time(out / f"{arm}{suffix}") / median_step_time(out / f"qat{suffix}")
                       for _, out in per_seed]
-            lines.append(f"| {mode} | {done} | {LABELS[arm]} | " + " | ".join(cells) + f" | {statistics.mean(ratios):.2f} |")
+            lines.append(f"| {mode} | {done} | {LABELS[arm]} | " + " | ".join(cells)
+                         + f" | {statistics.mean(ratios):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +163,7 @@ def values(root: Path, modes: list[str], seeds: list[int]) -> str:
     for mode in modes:
         for seed in seeds:
             out = root / f"{mode}-s{seed}"
-            if not (out / ("results.json" if mode == "full" else "results_lora.json")).exists():
+            if not finished(out, mode):
                 continue
             results = results_of(out, mode)
             metrics = shown(results)

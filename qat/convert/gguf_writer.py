@@ -97,7 +97,8 @@ def check_gemma3(cfg) -> None:
     elif local.get("rope_theta", 10000.0) != 10000.0 or local.get("rope_type", "default") != "default":
         why = "llama.cpp's gemma3 gives its sliding-window layers plain RoPE with base 10000"
     elif cfg.query_pre_attn_scalar != scale:
-        why = f"llama.cpp's gemma3 scales attention by 1/sqrt({scale}), this config by 1/sqrt({cfg.query_pre_attn_scalar})"
+        why = (f"llama.cpp's gemma3 scales attention by 1/sqrt({scale}), this config by "
+               f"1/sqrt({cfg.query_pre_attn_scalar})")
     elif getattr(cfg, "use_bidirectional_attention", False):
         why = "llama.cpp's gemma3 attends causally"
     if why:

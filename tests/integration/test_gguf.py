@@ -198,8 +198,8 @@ def test_a_gemma3_q4_0_run_exports_its_codes_and_llama_cpp_agrees(world, tok, tm
     global), convert --gguf, then llama.cpp against our converted (fake-quantized) model on 4
     held-out texts. Four steps leave the logits of a random model flat (within about 0.3), so
     near-ties flip: convert's probe measured 98.0% top-1 at a max difference of 0.0066. The check
-    is the test above's: max difference under 0.05 (the trained Llama test's bound; measured 0.006-0.010), the same
-    top-1 wherever our top two differ by more than 0.05."""
+    is the test above's: max difference under 0.05 (the trained Llama test's bound; measured
+    0.006-0.010), the same top-1 wherever our top two differ by more than 0.05."""
     import shutil
 
     from qat.convert.gguf_check import load, logits

@@ -18,9 +18,10 @@ def test_llama_cpp_names():
     assert gguf_name("lm_head.weight") == "output.weight"
     assert gguf_name("model.layers.0.mlp.experts.gate_up_proj") is None
     # Gemma 3's four norms per block
-    assert gguf_name("model.layers.2.post_attention_layernorm.weight", "gemma3_text") == "blk.2.post_attention_norm.weight"
-    assert gguf_name("model.layers.2.pre_feedforward_layernorm.weight", "gemma3_text") == "blk.2.ffn_norm.weight"
-    assert gguf_name("model.layers.2.post_feedforward_layernorm.weight", "gemma3_text") == "blk.2.post_ffw_norm.weight"
+    names = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm"}
+    for hf, ours in names.items():
+        assert gguf_name(f"model.layers.2.{hf}.weight", "gemma3_text") == f"blk.2.{ours}.weight"
 
 
 def tiny(kind: str, tok, **gemma3):
@@ -58,7 +59,8 @@ def test_qwen_files_hold_the_codes_and_their_own_tensors(arch, tok, tmp_path):
 
 
 def test_unsupported_architecture_is_one_line(tok, tmp_path):
-    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3, gemma3_text; this model "
+    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3, gemma3_text; "
+                                        r"this model "
                                         r"is 'gpt2' \(convert without --gguf"):
         write_gguf(tiny("gpt2", tok), tok, tmp_path / "m.gguf", "q4_0", set(), "f16", "tiny")
     assert not (tmp_path / "m.gguf").exists()
