@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
 
 pytest.importorskip("executorch.runtime", reason="ExecuTorch is the optional extra .[executorch]")
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # an end-to-end pipeline: `make test-slow` (CI runs it)
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
