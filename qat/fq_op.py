@@ -13,9 +13,9 @@ bit, forward values and the straight-through mask (tests/unit/test_compile_fq.py
 and everything else in the block are still compiled. Eager mode on the CPU does not go through
 the op (no dispatch cost): a quantizer's `__call__` takes it only while Dynamo traces.
 
-Fused ops. The affine integer quantizers (intx weights, int8 per-token activations) have Triton
-kernels (qat/fq_triton.py) that compute the scales, the values and the mask in one pass and equal
-the eager code bit for bit: `qat::fused_fq` (values, and the mask when asked) and `qat::fused_ste`
+Fused ops. The affine integer quantizers (intx weights, int8 per-token activations) and float8
+e4m3 per row have Triton kernels (qat/fq_triton.py) that compute the scales, the values and the
+mask in one pass and equal the eager code bit for bit: `qat::fused_fq` (values, and the mask when asked) and `qat::fused_ste`
 (a gradient times the mask, recomputed in the same pass). They run where the tensor is on CUDA
 (eager and compiled alike, so compiled still equals eager), with fake impls for tracing and an
 autograd formula (the clipped straight-through estimator). `QAT_FQ_KERNELS` picks the route:
@@ -59,7 +59,7 @@ class OpaqueFakeQuant:
         """(fake-quantized x, clip mask), the mask None when `mask` is False or the format has none."""
         if fused_route(self, x):
             out, m = torch.ops.qat.fused_fq(x, scale, self._fq_key, mask)
-            return out, (m if mask else None)
+            return out, (m if mask and self.has_mask else None)
         if torch.compiler.is_compiling():
             out, m = torch.ops.qat.fake_quant(x, self._fq_key, scale, mask)
             return out, (m if mask and self.has_mask else None)
@@ -153,8 +153,11 @@ def _(x, key, scale, with_mask):
 # --- the fused ops (Triton) -----------------------------------------------------------------------
 
 def _launch_args(key: str, x: torch.Tensor, scale: Optional[torch.Tensor]):
-    seg_len, qmin, qmax, asym, seg_scale = _REGISTRY[key].fused_args(x, scale)
-    return (seg_len, qmin, qmax, asym, seg_scale.contiguous() if seg_scale is not None else None)
+    """launch()'s (seg_len, qmin, qmax, asym, scale) and its keyword `float8` (a 6th element of
+    `fused_args`, False when absent)."""
+    seg_len, qmin, qmax, asym, seg_scale, *fmt = _REGISTRY[key].fused_args(x, scale)
+    return (seg_len, qmin, qmax, asym, seg_scale.contiguous() if seg_scale is not None else None), \
+        {"float8": bool(fmt and fmt[0])}
 
 
 @torch.library.custom_op("qat::fused_fq", mutates_args=())
@@ -164,13 +167,16 @@ def fused_fq(x: torch.Tensor, scale: Optional[torch.Tensor], key: str,
     from qat import fq_triton
 
     x = x.contiguous()
+    with_mask = with_mask and _REGISTRY[key].has_mask
     mode = fq_triton.MODE_VALUES_MASK if with_mask else fq_triton.MODE_VALUES
-    out, mask = fq_triton.launch(x, *_launch_args(key, x, scale), mode)
+    args, kw = _launch_args(key, x, scale)
+    out, mask = fq_triton.launch(x, *args, mode, **kw)
     return out, (mask if mask is not None else _no_mask(x))
 
 
 @fused_fq.register_fake
 def _(x, scale, key, with_mask):
+    with_mask = with_mask and _REGISTRY[key].has_mask
     return x.new_empty(x.shape), (x.new_empty(x.shape, dtype=torch.bool) if with_mask else _no_mask(x))
 
 
@@ -181,7 +187,8 @@ def fused_ste(grad: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor]
     from qat import fq_triton
 
     x, grad = x.contiguous(), grad.contiguous()  # the kernel reads both in one flat layout
-    return fq_triton.launch(x, *_launch_args(key, x, scale), fq_triton.MODE_STE, grad=grad, out_dtype=out_dtype)[0]
+    args, kw = _launch_args(key, x, scale)
+    return fq_triton.launch(x, *args, fq_triton.MODE_STE, grad=grad, out_dtype=out_dtype, **kw)[0]
 
 
 @fused_ste.register_fake

@@ -1,7 +1,8 @@
-"""Triton kernels of the affine integer fake quantizers: one pass over the tensor computes each
-segment's quantization parameters, the fake-quantized values and, when asked, the clip mask; a
-second kernel mode multiplies a gradient by the mask it recomputes (the clipped straight-through
-estimator), so no mask is ever stored.
+"""Triton kernels of the affine integer fake quantizers and of float8 e4m3 per row: one pass over
+the tensor computes each segment's quantization parameters, the fake-quantized values and, when
+asked, the clip mask; a second kernel mode multiplies a gradient by the mask it recomputes (the
+clipped straight-through estimator), so no mask is ever stored. (float8 never clips: its gradient
+passes straight through, no kernel.)
 
 A segment is `seg_len` consecutive elements that share one scale: a group of an intx weight
 (symmetric, zero point 0) or a token's row of an int8 per-token activation (asymmetric, integer
@@ -83,6 +84,20 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _e4m3_round(v):
+    """fp32 -> the nearest float8 e4m3fn value (ties to even), still in fp32, for |v| <= 448 (the
+    caller clamps). Normal range (|v| >= 2**-6): 3 mantissa bits kept from fp32's 23 with integer
+    rounding; below it, multiples of 2**-9 (e4m3's subnormal step). A zero keeps v's sign and NaN
+    stays NaN, as the cast does."""
+    bits = v.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    sub = _round_half_even(v * 512.0) * 0.001953125
+    r = tl.where(tl.abs(v) < 0.015625, sub, normal)
+    r = tl.where(r == 0.0, v * 0.0, r)
+    return tl.where(v != v, v, r)
+
+
+@triton.jit
 def _qparams(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, BF16: tl.constexpr):
     """torchao's choose_qparams_affine from a segment's min and max: (scale, zero point as float)."""
     lo = tl.minimum(lo, 0.0)
@@ -103,9 +118,10 @@ def _qparams(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr,
 def _fq_kernel(x_ptr, s_ptr, g_ptr, out_ptr, mask_ptr, n_seg, seg_len,
                QMIN: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, BF16: tl.constexpr,
                HAS_SCALE: tl.constexpr, MODE: tl.constexpr, G_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
-               SEGS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+               SEGS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, FLOAT8: tl.constexpr):
     """SEGS segments per program, each read in CHUNKS blocks of BLOCK elements: first their min and
-    max (unless the scale is given), then the quantization of every element."""
+    max (unless the scale is given), then the quantization of every element. FLOAT8: e4m3 with a
+    scale of absmax / 448 per segment instead of an integer grid (MODE_VALUES only: no clipping)."""
     seg = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
     seg_ok = seg < n_seg
     base = seg.to(tl.int64) * seg_len
@@ -122,23 +138,36 @@ def _fq_kernel(x_ptr, s_ptr, g_ptr, out_ptr, mask_ptr, n_seg, seg_len,
             v = _load(x_ptr, base[:, None] + k[None, :], ok, BF16)
             lo = tl.minimum(lo, tl.min(tl.where(ok, v, float("inf")), axis=1))
             hi = tl.maximum(hi, tl.max(tl.where(ok, v, float("-inf")), axis=1))
-        scale, zp = _qparams(lo, hi, QMIN, QMAX, ASYM, BF16)
-    inv = _dt(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), BF16)
-    for c in range(CHUNKS):
-        k = c * BLOCK + cols
-        ok = seg_ok[:, None] & (k < seg_len)[None, :]
-        offs = base[:, None] + k[None, :]
-        x = _load(x_ptr, offs, ok, BF16)
-        q = _dt(_round_half_even(_dt(x * inv[:, None], BF16)) + zp[:, None], BF16)
-        inside = (q >= QMIN) & (q <= QMAX)
-        if MODE == 2:  # the clipped straight-through gradient: g where inside, g * 0 where clipped
-            g = _load(g_ptr, offs, ok, G_BF16)
-            _store(out_ptr, offs, _dt(tl.where(inside, g, g * 0.0), OUT_BF16), ok, OUT_BF16)
+        if FLOAT8:  # torchao's _choose_scale_float8: absmax (x's dtype) / 448, in x's dtype, then fp32
+            scale = _dt(tl.math.div_rn(tl.maximum(-lo, hi), tl.full(lo.shape, 448.0, tl.float32)), BF16)
+            zp = tl.zeros(scale.shape, tl.float32)
         else:
-            qc = tl.minimum(tl.maximum(q, QMIN), QMAX)
-            _store(out_ptr, offs, _dt(_dt(qc - zp[:, None], BF16) * scale[:, None], BF16), ok, BF16)
-            if MODE == 1:
-                tl.store(mask_ptr + offs, inside.to(tl.uint8), mask=ok)
+            scale, zp = _qparams(lo, hi, QMIN, QMAX, ASYM, BF16)
+    if FLOAT8:  # _quantize_affine_float8 then _dequantize_affine_float8: fp32 division, clamp, cast
+        for c in range(CHUNKS):
+            k = c * BLOCK + cols
+            ok = seg_ok[:, None] & (k < seg_len)[None, :]
+            offs = base[:, None] + k[None, :]
+            v = tl.math.div_rn(_load(x_ptr, offs, ok, BF16), tl.broadcast_to(scale[:, None], (SEGS, BLOCK)))
+            q = _e4m3_round(tl.where(v != v, v, tl.minimum(tl.maximum(v, -448.0), 448.0)))
+            _store(out_ptr, offs, _dt(q * scale[:, None], BF16), ok, BF16)
+    else:
+        inv = _dt(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), BF16)
+        for c in range(CHUNKS):
+            k = c * BLOCK + cols
+            ok = seg_ok[:, None] & (k < seg_len)[None, :]
+            offs = base[:, None] + k[None, :]
+            x = _load(x_ptr, offs, ok, BF16)
+            q = _dt(_round_half_even(_dt(x * inv[:, None], BF16)) + zp[:, None], BF16)
+            inside = (q >= QMIN) & (q <= QMAX)
+            if MODE == 2:  # the clipped straight-through gradient: g where inside, g * 0 where clipped
+                g = _load(g_ptr, offs, ok, G_BF16)
+                _store(out_ptr, offs, _dt(tl.where(inside, g, g * 0.0), OUT_BF16), ok, OUT_BF16)
+            else:
+                qc = tl.minimum(tl.maximum(q, QMIN), QMAX)
+                _store(out_ptr, offs, _dt(_dt(qc - zp[:, None], BF16) * scale[:, None], BF16), ok, BF16)
+                if MODE == 1:
+                    tl.store(mask_ptr + offs, inside.to(tl.uint8), mask=ok)
 
 
 def _layout(n_seg: int, seg_len: int, max_block: int) -> tuple[int, int, int]:
@@ -152,13 +181,16 @@ def _layout(n_seg: int, seg_len: int, max_block: int) -> tuple[int, int, int]:
 
 def launch(x: torch.Tensor, seg_len: int, qmin: int, qmax: int, asym: bool, scale: Optional[torch.Tensor],
            mode: int, grad: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-           max_block: int = _ELEMS) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           max_block: int = _ELEMS, float8: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the kernel over contiguous `x` ([..., seg_len * k], fp32 or bf16) in segments of `seg_len`.
 
     MODE_VALUES / MODE_VALUES_MASK: (fake-quantized x in x's dtype, uint8 mask viewed as bool or
     None). MODE_STE: (grad * mask in `out_dtype`, None). `scale`: one per segment, already in x's
     dtype and floored (a learned scale), or None for the dynamic rule. `max_block`: the longest
-    chunk of a segment read at once (the tests shorten it to exercise the chunk loop)."""
+    chunk of a segment read at once (the tests shorten it to exercise the chunk loop). `float8`:
+    float8 e4m3 per segment (qmin, qmax, asym and scale unused; MODE_VALUES only)."""
+    if float8 and (mode != MODE_VALUES or scale is not None):
+        raise ValueError("the float8 kernel computes values only, from its own scales")
     n_seg = x.numel() // seg_len
     if mode == MODE_STE:
         out = torch.empty(x.shape, dtype=out_dtype or grad.dtype, device=x.device)
@@ -173,7 +205,7 @@ def launch(x: torch.Tensor, seg_len: int, qmin: int, qmax: int, asym: bool, scal
                      _bits(out), mask.view(torch.uint8) if mask is not None else out, n_seg, seg_len,
                      QMIN=qmin, QMAX=qmax, ASYM=asym, BF16=_is_bf16(x), HAS_SCALE=scale is not None, MODE=mode,
                      G_BF16=_is_bf16(grad), OUT_BF16=_is_bf16(out), SEGS=segs, BLOCK=block, CHUNKS=chunks,
-                     num_warps=4, enable_fp_fusion=False)
+                     FLOAT8=float8, num_warps=4, enable_fp_fusion=False)
     return out, mask
 
 

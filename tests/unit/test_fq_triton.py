@@ -245,3 +245,68 @@ def test_a_bad_route_is_refused_in_one_line(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserError, match="needs TRITON_INTERPRET=1"):
         IntxWeight(4, 32)(torch.randn(8, 64))
+
+
+# --- float8 e4m3 per row -------------------------------------------------------------------------
+
+def float8_rows(k: int) -> torch.Tensor:
+    """Rows that exercise e4m3's rounding: absmax 448 (scale exactly 1), so the values are what the
+    cast sees: ties between normal neighbours (1 + 1/16 -> 1, 1 + 3/16 -> 1.25) and between
+    subnormal ones (3 * 2**-10 -> 2**-8, 2**-10 -> 0), the normal/subnormal border, negative values
+    that round to -0; a 1e4x outlier that pushes the rest of its row below e4m3's normal range;
+    all positive, all negative, subnormal fp32 inputs, and a zero row (0 / 0: NaN, as in torchao)."""
+    g = torch.Generator().manual_seed(7)
+    ties = torch.tensor([448.0, 1 + 1 / 16, 1 + 3 / 16, -(1 + 5 / 16), 3 * 2 ** -10, 2 ** -10, -(2 ** -11),
+                         2 ** -6 - 2 ** -11, 2 ** -6 + 2 ** -10, -(2 ** -9) * 2.5, 0.0, -0.0])
+    ties = ties.repeat(k // len(ties) + 1)[:k]
+    outlier = torch.randn(k, generator=g) * 0.01
+    outlier[2] = 100.0
+    rows = [ties, -ties, outlier, torch.rand(k, generator=g) + 1, -torch.rand(k, generator=g) * 3,
+            torch.randn(k, generator=g) * 1e-39, torch.zeros(k), torch.randn(k, generator=g) * 5]
+    return torch.stack(rows)
+
+
+def assert_same_nan(got, ref):
+    """Bitwise (signs of zeros too), NaN where the reference has NaN."""
+    v, rv = got[0], ref[0]
+    nan = rv.isnan()
+    assert torch.equal(v.isnan(), nan) and got[1] is None and ref[1] is None
+    assert_same((v.masked_fill(nan, 0), None), (rv.masked_fill(nan, 0), None))
+
+
+@DTYPES
+def test_float8_kernel_equals_the_reference_bitwise(dtype):
+    from qat.fake_quant import Float8Rowwise
+
+    fq = Float8Rowwise()
+    for x in (float8_rows(96), random_weights(40, 160, 8), torch.randn(3, 7, 96) * 4):
+        x = x.to(dtype)
+        assert_same_nan(fused(fq, x), fq.eager(x))
+        assert_same_nan(fused(fq, x, mask=False), fq.eager(x))
+
+
+@DTYPES
+def test_float8_rows_longer_than_a_block_are_read_in_chunks(dtype):
+    from qat import fq_triton
+    from qat.fake_quant import Float8Rowwise
+
+    x = float8_rows(100).to(dtype)
+    out, mask = fq_triton.launch(x.to(DEV), 100, 0, 0, False, None, fq_triton.MODE_VALUES, max_block=32, float8=True)
+    assert mask is None
+    assert_same_nan((out.cpu(), None), Float8Rowwise().eager(x))
+
+
+@DTYPES
+def test_a_float8_qat_linear_trains_the_same_on_both_routes_bitwise(dtype):
+    """float8 weights and activations: the Triton route's output and gradients equal the torch
+    route's (the gradient passes straight through, so the backward is the same matmuls)."""
+    torch.manual_seed(0)
+    layer = QATLinear.from_linear(torch.nn.Linear(128, 48, bias=False), *get_scheme("float8").fake_quantizers(None))
+    layer = layer.to(dtype)
+    x, gy = (torch.randn(2, 6, 128) * 2).to(dtype), torch.randn(2, 6, 48).to(dtype)
+    ref = train_step(layer, x, gy)
+    with route("triton"):
+        assert fused_route(layer.weight_fq, layer.weight.to(DEV))
+        got = train_step(layer.to(DEV), x.to(DEV), gy.to(DEV))
+    layer.cpu()
+    assert len(got) == len(ref) and all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
