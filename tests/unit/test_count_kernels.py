@@ -1,6 +1,6 @@
 """The full-size passes of one fake-quantized training step on the route CUDA runs
-(bench/count_kernels.py): at most 12 per QATLinear, forward and backward, for 8da4w and the intx
-weight-only schemes. A count is deterministic, so the exact numbers are asserted too: a change
+(bench/count_kernels.py): at most 12 per QATLinear, forward and backward, for 8da4w, the intx
+weight-only schemes and float8. A count is deterministic, so the exact numbers are asserted too: a change
 that adds a pass shows here (update docs/benchmarks.md with the new table)."""
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ EXPECTED = {
     ("8da4w", "qkv"): (25, 23),
     ("intx4-weight-only", "linear"): (6, 6), ("intx4-weight-only", "lora"): (14, 4),
     ("intx4-weight-only", "lora-once"): (12, 2), ("intx4-weight-only", "qkv"): (20, 18),
+    ("float8", "linear"): (7, 7), ("float8", "lora"): (15, 5), ("float8", "lora-once"): (13, 3),
+    ("float8", "qkv"): (19, 17),
 }
 
 
 def test_a_training_step_makes_at_most_12_full_size_passes_per_qat_linear(tmp_path, env):
     out = tmp_path / "counts.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/count_kernels.py"), "--schemes", "8da4w,intx4-weight-only",
+    subprocess.run([sys.executable, str(ROOT / "bench/count_kernels.py"), "--schemes", "8da4w,intx4-weight-only,float8",
                     "--json", str(out)], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     got = {(r["scheme"], r["case"]): (r["passes"], r["in_qatlinear"]) for r in rows}
