@@ -176,11 +176,14 @@ class GGUFExporter(Exporter):
     def export(self, job, io, tmp, stage):
         from qat.convert.gguf_check import has_llama_cpp
         from qat.convert.gguf_writer import write_gguf
+        from qat.layout import decoder_blocks, experts_modules
         from qat.model import qat_targets
 
         stage(self.folder)
         (tmp / "gguf").mkdir()
-        targets = set(qat_targets(job.plain))
+        # the scheme's Linears and fused experts (qat/moe.py fake-quantizes every expert's matrix)
+        experts = {id(m) for m in experts_modules(decoder_blocks(job.plain)).values()}
+        targets = set(qat_targets(job.plain)) | {n for n, m in job.plain.named_modules() if id(m) in experts}
         report = {"dtype": job.plan.gguf, "files": {}}
         for fname, fmt in self.files(job).items():
             types = write_gguf(job.plain, job.tokenizer, tmp / "gguf" / fname, fmt, targets if fmt else set(),

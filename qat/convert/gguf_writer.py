@@ -5,8 +5,9 @@ computes (qat/gguf_quant.py: the same codes the fake-quantized forward multiplie
 (norms, biases) are f32, as llama.cpp's own converter stores them, and the other 2D tensors
 (embeddings, output head) are in the dtype asked for (f16 or f32).
 
-Architectures: llama, qwen2, qwen3 and gemma3_text (Gemma 3's text model), each checked against
-llama.cpp (docs/gguf.md). Gemma 3 has settings llama.cpp fixes in code rather than reading them
+Architectures: llama, qwen2, qwen3, gemma3_text (Gemma 3's text model), and the MoE models
+mixtral and qwen3_moe (their fused experts as llama.cpp's 3D expert tensors, in the scheme's
+blocks like every other Linear), each checked against llama.cpp (docs/gguf.md). Gemma 3 has settings llama.cpp fixes in code rather than reading them
 from the file (every 6th layer global, local RoPE base 10000, no softcapping, 1/sqrt(head_dim)
 attention scale); a config that differs is refused rather than written into a file that llama.cpp
 would run differently. Tokenizers: byte-level BPE (llama.cpp's "gpt2" model) whose pre-tokenizer
@@ -48,11 +49,21 @@ class Arch:
     permute_qk: bool = False
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight
     rope_scaling: tuple = ()  # the HF rope types llama.cpp's architecture reproduces
+    moe: bool = False  # fused experts in every block (mlp.experts) with a softmax top-k router (mlp.gate)
 
+
+# MoE blocks (transformers 5): the router mlp.gate [E, H]; the experts' fused 3D weights, gate rows
+# before up rows in gate_up_proj [E, 2I, H], and down_proj [E, H, I]; llama.cpp keeps one 3D
+# tensor per projection
+MOE_LAYER_NAMES = {**LAYER_NAMES, "mlp.gate": "ffn_gate_inp"}
+EXPERT_NAMES = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": ("ffn_down_exps",)}
 
 ARCHS = {"llama": Arch("llama", LAYER_NAMES, permute_qk=True, rope_scaling=("llama3",)),
          "qwen2": Arch("qwen2", LAYER_NAMES), "qwen3": Arch("qwen3", LAYER_NAMES),
-         "gemma3_text": Arch("gemma3", GEMMA3_LAYER_NAMES, norm_offset=1.0, rope_scaling=("linear",))}
+         "gemma3_text": Arch("gemma3", GEMMA3_LAYER_NAMES, norm_offset=1.0, rope_scaling=("linear",)),
+         # llama.cpp runs Mixtral as a llama with experts
+         "mixtral": Arch("llama", MOE_LAYER_NAMES, permute_qk=True, rope_scaling=("llama3",), moe=True),
+         "qwen3_moe": Arch("qwen3moe", MOE_LAYER_NAMES, moe=True)}
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # The pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre).
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -79,6 +90,15 @@ def check_config(cfg) -> str:
                         f"(convert without --gguf, or use llama.cpp's convert_hf_to_gguf.py on hf/)")
     if arch == "gemma3_text":
         check_gemma3(cfg)
+    why = None
+    if arch == "qwen3_moe" and not cfg.norm_topk_prob:
+        why = "llama.cpp's qwen3moe renormalizes the top-k router weights; this config has norm_topk_prob=false"
+    elif arch == "qwen3_moe" and (cfg.decoder_sparse_step != 1 or cfg.mlp_only_layers):
+        why = "llama.cpp's qwen3moe has experts in every block; this config has dense blocks"
+    elif arch == "mixtral" and getattr(cfg, "sliding_window", None):
+        why = f"llama.cpp runs Mixtral without a sliding window; this config slides over {cfg.sliding_window}"
+    if why:
+        raise UserError(f"GGUF export: {why} (convert without --gguf)")
     return arch
 
 
@@ -120,8 +140,9 @@ def check_source(model_cfg) -> None:
 
 def check_architecture(model: nn.Module) -> str:
     arch = check_config(model.config)
-    if any(getattr(m, "weight", None) is not None and m.weight.dim() == 3 for m in model.modules()):
-        raise UserError("GGUF export of MoE experts is not supported here; convert without --gguf")
+    if not ARCHS[arch].moe and any(p.dim() == 3 for p in model.parameters()):
+        raise UserError(f"GGUF export of MoE experts is supported for {', '.join(a for a in ARCHS if ARCHS[a].moe)}, "
+                        f"not for this {arch} model; convert without --gguf")
     return arch
 
 
@@ -185,6 +206,11 @@ def add_hparams(writer, cfg, arch: str, name: str, fmt: Optional[str], dtype: st
     if arch == "gemma3_text":
         writer.add_sliding_window(cfg.sliding_window)
     writer.add_vocab_size(cfg.vocab_size)
+    if ARCHS[arch].moe:
+        writer.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch == "qwen3_moe":
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     ftype = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              None: gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32}[fmt]
     writer.add_file_type(ftype)
@@ -270,6 +296,10 @@ def add_tensors(writer, model: nn.Module, arch: str, fmt: Optional[str], quantiz
     for hf_name, p in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":  # llama.cpp uses token_embd when output is absent
             continue
+        if p.dim() == 3:  # fused experts; `quantized` names their module when the scheme covers them
+            expert_fmt = fmt if hf_name.rpartition(".")[0] in quantized else None
+            types.update(add_experts(writer, hf_name, p.detach().float().cpu(), expert_fmt, qtype, dtype))
+            continue
         name = gguf_name(hf_name, arch)
         if name is None:
             if hf_name.endswith("rotary_emb.inv_freq"):
@@ -291,4 +321,23 @@ def add_tensors(writer, model: nn.Module, arch: str, fmt: Optional[str], quantiz
         else:
             writer.add_tensor(name, w.half().numpy())
             types[name] = "f16"
+    return types
+
+
+def add_experts(writer, hf_name: str, w: torch.Tensor, fmt: Optional[str], qtype, dtype: str) -> dict:
+    """One fused expert weight [E, out, in] as llama.cpp's 3D tensor(s): gate_up_proj split into
+    ffn_gate_exps and ffn_up_exps (rows, so each expert's blocks along `in` keep their codes)."""
+    parts = hf_name.split(".")
+    rel = ".".join(parts[3:])
+    if parts[:2] != ["model", "layers"] or rel not in EXPERT_NAMES:
+        raise UserError(f"GGUF export: no llama.cpp name for expert tensor {hf_name}")
+    names = EXPERT_NAMES[rel]
+    types = {}
+    for short, part in zip(names, w.chunk(len(names), dim=1)):
+        name = f"blk.{parts[2]}.{short}.weight"
+        if fmt is not None:
+            writer.add_tensor(name, np.stack([pack_rows(fmt, e) for e in part]), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, part.numpy() if dtype == "f32" else part.half().numpy())
+        types[name] = fmt or dtype
     return types
