@@ -5,20 +5,16 @@ computes (qat/gguf_quant.py: the same codes the fake-quantized forward multiplie
 (norms, biases) are f32, as llama.cpp's own converter stores them, and the other 2D tensors
 (embeddings, output head) are in the dtype asked for (f16 or f32).
 
-Architectures: llama, qwen2, qwen3, gemma3_text (Gemma 3's text model), and the MoE models
-mixtral and qwen3_moe (their fused experts as llama.cpp's 3D expert tensors, in the scheme's
-blocks like every other Linear), each checked against llama.cpp (docs/gguf.md). Gemma 3 has settings llama.cpp fixes in code rather than reading them
-from the file (every 6th layer global, local RoPE base 10000, no softcapping, 1/sqrt(head_dim)
-attention scale); a config that differs is refused rather than written into a file that llama.cpp
-would run differently. Tokenizers: byte-level BPE (llama.cpp's "gpt2" model) whose pre-tokenizer
-is GPT-2's, Llama 3's or Qwen 2's. Anything else is one `error:` line.
+Architectures: qat/convert/gguf_archs.py (llama, qwen2, qwen3, gemma2, gemma3_text, starcoder2,
+mixtral, qwen3_moe; MoE experts as llama.cpp's 3D expert tensors, in the scheme's
+blocks like every other Linear). Tokenizers: byte-level BPE (llama.cpp's "gpt2" model) whose
+pre-tokenizer is GPT-2's, Llama 3's or Qwen 2's. Anything else is one `error:` line.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,104 +22,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from qat.convert.gguf_archs import ARCHS, EXPERT_NAMES, add_arch_hparams, check_config, gguf_name
 from qat.errors import UserError
 from qat.gguf_quant import pack_rows
 
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-# Gemma 3 normalizes four times per block: around attention and around the MLP
-GEMMA3_LAYER_NAMES = {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm",
-                      "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
-
-
-@dataclass(frozen=True)
-class Arch:
-    gguf: str  # llama.cpp's architecture name
-    layers: dict  # a block's HF module path -> llama.cpp's tensor name
-    # llama.cpp's llama applies RoPE to interleaved pairs, HF's Llama to halves: q and k rows are
-    # permuted for it (llama.cpp's converter does the same). Qwen's and Gemma's rope is NeoX, as in HF.
-    permute_qk: bool = False
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by the stored weight
-    rope_scaling: tuple = ()  # the HF rope types llama.cpp's architecture reproduces
-    moe: bool = False  # fused experts in every block (mlp.experts) with a softmax top-k router (mlp.gate)
-
-
-# MoE blocks (transformers 5): the router mlp.gate [E, H]; the experts' fused 3D weights, gate rows
-# before up rows in gate_up_proj [E, 2I, H], and down_proj [E, H, I]; llama.cpp keeps one 3D
-# tensor per projection
-MOE_LAYER_NAMES = {**LAYER_NAMES, "mlp.gate": "ffn_gate_inp"}
-EXPERT_NAMES = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": ("ffn_down_exps",)}
-
-ARCHS = {"llama": Arch("llama", LAYER_NAMES, permute_qk=True, rope_scaling=("llama3",)),
-         "qwen2": Arch("qwen2", LAYER_NAMES), "qwen3": Arch("qwen3", LAYER_NAMES),
-         "gemma3_text": Arch("gemma3", GEMMA3_LAYER_NAMES, norm_offset=1.0, rope_scaling=("linear",)),
-         # llama.cpp runs Mixtral as a llama with experts
-         "mixtral": Arch("llama", MOE_LAYER_NAMES, permute_qk=True, rope_scaling=("llama3",), moe=True),
-         "qwen3_moe": Arch("qwen3moe", MOE_LAYER_NAMES, moe=True)}
-TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # The pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre).
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-
-
-def gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
-    """llama.cpp's name of an HF parameter ("model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight")."""
-    module, _, kind = hf_name.rpartition(".")
-    if module in TOP_NAMES:
-        return f"{TOP_NAMES[module]}.{kind}"
-    parts, names = module.split("."), ARCHS[arch].layers
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in names:
-        return f"blk.{parts[2]}.{names['.'.join(parts[3:])]}.{kind}"
-    return None
-
-
-def check_config(cfg) -> str:
-    """The HF config's architecture, if llama.cpp runs it as HF does; else UserError."""
-    arch = getattr(cfg, "model_type", None)
-    if arch not in ARCHS:
-        raise UserError(f"GGUF export supports the architectures {', '.join(ARCHS)}; this model is {arch!r} "
-                        f"(convert without --gguf, or use llama.cpp's convert_hf_to_gguf.py on hf/)")
-    if arch == "gemma3_text":
-        check_gemma3(cfg)
-    why = None
-    if arch == "qwen3_moe" and not cfg.norm_topk_prob:
-        why = "llama.cpp's qwen3moe renormalizes the top-k router weights; this config has norm_topk_prob=false"
-    elif arch == "qwen3_moe" and (cfg.decoder_sparse_step != 1 or cfg.mlp_only_layers):
-        why = "llama.cpp's qwen3moe has experts in every block; this config has dense blocks"
-    elif arch == "mixtral" and getattr(cfg, "sliding_window", None):
-        why = f"llama.cpp runs Mixtral without a sliding window; this config slides over {cfg.sliding_window}"
-    if why:
-        raise UserError(f"GGUF export: {why} (convert without --gguf)")
-    return arch
-
-
-def check_gemma3(cfg) -> None:
-    """llama.cpp's gemma3 hard-codes what HF's Gemma 3 config leaves open (llama.cpp's
-    llama_load_hparams for LLM_ARCH_GEMMA3 and its graph): refuse a config it would run differently."""
-    n = cfg.num_hidden_layers
-    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
-    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
-    scale = cfg.hidden_size // cfg.num_attention_heads if n == 62 else cfg.head_dim  # llama.cpp: 62 layers = 27B
-    why = None
-    if cfg.final_logit_softcapping is not None or cfg.attn_logit_softcapping is not None:
-        why = "llama.cpp's gemma3 applies no logit softcapping"
-    elif list(cfg.layer_types) != pattern:
-        why = "llama.cpp's gemma3 makes every 6th layer global and the others sliding-window"
-    elif local.get("rope_theta", 10000.0) != 10000.0 or local.get("rope_type", "default") != "default":
-        why = "llama.cpp's gemma3 gives its sliding-window layers plain RoPE with base 10000"
-    elif cfg.query_pre_attn_scalar != scale:
-        why = (f"llama.cpp's gemma3 scales attention by 1/sqrt({scale}), this config by "
-               f"1/sqrt({cfg.query_pre_attn_scalar})")
-    elif getattr(cfg, "use_bidirectional_attention", False):
-        why = "llama.cpp's gemma3 attends causally"
-    if why:
-        raise UserError(f"GGUF export: {why}; this Gemma 3 config differs, so llama.cpp would compute another "
-                        "model (convert without --gguf)")
 
 
 def check_source(model_cfg) -> None:
@@ -193,7 +99,10 @@ def add_hparams(writer, cfg, arch: str, name: str, fmt: Optional[str], dtype: st
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if ARCHS[arch].layer_norm:
+        writer.add_layer_norm_eps(cfg.norm_epsilon)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     theta, scaling = _rope(cfg)
     writer.add_rope_freq_base(theta)
     kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
@@ -203,14 +112,8 @@ def add_hparams(writer, cfg, arch: str, name: str, fmt: Optional[str], dtype: st
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if arch == "gemma3_text":
-        writer.add_sliding_window(cfg.sliding_window)
     writer.add_vocab_size(cfg.vocab_size)
-    if ARCHS[arch].moe:
-        writer.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
-        writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if arch == "qwen3_moe":
-            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    add_arch_hparams(writer, cfg, arch)
     ftype = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              None: gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32}[fmt]
     writer.add_file_type(ftype)

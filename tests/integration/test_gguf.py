@@ -28,7 +28,8 @@ def heldout_texts(world) -> list[str]:
 def test_gguf_holds_the_trained_codes_bit_for_bit(q4_export):
     """Every Q4_0 tensor dequantizes (gguf's own reader and dequantizer) to exactly the weights the
     fake-quantized forward multiplies, and its bytes are gguf's reference quantization of them."""
-    from qat.convert.gguf_writer import gguf_name, permute_rows
+    from qat.convert.gguf_archs import gguf_name
+    from qat.convert.gguf_writer import permute_rows
     from qat.convert.transforms import load_trained
     from qat.fake_quant import QATLinear
 
@@ -142,14 +143,16 @@ ARCH_CONFIGS = {
     "qwen2": {}, "qwen3": {},
     # 7 layers: layer 5 is global, the others slide over 16 tokens (the held-out texts are longer)
     "gemma3_text": dict(num_hidden_layers=7, query_pre_attn_scalar=32, sliding_window=16, tie_word_embeddings=True),
+    "gemma2": dict(num_hidden_layers=3, query_pre_attn_scalar=32, sliding_window=16, tie_word_embeddings=True),
+    "starcoder2": {},  # LayerNorms and Linears with biases, c_fc / c_proj
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
 }
 
 
 def random_model(kind: str, world):
-    """A random tiny model of `kind` with the world's vocabulary, its norm weights randomized too
-    (Gemma stores 1 + w: a norm of ones would hide a missing offset)."""
+    """A random tiny model of `kind` with the world's vocabulary, its norm weights and biases
+    randomized too (Gemma stores 1 + w: a norm of ones would hide a missing offset)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     world_cfg = json.loads((world / "model" / "config.json").read_text())
@@ -162,6 +165,8 @@ def random_model(kind: str, world):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(0.0, 0.3)
+            elif name.endswith(".bias"):  # biases of norms and projections (zero at init)
+                p.normal_(0.0, 0.1)
     return model
 
 

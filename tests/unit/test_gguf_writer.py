@@ -5,7 +5,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from qat.convert.gguf_writer import gguf_name, write_gguf  # noqa: E402
+from qat.convert.gguf_archs import gguf_name  # noqa: E402
+from qat.convert.gguf_writer import write_gguf  # noqa: E402
 from qat.errors import UserError  # noqa: E402
 from qat.gguf_quant import GGUFWeight  # noqa: E402
 
@@ -59,8 +60,8 @@ def test_qwen_files_hold_the_codes_and_their_own_tensors(arch, tok, tmp_path):
 
 
 def test_unsupported_architecture_is_one_line(tok, tmp_path):
-    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3, gemma3_text, "
-                                        r"mixtral, qwen3_moe; this model "
+    with pytest.raises(UserError, match=r"^GGUF export supports the architectures llama, qwen2, qwen3, gemma2, "
+                                        r"gemma3_text, starcoder2, mixtral, qwen3_moe; this model "
                                         r"is 'gpt2' \(convert without --gguf"):
         write_gguf(tiny("gpt2", tok), tok, tmp_path / "m.gguf", "q4_0", set(), "f16", "tiny")
     assert not (tmp_path / "m.gguf").exists()
@@ -113,7 +114,8 @@ def test_gemma3_norms_are_stored_as_llama_cpp_multiplies_them(tok, tmp_path):
                            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}), "base 10000"),
 ])
 def test_a_gemma3_config_llama_cpp_would_run_differently_is_one_line(change, why, tok, tmp_path):
-    with pytest.raises(UserError, match=f"^GGUF export: llama.cpp's gemma3 .*{why}.*; this Gemma 3 config differs"):
+    with pytest.raises(UserError, match=f"^GGUF export: llama.cpp's gemma3 .*{why}.*; llama.cpp would compute "
+                                        "another model"):
         write_gguf(tiny("gemma3_text", tok, **change), tok, tmp_path / "m.gguf", "q8_0", set(), "f32", "tiny")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -122,15 +124,21 @@ def test_a_gemma3_config_llama_cpp_would_run_differently_is_one_line(change, why
     ("qwen3_moe", dict(norm_topk_prob=False), "renormalizes the top-k router weights; this config has norm_topk_prob"),
     ("qwen3_moe", dict(norm_topk_prob=True, mlp_only_layers=[0]), "has experts in every block"),
     ("mixtral", dict(sliding_window=32), "without a sliding window; this config slides over 32"),
+    ("starcoder2", dict(sliding_window=32), "without a sliding window; this config slides over 32"),
+    ("gemma2", dict(final_logit_softcapping=None), "always softcaps the attention and final logits"),
+    ("gemma2", dict(layer_types=["full_attention"]), "makes every 2nd layer global"),
 ])
-def test_a_moe_config_llama_cpp_would_run_differently_is_one_line(kind, change, why, tok, tmp_path):
+def test_a_config_llama_cpp_would_run_differently_is_one_line(kind, change, why, tok, tmp_path):
     import transformers
 
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    own = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+           "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+           "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32)}.get(kind, {})
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
-        kind, **common, **({"num_experts": 4, "moe_intermediate_size": 32} if kind == "qwen3_moe" else
-                           {"num_local_experts": 4}), **change))
-    with pytest.raises(UserError, match=f"^GGUF export: llama.cpp.*{why}.* \\(convert without --gguf\\)$"):
+        kind, **common, **own, **change))
+    with pytest.raises(UserError, match=f"^GGUF export: llama.cpp.*{why}.*; llama.cpp would compute another model "
+                                        "\\(convert without --gguf\\)$"):
         write_gguf(model, tok, tmp_path / "m.gguf", "q4_0", set(), "f32", "tiny")
     assert not (tmp_path / "m.gguf").exists()
