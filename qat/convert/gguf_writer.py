@@ -124,7 +124,8 @@ def llama3_rope_factors(cfg, scaling: dict) -> torch.Tensor:
     theta, _ = _rope(cfg)
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor, low, high = scaling.get("factor", 8.0), scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    factor, low = scaling.get("factor", 8.0), scaling.get("low_freq_factor", 1.0)
+    high = scaling.get("high_freq_factor", 4.0)
     old = scaling.get("original_max_position_embeddings", 8192)
     out = []
     for f in freqs.tolist():
