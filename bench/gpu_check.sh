@@ -113,8 +113,13 @@ EOF
 run_pytest() {
     local par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 2 --dist loadfile)
     step pytest "$1" python3 -m pytest -m gpu "${par[@]}" tests/gpu/test_gpu_runs.py tests/gpu/test_gpu_numerics.py \
-        tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -v -rfEs --durations=30 -p no:cacheprovider \
-        --timeout 170 --junitxml="$OUT/pytest.xml"
+        tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -k "not flex_attention" -v -rfEs --durations=30 \
+        -p no:cacheprovider --timeout 170 --junitxml="$OUT/pytest.xml"
+}
+# flex_attention compiles its kernels on first use: its training test runs alone, after the others
+run_flex_test() {
+    step pytest_flex "$1" python3 -m pytest -m gpu tests/gpu/test_gpu_runs.py -k flex_attention -v -rfEs \
+        -p no:cacheprovider --timeout "$1" --junitxml="$OUT/pytest_flex.xml"
 }
 
 # ours|anchor NAME MAX SHAPE BATCH MODES eager|compiled STEPS WARMUP [KEY=VALUE...]: one bench
@@ -165,6 +170,7 @@ all)
     anchor anchor_1b_compiled 55 llama3.2-1b 4 $M1_FULL compiled 4 2
     # packed documents: the default (position ids, transformers' block-causal mask for sdpa), against
     # rows without document boundaries (as the anchor trains) and against flex_attention's block mask
+    run_flex_test 60
     ours ours_1b_concat 30 llama3.2-1b 4 full-bf16 eager 5 2 data.packing=concat
     ours ours_1b_flex 45 llama3.2-1b 4 full-bf16 eager 5 2 model.attn_implementation=flex_attention
     ours ours_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
@@ -181,6 +187,7 @@ tests)
     run_pytest 400
     # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
     step scheme_check 45 python3 .bench/gpu_scheme_check.py
+    run_flex_test 90
     ;;
 bench-eager | bench-compiled)
     setup
