@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     if cfg.pte_text:  # before hours of training: the scheme must run in XNNPACK, the text must exist
         from qat.convert.plan import check_formats
 
-        check_formats(("pte",), get_scheme(cfg.scheme), None, "real")
+        check_formats(("pte",), get_scheme(cfg.scheme), None, "real", group_size=cfg.group_size)
         if not Path(cfg.pte_text).is_file():
             raise UserError(f"pte_text={cfg.pte_text}: no such file (held-out text: JSONL with \"text\" or plain lines)")
     from qat.eval.harness import check_tasks

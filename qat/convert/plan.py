@@ -133,7 +133,7 @@ def make_plan(checkpoint: Path, out: Optional[Path] = None, scheme: Optional[str
     chosen, group, embedding = choose_scheme(meta, scheme, group_size, per_channel, ptq)
     quantize = "none" if only_hf else "real"
     export_dtype = meta["config"]["training"]["dtype"] if dtype == "auto" else dtype
-    check_formats(tuple(formats), chosen, embedding, quantize, export_dtype)  # XNNPACK schemes convert on the CPU
+    check_formats(tuple(formats), chosen, embedding, quantize, export_dtype, group)  # XNNPACK schemes: on the CPU
     where, why = kernel_device(chosen, device or pick_device("auto"), capability, mslk)
     why = None if only_hf else why
     check_gguf(chosen, meta, gguf, only_hf)
@@ -185,7 +185,7 @@ FORMATS = ("pte",)
 
 
 def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[EmbeddingQuant], quantize: str,
-                  export_dtype: str = "fp32") -> None:
+                  export_dtype: str = "fp32", group_size: Optional[int] = None) -> None:
     """Extra formats are made from the real quantized model: refuse what cannot be, before loading."""
     for f in formats:
         if f not in FORMATS:
@@ -195,9 +195,9 @@ def check_formats(formats: tuple[str, ...], scheme: Scheme, embedding: Optional[
 
         if quantize != "real":
             raise UserError("--formats pte exports the real quantized model: drop --simulate/--only-hf")
-        check_pte_scheme(scheme, embedding)
-        if export_dtype != "fp32":  # XNNPACK's int4 kernels take fp32 (or fp16) activations, not bf16
-            raise UserError(f"--formats pte: XNNPACK runs the 8da4w model in fp32; this export would be "
+        check_pte_scheme(scheme, embedding, group_size)
+        if export_dtype != "fp32":  # XNNPACK's quantized kernels take fp32 (or fp16) activations, not bf16
+            raise UserError(f"--formats pte: XNNPACK runs the {scheme.name} model in fp32; this export would be "
                             f"{export_dtype}: rerun with --dtype fp32")
         require_executorch()
 

@@ -12,7 +12,8 @@ model.pte holds two methods, sharing one file so a phone app ships one artifact:
 
 Both are exported with torch.export and lowered with to_edge_transform_and_lower and the XNNPACK
 partitioner: torchao's 8da4w Linear (int8 per-token dynamic activations, int4 weights per group)
-becomes XNNPACK's dynamically quantized int4 kernel. Only schemes XNNPACK runs are accepted.
+becomes XNNPACK's dynamically quantized int4 kernel, 8da8w per channel its int8 one. Only schemes
+XNNPACK runs are accepted.
 """
 
 from __future__ import annotations
@@ -27,17 +28,24 @@ import torch.nn as nn
 from qat.errors import UserError
 from qat.schemes import Scheme
 
-# What XNNPACK's quantized linear runs: int8 per-token dynamic activations with int4 weights
-# (per group or per channel). Other schemes would fall back to portable kernels or fail to lower.
-XNNPACK_SCHEMES = ("8da4w",)
+# What XNNPACK's quantized linear runs: int8 per-token dynamic activations with int4 weights per
+# group or per channel (qb4w, qc4w), or int8 weights per channel (qc8w). Anything else fails to
+# lower (int2 weights; int8 weights per group: "Only 4b group quantization is supported") or would
+# fall back to portable kernels.
+XNNPACK_SCHEMES = ("8da4w", "8da8w")
+PER_CHANNEL_ONLY = ("8da8w",)
 METHODS = ("forward", "window")
 
 
-def check_pte_scheme(scheme: Scheme, embedding) -> None:
+def check_pte_scheme(scheme: Scheme, embedding, group_size: Optional[int] = None) -> None:
     """Refuse, before any weight is read, what XNNPACK cannot run."""
     if scheme.name not in XNNPACK_SCHEMES:
         raise UserError(f"--formats pte: scheme {scheme.name!r} has no XNNPACK kernels; ExecuTorch export runs "
-                        f"{', '.join(XNNPACK_SCHEMES)} (convert without --formats pte for other schemes)")
+                        f"8da4w (per group or per channel) and 8da8w (per channel) (convert without --formats pte "
+                        f"for other schemes)")
+    if scheme.name in PER_CHANNEL_ONLY and group_size is not None:
+        raise UserError(f"--formats pte: XNNPACK runs {scheme.name} with one scale per output channel, not per "
+                        f"group of {group_size}: train (or PTQ) with group_size=null")
     if embedding is not None:
         raise UserError("--formats pte: a quantized input embedding has no XNNPACK kernel; train with "
                         "qat.quantize_embedding=false to export a .pte")

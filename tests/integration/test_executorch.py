@@ -94,3 +94,14 @@ def test_bits_per_byte_from_executorch_logits(pte_export, world, tmp_path):
     ref = bits_per_byte(logits, tok, heldout_texts(text), 64)
     assert got["tokens"] == ref["tokens"] > 1000 and got["bytes"] == ref["bytes"]
     assert got["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=0.01)
+
+
+def test_8da8w_per_channel_runs_in_xnnpack(world, tmp_path, base_overrides, run_train, convert_cli):
+    """int8 weights per output channel: XNNPACK's qc8w kernel. Every Linear delegated in both
+    methods; measured after 3 steps: top-1 100%, relative error 8e-4, 16 greedy tokens equal."""
+    run_train(base_overrides(world, tmp_path / "qat") + ["qat.enabled=true", "qat.scheme=8da8w", "qat.group_size=null",
+                                                         "training.steps=3"])
+    convert_cli(["--checkpoint", tmp_path / "qat", "--out", tmp_path / "export", "--formats", "pte"])
+    pte = json.loads((tmp_path / "export" / "verify.json").read_text())["pte"]
+    assert pte["linears_by_method"] == {m: {"delegated": 15, "not_delegated": 0} for m in ("forward", "window")}
+    assert pte["window_vs_converted"]["top1_agreement"] >= 0.99 and pte["greedy_equal"] is True, pte

@@ -11,10 +11,18 @@ from qat.errors import UserError
 from qat.schemes import get_scheme
 
 
-@pytest.mark.parametrize("scheme", ["8da2w", "8da8w", "intx4-weight-only", "int4-weight-only", "float8", "nvfp4"])
+@pytest.mark.parametrize("scheme", ["8da2w", "intx4-weight-only", "int4-weight-only", "float8", "nvfp4"])
 def test_schemes_xnnpack_cannot_run_are_refused(scheme):
-    with pytest.raises(UserError, match=rf"scheme '{scheme}' has no XNNPACK kernels; ExecuTorch export runs 8da4w"):
+    with pytest.raises(UserError, match=rf"scheme '{scheme}' has no XNNPACK kernels; ExecuTorch export runs "
+                                        r"8da4w \(per group or per channel\) and 8da8w \(per channel\)"):
         check_formats(("pte",), get_scheme(scheme), None, "real")
+
+
+def test_8da8w_runs_in_xnnpack_per_channel_only():
+    check_formats(("pte",), get_scheme("8da8w"), None, "real", group_size=None)
+    check_formats(("pte",), get_scheme("8da4w"), None, "real", group_size=32)
+    with pytest.raises(UserError, match="XNNPACK runs 8da8w with one scale per output channel, not per group of 32"):
+        check_formats(("pte",), get_scheme("8da8w"), None, "real", group_size=32)
 
 
 def test_unknown_format_and_hf_only_are_refused():
