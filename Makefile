@@ -1,7 +1,7 @@
 # make        -> .venv with the pinned stack
-# make test      -> the CPU test suite but the slow end-to-end pipelines (about 13 min from a fresh
-#                   clone on 2 cores, install included: 575 tests in 11m25s at commit 51c0b1f)
-# make test-slow -> those pipelines (21 tests, 4m26s); CI runs both (.ci/run: 17m15s in all)
+# make test      -> the CPU test suite but the slow end-to-end pipelines (about 13.5 min from a fresh
+#                   clone on 2 cores, install included: 576 tests in 11m49s at commit 39df316)
+# make test-slow -> those pipelines (21 tests, 3m58s); CI runs both (.ci/run: 17m35s in all)
 # make test-unit -> tests/unit only (one process each, about a minute)
 # make demo   -> the tiny-world pipeline on 2 CPU processes
 PY := .venv/bin/python
