@@ -116,6 +116,16 @@ run_pytest() {
         tests/gpu/test_gpu_paths.py tests/gpu/test_gpu.py -k "not flex_attention" -v -rfEs --durations=30 \
         -p no:cacheprovider --timeout 170 --junitxml="$OUT/pytest.xml"
 }
+# The test steps of `all` and `tests`, with their limits (s): the fake quantizers' Triton kernels
+# compiled for this GPU against the CPU reference, bitwise (on the CPU these tests run in Triton's
+# interpreter); the GPU tests; torchao's own QAT schemes on this GPU (prepare, train, convert,
+# float8 gradient flush).
+gpu_tests() {
+    step triton_kernels "$1" python3 -m pytest tests/unit/test_fq_triton.py -v -rfEs -p no:cacheprovider \
+        --timeout $(($1 * 3 / 4))
+    run_pytest "$2"
+    step scheme_check "$3" python3 .bench/gpu_scheme_check.py
+}
 # flex_attention compiles its kernels on first use: its training test runs alone, after the others
 run_flex_test() {
     step pytest_flex "$1" python3 -m pytest -m gpu tests/gpu/test_gpu_runs.py -k flex_attention -v -rfEs \
@@ -159,9 +169,7 @@ all)
     # compiled LoRA modes and 8B run only when earlier steps ended early (then rerun with ONLY).
     setup
     versions
-    step triton_kernels 40 python3 -m pytest tests/unit/test_fq_triton.py -q -rfEs -p no:cacheprovider --timeout 30
-    run_pytest 175
-    step scheme_check 20 python3 .bench/gpu_scheme_check.py
+    gpu_tests 40 175 20
     ours ours_1b_eager 90 llama3.2-1b 4 $M1 eager 5 2
     anchor anchor_1b_eager 35 llama3.2-1b 4 $M1 eager 5 2
     step profile 40 python3 bench/profile_step.py --arms ours-full-bf16,ours-full-qat-8da4w,anchor-full-bf16 \
@@ -181,12 +189,7 @@ all)
 tests)
     setup
     versions
-    # the fake quantizers' Triton kernels compiled for this GPU against the CPU reference, bitwise
-    # (on the CPU these tests run in Triton's interpreter)
-    step triton_kernels 90 python3 -m pytest tests/unit/test_fq_triton.py -v -rfEs -p no:cacheprovider --timeout 60
-    run_pytest 400
-    # torchao's own QAT schemes on this GPU (prepare, train, convert, float8 gradient flush)
-    step scheme_check 45 python3 .bench/gpu_scheme_check.py
+    gpu_tests 90 400 45
     run_flex_test 90
     ;;
 bench-eager | bench-compiled)
