@@ -281,11 +281,15 @@ def _shown_by_rank0_node(group, message: str, grace_s: float = LAUNCHERS_S) -> b
         everyone = _barrier(store, "posted", nodes, deadline)
         first = f"{MARK}/message/0"
         said = store.get(first).decode() if node != 0 and store.check([first]) else None
-        if everyone:
-            _barrier(store, "read", nodes, deadline)
-        return said == message
     except Exception:  # DistStoreError (a timeout), DistNetworkError (the store is gone), ...
         return False
+    if everyone:
+        # The answer is read; this barrier only keeps the store's host alive until every launcher
+        # has read too. The last to arrive may be the host, which exits at once: a launcher still
+        # polling then finds the store gone, which changes nothing it has read.
+        with contextlib.suppress(Exception):
+            _barrier(store, "read", nodes, deadline)
+    return said == message
 
 
 def _barrier(store, name: str, nodes: int, deadline: float) -> bool:
