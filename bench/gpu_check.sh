@@ -121,7 +121,8 @@ run_pytest() {
 # interpreter); the GPU tests; torchao's own QAT schemes on this GPU (prepare, train, convert,
 # float8 gradient flush).
 gpu_tests() {
-    step triton_kernels "$1" python3 -m pytest tests/unit/test_fq_triton.py -v -rfEs -p no:cacheprovider \
+    step triton_kernels "$1" python3 -m pytest tests/unit/test_fq_triton.py tests/unit/test_fq_triton_blocks.py -v -rfEs \
+        -p no:cacheprovider \
         --timeout $(($1 * 3 / 4))
     run_pytest "$2"
     step scheme_check "$3" python3 .bench/gpu_scheme_check.py
@@ -164,12 +165,12 @@ M8=lora-bf16,lora-qat-8da4w
 case $STAGE in
 all)
     # Limits (s), in order of priority; the stage's 510 s bound them all. Estimated needs on an H200: setup and
-    # versions ~30, pytest ~165, scheme probe ~15, ours 1B eager ~20 per mode, the anchor 1B eager
+    # versions ~30, the Triton kernel tests ~60 (mostly compiling some 60 kernel variants), pytest ~165, scheme probe ~15, ours 1B eager ~20 per mode, the anchor 1B eager
     # ~35 for four modes, the profile ~40, a compiled mode ~40-60 each. Leftover time flows on; the
     # compiled LoRA modes and 8B run only when earlier steps ended early (then rerun with ONLY).
     setup
     versions
-    gpu_tests 40 175 20
+    gpu_tests 75 175 20
     ours ours_1b_eager 90 llama3.2-1b 4 $M1 eager 5 2
     anchor anchor_1b_eager 35 llama3.2-1b 4 $M1 eager 5 2
     step profile 40 python3 bench/profile_step.py --arms ours-full-bf16,ours-full-qat-8da4w,anchor-full-bf16 \
@@ -189,7 +190,7 @@ all)
 tests)
     setup
     versions
-    gpu_tests 90 400 45
+    gpu_tests 120 400 45
     run_flex_test 90
     ;;
 bench-eager | bench-compiled)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qat.fq_op import OpaqueFakeQuant, fused_route
+from qat.fq_op import FusedCall, OpaqueFakeQuant, blocks_call, fused_route
 from qat.fq_share import shared_values
 
 
@@ -79,7 +79,7 @@ class IntxWeight(OpaqueFakeQuant):
         if w.dim() != 2 or gs < 2 or w.shape[-1] % gs:  # torchao's checks raise on the eager path
             return None
         seg_scale = self.effective_scale(scale, w.dtype) if scale is not None else None
-        return (gs, *self.qrange, False, seg_scale)
+        return FusedCall("affine", (gs, *self.qrange, False, seg_scale))
 
     @staticmethod
     def effective_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,7 +119,7 @@ class Int8PerToken(OpaqueFakeQuant):
     def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
         if x.dim() == 0 or x.shape[-1] == 0:
             return None
-        return (x.shape[-1], -128, 127, True, None)
+        return FusedCall("affine", (x.shape[-1], -128, 127, True, None))
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ class Int4Asymmetric(OpaqueFakeQuant):
 
         return int4_fake_quant(w, self.group_size, self.packing, mask=mask)
 
+    def fused_args(self, w: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call("int4_plain" if self.packing == "plain" else "int4_tinygemm", w, self.group_size)
+
 
 @dataclass(frozen=True)
 class Int4AfterFloat8(OpaqueFakeQuant):
@@ -164,6 +167,9 @@ class Int4AfterFloat8(OpaqueFakeQuant):
         scale = torch.clamp(w8.view(w.shape[0], -1, self.group_size).abs().amax(-1) / 8, min=1e-6)
         wq, m = _fake_quantize(w8, (1, self.group_size), scale, torch.zeros_like(scale), -8, 7, torch.int8, mask)
         return wq.to(w.dtype), m
+
+    def fused_args(self, w: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call("fp8_int4", w, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ class Float8Rowwise(OpaqueFakeQuant):
     def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
         if x.dim() == 0 or x.shape[-1] == 0:
             return None
-        return (x.shape[-1], 0, 0, False, None, True)  # a segment per row, the float8 kernel
+        return FusedCall("affine", (x.shape[-1], 0, 0, False, None), {"float8": True})  # a segment per row
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,9 @@ class NVFP4Emulated(OpaqueFakeQuant):
         t = NVFP4Tensor.to_nvfp4(x2, block_size=16, per_tensor_scale=pts)
         return t.dequantize(x.dtype).reshape_as(x), None
 
+    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call("nvfp4", x, 16)
+
 
 @dataclass(frozen=True)
 class MXFP4Emulated(OpaqueFakeQuant):
@@ -221,6 +230,9 @@ class MXFP4Emulated(OpaqueFakeQuant):
         x2 = x.reshape(-1, x.shape[-1])
         t = MXTensor.to_mx(x2, torch.float4_e2m1fn_x2, 32)
         return t.dequantize(x.dtype).reshape_as(x), None
+
+    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call("mxfp4", x, 32)
 
 
 def _fake_quantize(x, block, scale, zp, qmin, qmax, quant_dtype=torch.int32,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import ClassVar, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
@@ -38,6 +38,16 @@ _REGISTRY: dict[str, "OpaqueFakeQuant"] = {}
 ROUTES = ("auto", "torch", "triton")
 _route = {"name": os.environ.get("QAT_FQ_KERNELS", "auto")}
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+BLOCKS_MAX = 1024  # the longest block qat/fq_triton_blocks.py holds in one tile row
+
+
+class FusedCall(NamedTuple):
+    """How a quantizer runs as a Triton kernel. kernel "affine": qat/fq_triton.py's launch with
+    args (segment length, qmin, qmax, asymmetric, per-segment scale or None) and kw (float8);
+    kernel "blocks": qat/fq_triton_blocks.py's launch with args (format, block length)."""
+    kernel: str
+    args: tuple
+    kw: dict = {}
 
 
 class OpaqueFakeQuant:
@@ -77,9 +87,9 @@ class OpaqueFakeQuant:
         _, m = self(x, scale)
         return (grad * m).to(out_dtype)
 
-    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
-        """(segment length, qmin, qmax, asymmetric, per-segment scale in x's dtype or None) for the
-        Triton kernel, or None where this quantizer or this tensor has no fused path."""
+    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]) -> Optional[FusedCall]:
+        """The Triton kernel that quantizes `x` (a learned `scale` already in x's dtype), or None
+        where this quantizer or this tensor has no fused path. Cheap: the route asks it per call."""
         return None
 
 
@@ -152,12 +162,23 @@ def _(x, key, scale, with_mask):
 
 # --- the fused ops (Triton) -----------------------------------------------------------------------
 
-def _launch_args(key: str, x: torch.Tensor, scale: Optional[torch.Tensor]):
-    """launch()'s (seg_len, qmin, qmax, asym, scale) and its keyword `float8` (a 6th element of
-    `fused_args`, False when absent)."""
-    seg_len, qmin, qmax, asym, seg_scale, *fmt = _REGISTRY[key].fused_args(x, scale)
-    return (seg_len, qmin, qmax, asym, seg_scale.contiguous() if seg_scale is not None else None), \
-        {"float8": bool(fmt and fmt[0])}
+def blocks_call(fmt: str, x: torch.Tensor, block: int) -> Optional[FusedCall]:
+    """A block format's FusedCall, where x's last dimension is made of whole blocks."""
+    if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % block or block > BLOCKS_MAX:
+        return None
+    return FusedCall("blocks", (fmt, block))
+
+
+def _launch(key: str, x: torch.Tensor, scale: Optional[torch.Tensor], mode: int, **kw):
+    """Run the quantizer `key`'s kernel over contiguous x in `mode` (see fq_triton.launch)."""
+    from qat import fq_triton, fq_triton_blocks
+
+    call = _REGISTRY[key].fused_args(x, scale)
+    if call.kernel == "blocks":
+        return fq_triton_blocks.launch(x, *call.args, mode, **kw)
+    seg_len, qmin, qmax, asym, seg_scale = call.args
+    seg_scale = seg_scale.contiguous() if seg_scale is not None else None
+    return fq_triton.launch(x, seg_len, qmin, qmax, asym, seg_scale, mode, **call.kw, **kw)
 
 
 @torch.library.custom_op("qat::fused_fq", mutates_args=())
@@ -168,9 +189,7 @@ def fused_fq(x: torch.Tensor, scale: Optional[torch.Tensor], key: str,
 
     x = x.contiguous()
     with_mask = with_mask and _REGISTRY[key].has_mask
-    mode = fq_triton.MODE_VALUES_MASK if with_mask else fq_triton.MODE_VALUES
-    args, kw = _launch_args(key, x, scale)
-    out, mask = fq_triton.launch(x, *args, mode, **kw)
+    out, mask = _launch(key, x, scale, fq_triton.MODE_VALUES_MASK if with_mask else fq_triton.MODE_VALUES)
     return out, (mask if mask is not None else _no_mask(x))
 
 
@@ -187,8 +206,7 @@ def fused_ste(grad: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor]
     from qat import fq_triton
 
     x, grad = x.contiguous(), grad.contiguous()  # the kernel reads both in one flat layout
-    args, kw = _launch_args(key, x, scale)
-    return fq_triton.launch(x, *args, fq_triton.MODE_STE, grad=grad, out_dtype=out_dtype, **kw)[0]
+    return _launch(key, x, scale, fq_triton.MODE_STE, grad=grad, out_dtype=out_dtype)[0]
 
 
 @fused_ste.register_fake

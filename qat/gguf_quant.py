@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qat.fq_op import OpaqueFakeQuant
+from qat.fq_op import OpaqueFakeQuant, blocks_call
 
 BLOCK = 32
 FORMATS = ("q4_0", "q8_0")
@@ -119,9 +119,16 @@ class GGUFWeight(OpaqueFakeQuant):
             raise ValueError(f"GGUF format {self.fmt!r} is not one of {FORMATS}")
         super().__post_init__()
 
+    @property
+    def has_mask(self) -> bool:
+        return self.fmt == "q4_0"  # Q8_0 never clips: a pure straight-through gradient
+
     def eager(self, w: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        wq, clipped = fake_quantize(self.fmt, w)
-        return wq, (clipped if mask else None)
+        wq, inside = fake_quantize(self.fmt, w)
+        return wq, (inside if mask and self.has_mask else None)
+
+    def fused_args(self, w: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call(self.fmt, w, BLOCK)
 
 
 @dataclass(frozen=True)
@@ -134,3 +141,6 @@ class GGUFActivationQ8(OpaqueFakeQuant):
 
     def eager(self, x: torch.Tensor, mask: bool = True) -> tuple[torch.Tensor, None]:
         return fake_quantize("q8_0", x)[0], None
+
+    def fused_args(self, x: torch.Tensor, scale: Optional[torch.Tensor]):
+        return blocks_call("q8_0", x, BLOCK)
