@@ -15,9 +15,9 @@ backward: an elementwise pass, cheap next to the matmuls. The gradient is the cl
 straight-through estimator: identity where the value was inside the quantization range, zero
 where round-then-clamp clipped it. No gradient passes through a low-precision dtype.
 
-Passes. The forward computes values only, no masks. On CUDA the intx and int8 quantizers are one
-Triton kernel each (qat/fq_op.py, qat/fq_triton.py), and the backward multiplies by the clip mask
-inside a kernel that recomputes it. An input that several layers read (q/k/v, gate/up) is
+Passes. The forward computes values only, no masks. On CUDA every quantizer here is one Triton
+kernel (qat/fq_op.py, qat/fq_triton.py, qat/fq_triton_blocks.py), and the backward multiplies by
+the clip mask inside a kernel that recomputes it. An input that several layers read (q/k/v, gate/up) is
 quantized once (qat/fq_share.py). bench/count_kernels.py counts the full-size passes of a step.
 """
 

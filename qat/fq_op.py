@@ -13,9 +13,11 @@ bit, forward values and the straight-through mask (tests/unit/test_compile_fq.py
 and everything else in the block are still compiled. Eager mode on the CPU does not go through
 the op (no dispatch cost): a quantizer's `__call__` takes it only while Dynamo traces.
 
-Fused ops. The affine integer quantizers (intx weights, int8 per-token activations) and float8
-e4m3 per row have Triton kernels (qat/fq_triton.py) that compute the scales, the values and the
-mask in one pass and equal the eager code bit for bit: `qat::fused_fq` (values, and the mask when asked) and `qat::fused_ste`
+Fused ops. Every family has Triton kernels that compute the scales, the values and the mask in
+one pass and equal the eager code bit for bit: the affine integer quantizers (intx weights, int8
+per-token activations) and float8 e4m3 per row in qat/fq_triton.py, the block formats (int4,
+float8-then-int4, GGUF, MXFP4, NVFP4) in qat/fq_triton_blocks.py. A quantizer names its kernel in
+`fused_args` (a FusedCall). The ops: `qat::fused_fq` (values, and the mask when asked) and `qat::fused_ste`
 (a gradient times the mask, recomputed in the same pass). They run where the tensor is on CUDA
 (eager and compiled alike, so compiled still equals eager), with fake impls for tracing and an
 autograd formula (the clipped straight-through estimator). `QAT_FQ_KERNELS` picks the route:

@@ -6,8 +6,8 @@ helper that takes the device, so its comparisons can be exercised CPU against CP
   the same device: bit for bit, fp32 and bf16;
 - the torch route on CUDA against the CPU: bf16 bitwise; fp32 scales within one ulp and codes one
   step apart only at rounding ties (tests/gpu/conftest.py says why and what share). The Triton
-  kernels CUDA runs by default equal the CPU bitwise in both dtypes: tests/unit/test_fq_triton.py,
-  which `bench/gpu_check.sh tests` runs on the GPU;
+  kernels CUDA runs by default equal the CPU bitwise in both dtypes: tests/unit/test_fq_triton.py
+  and tests/unit/test_fq_triton_blocks.py, which `bench/gpu_check.sh tests` runs on the GPU;
 - the straight-through gradients on CUDA match the CPU's, given identical fake-quantized operands.
 """
 

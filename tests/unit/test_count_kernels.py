@@ -1,7 +1,8 @@
 """The full-size passes of one fake-quantized training step on the route CUDA runs
-(bench/count_kernels.py): at most 12 per QATLinear, forward and backward, for 8da4w, the intx
-weight-only schemes and float8. A count is deterministic, so the exact numbers are asserted too: a change
-that adds a pass shows here (update docs/benchmarks.md with the new table)."""
+(bench/count_kernels.py): at most 12 per QATLinear, forward and backward, for every family with a
+Triton kernel: 8da4w, intx weight-only, float8, int4, float8-then-int4, NVFP4, MXFP4, GGUF Q4_0 and
+Q8_0. A count is deterministic, so the exact numbers are asserted too: a change that adds a pass
+shows here (update docs/benchmarks.md with the new table)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 
+SCHEMES = ("8da4w", "intx4-weight-only", "float8", "int4-weight-only", "fp8-int4", "nvfp4", "mxfp4", "q4_0", "q8_0")
 # (scheme, case): (passes of the whole step, passes inside the QATLinears)
 EXPECTED = {
     ("8da4w", "linear"): (9, 9), ("8da4w", "lora"): (16, 6), ("8da4w", "lora-once"): (14, 4),
@@ -24,12 +26,24 @@ EXPECTED = {
     ("intx4-weight-only", "lora-once"): (12, 2), ("intx4-weight-only", "qkv"): (20, 18),
     ("float8", "linear"): (7, 7), ("float8", "lora"): (15, 5), ("float8", "lora-once"): (13, 3),
     ("float8", "qkv"): (19, 17),
+    ("int4-weight-only", "linear"): (6, 6), ("int4-weight-only", "lora"): (14, 4),
+    ("int4-weight-only", "lora-once"): (12, 2), ("int4-weight-only", "qkv"): (20, 18),
+    ("fp8-int4", "linear"): (8, 8), ("fp8-int4", "lora"): (15, 5),
+    ("fp8-int4", "lora-once"): (13, 3), ("fp8-int4", "qkv"): (22, 20),
+    ("nvfp4", "linear"): (7, 7), ("nvfp4", "lora"): (15, 5),
+    ("nvfp4", "lora-once"): (15, 5), ("nvfp4", "qkv"): (19, 17),
+    ("mxfp4", "linear"): (7, 7), ("mxfp4", "lora"): (15, 5),
+    ("mxfp4", "lora-once"): (13, 3), ("mxfp4", "qkv"): (19, 17),
+    ("q4_0", "linear"): (8, 8), ("q4_0", "lora"): (15, 5),
+    ("q4_0", "lora-once"): (13, 3), ("q4_0", "qkv"): (22, 20),
+    ("q8_0", "linear"): (7, 7), ("q8_0", "lora"): (15, 5),
+    ("q8_0", "lora-once"): (13, 3), ("q8_0", "qkv"): (19, 17),
 }
 
 
 def test_a_training_step_makes_at_most_12_full_size_passes_per_qat_linear(tmp_path, env):
     out = tmp_path / "counts.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/count_kernels.py"), "--schemes", "8da4w,intx4-weight-only,float8",
+    subprocess.run([sys.executable, str(ROOT / "bench/count_kernels.py"), "--schemes", ",".join(SCHEMES),
                     "--json", str(out)], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     got = {(r["scheme"], r["case"]): (r["passes"], r["in_qatlinear"]) for r in rows}
