@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 MODE_VALUES, MODE_VALUES_MASK, MODE_STE = 0, 1, 2
-_EPS = 2.0 ** -126  # torch.finfo(fp32 and bf16).smallest_normal: torchao's scale floor
+# torch.finfo(fp32 and bf16).smallest_normal, torchao's scale floor; constexpr: a compiled kernel reads
+# no other globals (the interpreter does, so only tests/unit/test_triton_cuda_compile.py would notice)
+_EPS = tl.constexpr(2.0 ** -126)
 _ELEMS = 4096  # elements a program holds at once (segments x block)
 
 
