@@ -182,6 +182,8 @@ all)
     run_flex_test 60
     ours ours_1b_concat 30 llama3.2-1b 4 full-bf16 eager 5 2 data.packing=concat
     ours ours_1b_flex 45 llama3.2-1b 4 full-bf16 eager 5 2 model.attn_implementation=flex_attention
+    # each fake quantizer's kernels against a copy of the same tensor (memory speed), and two tile sizes
+    step fq_bandwidth 60 python3 bench/fq_bandwidth.py --elems 4096,2048 --out "$OUT"
     ours ours_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
     anchor anchor_1b_compiled_lora 60 llama3.2-1b 4 $M1_LORA compiled 4 2
     ours ours_8b_eager 60 llama3.1-8b 2 $M8 eager 4 2

@@ -54,3 +54,17 @@ def test_a_training_step_makes_at_most_12_full_size_passes_per_qat_linear(tmp_pa
         assert own / r["layers"] <= 12, r
     linear = next(r for r in rows if r["case"] == "linear")
     assert linear["ops"].count("qat.fused_fq") == 4  # 8da4w on the Triton route: weight and input, twice
+
+
+def test_the_bandwidth_bench_runs_every_scheme_and_its_routes_agree(tmp_path, env):
+    """bench/fq_bandwidth.py (run on the GPU by bench/gpu_check.sh) at tiny shapes in Triton's
+    interpreter: every scheme's weight and activation passes, both tile sizes, each Triton output
+    bitwise equal to the torch route's (the bench exits non-zero otherwise)."""
+    subprocess.run([sys.executable, str(ROOT / "bench/fq_bandwidth.py"), "--smoke", "--elems", "4096,2048",
+                    "--out", str(tmp_path)], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "fq_bandwidth.json").read_text())["rows"]
+    assert {r["scheme"] for r in rows} == set(SCHEMES) and all(r["equal"] for r in rows)
+    masked = {(r["scheme"], r["tensor"]) for r in rows if r["pass"] == "ste"}
+    assert ("8da4w", "activation") in masked and ("int4-weight-only", "weight") in masked
+    assert ("nvfp4", "weight") not in masked  # a pure straight-through format has no backward kernel
+    assert {r["elems"] for r in rows} == {4096, 2048}
