@@ -149,3 +149,14 @@ def test_a_block_format_qat_linear_trains_the_same_on_both_routes_bitwise(name, 
         got = train_step(layer.to(DEV), x.to(DEV), gy.to(DEV))
     layer.cpu()
     assert len(got) == len(ref) and all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
+
+
+def test_the_ops_pass_torchs_custom_op_checks_for_block_formats():
+    """Schema, fake impls and autograd of qat::fused_fq / qat::fused_ste with a clipping block
+    format (int4) and a pure straight-through one (MXFP4, whose op returns an empty mask)."""
+    w = random_weights(16, 128, 26).to(torch.bfloat16).to(DEV)
+    with route("triton"):
+        for fq in (Int4Asymmetric(64, "tile_packed_to_4d"), MXFP4Emulated()):
+            torch.library.opcheck(torch.ops.qat.fused_fq.default, (w.clone().requires_grad_(), None, fq._fq_key, True))
+        fq = GGUFWeight("q4_0")
+        torch.library.opcheck(torch.ops.qat.fused_ste.default, (torch.randn_like(w), w, None, fq._fq_key, torch.float32))
