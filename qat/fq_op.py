@@ -114,10 +114,42 @@ def fused_route(fq: OpaqueFakeQuant, x: torch.Tensor) -> bool:
         return False
     if name == "auto":
         return x.is_cuda
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    _check_interpreter(x.device)
+    return True
+
+
+def _check_interpreter(device: torch.device) -> None:
+    """QAT_FQ_KERNELS=triton on CPU tensors runs the kernels in Triton's interpreter, or nowhere."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("QAT_FQ_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton is "
                         "imported); unset QAT_FQ_KERNELS to quantize with torch ops on the CPU")
-    return True
+
+
+def describe_route(quantizers, device: torch.device) -> Optional[str]:
+    """One line for a run's log: what computes these fake quantizers on `device` (None: no
+    quantizer of ours, e.g. torchao's own under qat.backend=torchao). Probed with a meta
+    [256, 4096] bf16 tensor: a format's shape checks (whole blocks) pass for every real layer.
+    Refuses, as the first step would, QAT_FQ_KERNELS=triton on the CPU outside the interpreter."""
+    ours = [fq for fq in quantizers if isinstance(fq, OpaqueFakeQuant)]
+    if not ours:
+        return None
+    name = _route["name"]
+    probe = torch.empty(256, 4096, dtype=torch.bfloat16, device="meta")
+    fused = [fq for fq in ours if fq.fused_args(probe, None) is not None]
+    if name == "torch":
+        how = "torch ops (QAT_FQ_KERNELS=torch)"
+    elif not _HAS_TRITON:
+        how = "torch ops (triton is not installed)"
+    elif not fused:
+        how = "torch ops (this scheme has no Triton kernel)"
+    elif name == "auto" and device.type != "cuda":
+        how = "torch ops (the Triton kernels run on CUDA tensors)"
+    else:
+        _check_interpreter(device)
+        how = "Triton kernels" + ("" if device.type == "cuda" else " in Triton's interpreter (QAT_FQ_KERNELS=triton)")
+        if len(fused) < len(ours):
+            how += f" for {len(fused)} of its {len(ours)} quantizers, torch ops for the rest"
+    return f"fake quantization runs as {how}"
 
 
 def set_route(name: str) -> None:

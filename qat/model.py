@@ -258,6 +258,20 @@ def fake_quantizers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (FakeQuantizerBase, QATLinear, moe.QATExperts))]
 
 
+def our_quantizers(model: nn.Module) -> list:
+    """The distinct fake quantizers our QATLinears and QATExperts call (for describe_route)."""
+    found = {}
+    for m in model.modules():
+        if isinstance(m, QATLinear):
+            fqs = [m.weight_fq, m.act_fq]
+        elif isinstance(m, moe.QATExperts):
+            fqs = [getattr(fq, "fq2d", fq) for fq in m.expert_fqs.values()]
+        else:
+            continue
+        found.update((repr(fq), fq) for fq in fqs if fq is not None)
+    return list(found.values())
+
+
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
     """Toggle fake quantization; the recipe derives `enabled` from the step, so it survives resume."""
     for fq in fake_quantizers(model):

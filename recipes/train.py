@@ -36,6 +36,7 @@ from qat import checkpoint as ckpt
 from qat import run_dir as rundir
 from qat.config import TrainConfig, load_config, to_dict, to_yaml
 from qat.coverage import describe
+from qat.fq_op import describe_route
 from qat.data import IGNORE, build_dataset, build_loader, flash_varlen_kwargs
 from qat.distill import build_teacher, check_teacher, load_teacher_copy, token_loss_sums
 from qat.distributed import Timeouts, control_group, decide_on_rank0, init_distributed, pick_device
@@ -43,8 +44,8 @@ from qat.errors import exit_on_user_error
 from qat.fake_quant_schedule import FakeQuantSchedule
 from qat.learned_scales import param_groups
 from qat.loggers import MetricLogger
-from qat.model import (DTYPES, apply_lora, apply_qat, count_parameters, load_model, load_tokenizer, qat_backend,
-                       shard_model, trainable_parameters)
+from qat.model import (DTYPES, apply_lora, apply_qat, count_parameters, load_model, load_tokenizer, our_quantizers,
+                       qat_backend, shard_model, trainable_parameters)
 from qat.optim import build_optimizer, build_scheduler, clip_grad_norm
 from qat.perf import device_peak_flops, mfu, model_flops_per_token
 from qat.progress import progress_bar
@@ -82,6 +83,9 @@ class TrainRecipe:
         self.coverage = None if self.scheme is None else apply_qat(model, cfg.qat, self.scheme)
         if self.rank == 0 and self.coverage is not None:
             print(describe(self.coverage), flush=True)
+            route = describe_route(our_quantizers(model), self.device)
+            if route:
+                print(route, flush=True)
         shard_model(model, cfg.fsdp, cfg.lora.enabled, self.mesh, self.device, dtype, DTYPES[cfg.training.master_dtype])
         self.model = model
         self.teacher = None if not cfg.distill.enabled else build_teacher(

@@ -62,3 +62,30 @@ def test_learned_scales_bad_input_is_one_line(world, tmp_path, capsys, overrides
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("scheme, extra, nproc", [
+    ("8da4w", ["qat.group_size=32"], 2),
+    ("int4-weight-only", ["qat.group_size=32", "lora.enabled=true", "lora.rank=8"], 1),
+    ("q4_0", [], 1),
+], ids=["8da4w-full-world2", "int4-lora", "q4_0-full"])
+def test_the_cuda_route_trains_what_the_cpu_reference_trains(world, tmp_path, scheme, extra, nproc, base_overrides,
+                                                            train_cmd, env, read_metrics):
+    """The recipe with the fake quantizers on the route CUDA runs (the Triton kernels, here in
+    Triton's interpreter: QAT_FQ_KERNELS=triton) against the torch route the CPU runs: bf16, FSDP2
+    over 2 ranks, the shared-input cache, LoRA's frozen weights quantized once. Per-step losses and
+    gradient norms are equal bit for bit, and the log names the route."""
+    import subprocess
+
+    runs = {}
+    for name, extra_env in (("torch", {}), ("triton", {"QAT_FQ_KERNELS": "triton", "TRITON_INTERPRET": "1"})):
+        out = tmp_path / name
+        args = base_overrides(world, out) + ["training.dtype=bf16", "training.steps=3", "checkpoint.save_final=false",
+                                             "qat.enabled=true", f"qat.scheme={scheme}", *extra]
+        proc = subprocess.run(train_cmd(args, nproc), cwd=ROOT, env={**env(), **extra_env}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = [(m["train/loss"], m["train/grad_norm"]) for m in read_metrics(out)], proc.stdout
+    assert len(runs["torch"][0]) == 3 and runs["triton"][0] == runs["torch"][0]
+    assert "fake quantization runs as Triton kernels in Triton's interpreter" in runs["triton"][1]
+    assert "fake quantization runs as torch ops (the Triton kernels run on CUDA tensors)" in runs["torch"][1]
