@@ -84,3 +84,53 @@ def test_a_compiled_qat_linear_trains_like_eager_bitwise(eager_and_compiled):
         if name == "8da4w":
             assert (gw0 == 0).any()  # clipped weights: the mask is part of what is compared
         torch._dynamo.reset()
+
+
+def test_a_compiled_qat_linear_on_the_triton_route_trains_like_eager_bitwise(eager_and_compiled):
+    """What fsdp.compile=true runs on CUDA: the fused ops (qat::fused_fq, qat::fused_ste) traced
+    through their fake impls and autograd formula, here with the kernels in Triton's interpreter.
+    Output and gradients equal eager's on the torch route, for a clipping block format (Q4_0,
+    with its Q8_0 activations) and one whose kernel first reduces the whole tensor (NVFP4)."""
+    from qat.fq_op import route
+
+    for name in ("q4_0", "nvfp4"):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(512, 256, bias=False).to(BF16)
+        layer = QATLinear.from_linear(lin, *get_scheme(name).fake_quantizers(None))
+        x = (torch.randn(4, 16, 512) * 2).to(BF16)
+        gy = (torch.randn(4, 16, 256)).to(BF16)
+        ref = eager_and_compiled(layer, x, gy)[0]  # eager, torch route
+        with route("triton"):
+            eager, compiled = eager_and_compiled(layer, x, gy)
+        for got in (eager, compiled):
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), name
+        torch._dynamo.reset()
+        fw, bw = _aot_ops(layer, x, gy)
+        assert fw.count("qat.fused_fq.default") == 2 and "qat.fused_ste.default" not in fw, name  # values only
+        assert "qat.fused_fq.default" in bw and "qat.fake_quant.default" not in fw + bw, name  # kernels, not eager code
+        # the straight-through kernel where the weights clip (Q4_0); NVFP4's gradient passes straight through
+        assert ("qat.fused_ste.default" in bw) == (name == "q4_0"), name
+
+
+def _aot_ops(layer, x, gy) -> tuple[list[str], list[str]]:
+    """The ops of the forward and backward graphs AOTAutograd hands the compiler for `layer` on the
+    Triton route (run as traced, without Inductor)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from qat.fq_op import route
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    with route("triton"):
+        backend = lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=keep("fw"), bw_compiler=keep("bw"))  # noqa: E731
+        torch.compile(layer, fullgraph=True, backend=backend)(x.clone().requires_grad_()).backward(gy)
+    torch._dynamo.reset()
+    return graphs["fw"], graphs["bw"]
