@@ -170,6 +170,18 @@ def test_the_ops_pass_torchs_custom_op_checks():
                               (torch.randn_like(x), x, None, Int8PerToken()._fq_key, torch.bfloat16))
 
 
+def assert_trains_the_same_on_both_routes(layer, dtype):
+    """A [2, 6, 128] -> 48 step of `layer` on the Triton route (on the test device) equals the torch
+    route's bit for bit: output, input gradient, weight gradient."""
+    x, gy = (torch.randn(2, 6, 128) * 2).to(dtype), torch.randn(2, 6, 48).to(dtype)
+    ref = train_step(layer, x, gy)
+    with route("triton"):
+        assert fused_route(layer.weight_fq, layer.weight.to(DEV))
+        got = train_step(layer.to(DEV), x.to(DEV), gy.to(DEV))
+    layer.cpu()
+    assert len(got) == len(ref) and all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
+
+
 def train_step(layer, x, gy):
     xi = x.clone().requires_grad_()
     layer.zero_grad(set_to_none=True)
@@ -302,11 +314,4 @@ def test_a_float8_qat_linear_trains_the_same_on_both_routes_bitwise(dtype):
     route's (the gradient passes straight through, so the backward is the same matmuls)."""
     torch.manual_seed(0)
     layer = QATLinear.from_linear(torch.nn.Linear(128, 48, bias=False), *get_scheme("float8").fake_quantizers(None))
-    layer = layer.to(dtype)
-    x, gy = (torch.randn(2, 6, 128) * 2).to(dtype), torch.randn(2, 6, 48).to(dtype)
-    ref = train_step(layer, x, gy)
-    with route("triton"):
-        assert fused_route(layer.weight_fq, layer.weight.to(DEV))
-        got = train_step(layer.to(DEV), x.to(DEV), gy.to(DEV))
-    layer.cpu()
-    assert len(got) == len(ref) and all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
+    assert_trains_the_same_on_both_routes(layer.to(dtype), dtype)

@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("triton")
 
 from qat.fake_quant import Int4AfterFloat8, Int4Asymmetric, MXFP4Emulated, NVFP4Emulated, QATLinear  # noqa: E402
-from qat.fq_op import fused_route, route  # noqa: E402
+from qat.fq_op import route  # noqa: E402
 from qat.gguf_quant import GGUFActivationQ8, GGUFWeight  # noqa: E402
 from qat.schemes import get_scheme  # noqa: E402
-from test_fq_triton import DEV, DTYPES, assert_same, fused, random_weights, train_step  # noqa: E402
+from test_fq_triton import DEV, DTYPES, assert_same, assert_trains_the_same_on_both_routes, fused, random_weights  # noqa: E402,E501
 
 
 def int4_blocks(gs: int) -> torch.Tensor:
@@ -141,14 +141,8 @@ def test_a_block_format_qat_linear_trains_the_same_on_both_routes_bitwise(name, 
     """Output, input gradient and weight gradient of a fake-quantized Linear."""
     torch.manual_seed(0)
     wfq, afq = get_scheme(name).fake_quantizers(group)
-    layer = QATLinear.from_linear(torch.nn.Linear(128, 48, bias=False), wfq, afq).to(dtype)
-    x, gy = (torch.randn(2, 6, 128) * 2).to(dtype), torch.randn(2, 6, 48).to(dtype)
-    ref = train_step(layer, x, gy)
-    with route("triton"):
-        assert fused_route(layer.weight_fq, layer.weight.to(DEV))
-        got = train_step(layer.to(DEV), x.to(DEV), gy.to(DEV))
-    layer.cpu()
-    assert len(got) == len(ref) and all(torch.equal(a.cpu(), b) for a, b in zip(got, ref))
+    layer = QATLinear.from_linear(torch.nn.Linear(128, 48, bias=False), wfq, afq)
+    assert_trains_the_same_on_both_routes(layer.to(dtype), dtype)
 
 
 def test_the_ops_pass_torchs_custom_op_checks_for_block_formats():
