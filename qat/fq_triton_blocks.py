@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qat.fq_op import BLOCKS_MAX
 from qat.fq_triton import (_bf16_round, _bits, _dt, _e4m3_round, _is_bf16, _layout, _load, _round_half_even, _store,
                            interpreter_quiet, outputs)
 
@@ -217,13 +216,16 @@ def _block_kernel(x_ptr, aux_ptr, g_ptr, out_ptr, mask_ptr, n_seg, seg_len, segs
 
 def _aux(fmt: int, x: torch.Tensor) -> Optional[torch.Tensor]:
     """What a block needs from beyond itself, by one torch reduction over x (|x|'s max, NaN
-    propagating, in x's dtype as torch.abs().amax() computes it)."""
+    propagating, in x's dtype as torch.abs().amax() computes it). The divisor is a 0-dim tensor:
+    CUDA divides by a Python scalar through its reciprocal, which can move the result by an ulp
+    from the CPU's IEEE quotient (the reference's); tensor by tensor it divides exactly."""
     inf = float("inf")
-    if fmt == NVFP4:  # torchao's per_tensor_amax_to_scale
-        return (torch.linalg.vector_norm(x, inf).float() / (448.0 * 6.0)).reshape(1)
-    if fmt == FP8_INT4:  # torchao's _choose_scale_float8 per row, hp_value_lb=1e-12
-        amax = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), inf, dim=-1)
-        return (amax.clamp(min=1e-12) / 448.0).float()
+    if fmt == NVFP4:  # torchao's per_tensor_amax_to_scale: fp32 amax / (448 * 6)
+        amax = torch.linalg.vector_norm(x, inf).float()
+        return (amax / torch.full((), 448.0 * 6.0, device=x.device)).reshape(1)
+    if fmt == FP8_INT4:  # torchao's _choose_scale_float8 per row, hp_value_lb=1e-12: in x's dtype, then fp32
+        amax = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), inf, dim=-1).clamp(min=1e-12)
+        return (amax / torch.full((), 448.0, dtype=amax.dtype, device=x.device)).float()
     return None
 
 
@@ -238,7 +240,7 @@ def launch(x: torch.Tensor, fmt: str, seg_len: int, mode: int, grad: Optional[to
     if n_seg == 0:
         return out, mask
     aux = _aux(f, x)
-    segs, block, _ = _layout(n_seg, seg_len, BLOCKS_MAX)  # one chunk: a block fits in a tile row
+    segs, block, _ = _layout(n_seg, seg_len, triton.next_power_of_2(seg_len))  # a block fits in a tile row
     with interpreter_quiet():
         _block_kernel[(triton.cdiv(n_seg, segs),)](
             _bits(x), aux if aux is not None else x, _bits(grad if grad is not None else x), _bits(out),
