@@ -130,7 +130,7 @@ def _gguf(x, ok, cols, Q4: tl.constexpr, BF16: tl.constexpr):
     amax = tl.max(tl.where(ok, a, 0.0), axis=1)
     if Q4:  # d = the signed value of the first largest magnitude / -8
         first = tl.min(tl.where(ok & (a == amax[:, None]), cols[None, :], 1 << 30), axis=1)
-        m = tl.sum(tl.where(cols[None, :] == first[:, None], x, 0.0), axis=1)
+        m = tl.max(tl.where(cols[None, :] == first[:, None], x, float("-inf")), axis=1)  # keeps a -0.0
         d = tl.math.div_rn(m, tl.full(m.shape, -8.0, tl.float32))[:, None]
     else:
         d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))[:, None]

@@ -52,7 +52,8 @@ def fp8_int4_rows(gs: int) -> torch.Tensor:
 
 def gguf_blocks() -> torch.Tensor:
     """Q4_0 / Q8_0 blocks of 32: +a and -a both largest (either first: the first decides d's
-    sign), exact ties of x / d + 8.5 and of Q8_0's halves (away from zero), a zero block, a block
+    sign), exact ties of x / d + 8.5 and of Q8_0's halves (away from zero), zero blocks (one starting
+    with -0.0, whose sign reaches d and the values' signed zeros), a block
     whose fp16 d is subnormal, one whose fp16 d overflows (values inf / NaN, as the reference)."""
     g = torch.Generator().manual_seed(23)
     pm = torch.randn(32, generator=g)
@@ -63,7 +64,9 @@ def gguf_blocks() -> torch.Tensor:
     q4_ties[0] = -2.0
     q8_ties = (torch.arange(32) - 16 + 0.5)
     q8_ties[0] = 127.0  # d = 1
-    return torch.stack([pm, mp, q4_ties, q8_ties, torch.zeros(32), torch.randn(32, generator=g) * 1e-6,
+    signed_zeros = torch.zeros(32)
+    signed_zeros[::2] = -0.0  # the first largest magnitude is -0.0: d = -0.0 / -8 = +0.0
+    return torch.stack([pm, mp, q4_ties, q8_ties, torch.zeros(32), signed_zeros, torch.randn(32, generator=g) * 1e-6,
                         torch.randn(32, generator=g) * 1e6])
 
 
