@@ -19,7 +19,7 @@ from test_fq_triton import DEV, DTYPES, assert_same, assert_trains_the_same_on_b
 
 
 def int4_blocks(gs: int) -> torch.Tensor:
-    """Constant (positive, negative), zero, bf16-subnormal and huge groups; exact ties of
+    """Constant (positive, negative), zero (+0 and -0), bf16-subnormal and huge groups; exact ties of
     (w - min) / scale (min 0, max 15/16: scale 1/16, values (k + 1/2) / 16); an outlier; all
     negative; and groups far from zero next to their spread, where tinygemm's bf16 zero point
     moves the grid so that a weight rounds to code -1 or 16 and clips (plain's fp32 grid never
@@ -31,7 +31,7 @@ def int4_blocks(gs: int) -> torch.Tensor:
     ties[0], ties[1] = 0.0, 15 / 16
     spike = torch.randn(gs, generator=g) * 0.01
     spike[3] = 2.0
-    return torch.cat([torch.stack([torch.full((gs,), 0.3), torch.full((gs,), -2.5), torch.zeros(gs),
+    return torch.cat([torch.stack([torch.full((gs,), 0.3), torch.full((gs,), -2.5), torch.zeros(gs), torch.full((gs,), -0.0),
                                    torch.full((gs,), 1e-40), torch.randn(gs, generator=g) * 1e30, ties, -ties, spike,
                                    -torch.rand(gs, generator=g) - 1]), offset])
 
