@@ -159,7 +159,8 @@ def _mxfp4(x, ok, BF16: tl.constexpr):
     e = tl.where(amax != amax, 255, e)
     q_scale = tl.maximum((e << 23).to(tl.float32, bitcast=True), 1.1754943508222875e-38)
     code = _e2m1_code(tl.math.div_rn(x, tl.broadcast_to(q_scale, x.shape)))
-    s = tl.where(e == 0, tl.full(e.shape, 0x400000, tl.int32).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True))
+    bits = tl.where(e == 0, 0x400000, e << 23)  # 2**-127 is subnormal: its bits are not e << 23
+    s = bits.to(tl.float32, bitcast=True)
     s = tl.where(e == 255, float("nan"), s)
     return _dt(_e2m1_value(code) * s, BF16)
 

@@ -21,9 +21,9 @@ def run(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def test_bench_train_times_each_mode_with_an_override(world, tmp_path, env):
     """As `ours ours_1b_concat ...` calls it: modes, steps, warmup and a --train override."""
-    run(["bench/bench_train.py", "--shape", "tiny", "--batch", "2", "--seq", "64", "--modes", "full-bf16,lora-qat-8da4w",
-         "--steps", "2", "--warmup", "1", "--train", "data.packing=concat", "--world", str(world),
-         "--out", str(tmp_path)], env())
+    run(["bench/bench_train.py", "--shape", "tiny", "--batch", "2", "--seq", "64",
+         "--modes", "full-bf16,lora-qat-8da4w", "--steps", "2", "--warmup", "1", "--train", "data.packing=concat",
+         "--world", str(world), "--out", str(tmp_path)], env())
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())
     assert [r["mode"] for r in rows] == ["full-bf16", "lora-qat-8da4w"]

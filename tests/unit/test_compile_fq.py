@@ -128,9 +128,11 @@ def _aot_ops(layer, x, gy) -> tuple[list[str], list[str]]:
             return make_boxed_func(gm.forward)
         return compiler
 
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+
     torch._dynamo.reset()
     with route("triton"):
-        backend = lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=keep("fw"), bw_compiler=keep("bw"))  # noqa: E731
         torch.compile(layer, fullgraph=True, backend=backend)(x.clone().requires_grad_()).backward(gy)
     torch._dynamo.reset()
     return graphs["fw"], graphs["bw"]

@@ -15,7 +15,8 @@ from qat.fake_quant import Int4AfterFloat8, Int4Asymmetric, MXFP4Emulated, NVFP4
 from qat.fq_op import route  # noqa: E402
 from qat.gguf_quant import GGUFActivationQ8, GGUFWeight  # noqa: E402
 from qat.schemes import get_scheme  # noqa: E402
-from test_fq_triton import DEV, DTYPES, assert_same, assert_trains_the_same_on_both_routes, fused, random_weights  # noqa: E402,E501
+from test_fq_triton import (DEV, DTYPES, assert_same, assert_trains_the_same_on_both_routes, fused,  # noqa: E402
+                            random_weights)
 
 
 def int4_blocks(gs: int) -> torch.Tensor:
@@ -31,9 +32,10 @@ def int4_blocks(gs: int) -> torch.Tensor:
     ties[0], ties[1] = 0.0, 15 / 16
     spike = torch.randn(gs, generator=g) * 0.01
     spike[3] = 2.0
-    return torch.cat([torch.stack([torch.full((gs,), 0.3), torch.full((gs,), -2.5), torch.zeros(gs), torch.full((gs,), -0.0),
-                                   torch.full((gs,), 1e-40), torch.randn(gs, generator=g) * 1e30, ties, -ties, spike,
-                                   -torch.rand(gs, generator=g) - 1]), offset])
+    groups = [torch.full((gs,), 0.3), torch.full((gs,), -2.5), torch.zeros(gs), torch.full((gs,), -0.0),
+              torch.full((gs,), 1e-40), torch.randn(gs, generator=g) * 1e30, ties, -ties, spike,
+              -torch.rand(gs, generator=g) - 1]
+    return torch.cat([torch.stack(groups), offset])
 
 
 def fp8_int4_rows(gs: int) -> torch.Tensor:
@@ -156,4 +158,5 @@ def test_the_ops_pass_torchs_custom_op_checks_for_block_formats():
         for fq in (Int4Asymmetric(64, "tile_packed_to_4d"), MXFP4Emulated()):
             torch.library.opcheck(torch.ops.qat.fused_fq.default, (w.clone().requires_grad_(), None, fq._fq_key, True))
         fq = GGUFWeight("q4_0")
-        torch.library.opcheck(torch.ops.qat.fused_ste.default, (torch.randn_like(w), w, None, fq._fq_key, torch.float32))
+        args = (torch.randn_like(w), w, None, fq._fq_key, torch.float32)
+        torch.library.opcheck(torch.ops.qat.fused_ste.default, args)

@@ -46,8 +46,9 @@ def affine_variants():
                 out_t = ptr(out_bf16 if mode == 2 else bf16)
                 sig = {"x_ptr": ptr(bf16), "s_ptr": ptr(bf16), "g_ptr": ptr(g_bf16), "out_ptr": out_t,
                        "mask_ptr": "*u8" if mode == 1 else out_t, "n_seg": "i32", "seg_len": "i32"}
-                const = {"QMIN": qmin, "QMAX": qmax, "ASYM": asym, "BF16": bf16, "HAS_SCALE": has_scale, "MODE": mode,
-                         "G_BF16": g_bf16, "OUT_BF16": out_bf16, "SEGS": 128, "BLOCK": 32, "CHUNKS": 1, "FLOAT8": float8}
+                const = {"QMIN": qmin, "QMAX": qmax, "ASYM": asym, "BF16": bf16, "HAS_SCALE": has_scale,
+                         "MODE": mode, "G_BF16": g_bf16, "OUT_BF16": out_bf16, "SEGS": 128, "BLOCK": 32, "CHUNKS": 1,
+                         "FLOAT8": float8}
                 yield f"affine/{name}/bf16={bf16}/mode={mode}/g={g_bf16}/out={out_bf16}", sig, const
     # a row longer than a block (a per-channel weight, a token of a wide layer): the chunk loop
     sig = {"x_ptr": "*i16", "s_ptr": "*i16", "g_ptr": "*i16", "out_ptr": "*i16", "mask_ptr": "*u8", "n_seg": "i32",
@@ -81,9 +82,9 @@ def sm80_block_variants():
     return [v for v in block_variants() if "bf16=True/mode=0" in v[0] or "bf16=True/mode=1" in v[0]]
 
 
-def compile_all() -> None:
-    """Compile every variant; print one JSON line each: name, arch, and the PTX's fp32 division,
-    fused multiply-add and flushing instructions."""
+def compile_one(job: tuple) -> str:
+    """Compile one (kernel name, variant, arch); a JSON line: name, arch, and the PTX's fp32
+    division, fused multiply-add and flushing instructions."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,17 +92,26 @@ def compile_all() -> None:
     from qat.fq_triton import _fq_kernel
     from qat.fq_triton_blocks import _block_kernel
 
-    jobs = [(_fq_kernel, v, 90) for v in affine_variants()] + [(_block_kernel, v, 90) for v in block_variants()]
-    jobs += [(_block_kernel, v, 80) for v in sm80_block_variants()]
-    for kernel, (name, sig, const), arch in jobs:
-        src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
-        print(json.dumps({"name": name, "arch": arch, "cubin": len(k.asm["cubin"]),
-                          "div": sorted(set(re.findall(r"\b(?:div|rcp)\.[a-z0-9.]*f32\b", ptx))),
-                          "fma": len(re.findall(r"\bfma\.[a-z0-9.]*f32\b", ptx)),
-                          "ftz": sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*\b", ptx)))}),
-              flush=True)
+    kernel, (name, sig, const), arch = job
+    fn = {"affine": _fq_kernel, "blocks": _block_kernel}[kernel]
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    return json.dumps({"name": name, "arch": arch, "cubin": len(k.asm["cubin"]),
+                       "div": sorted(set(re.findall(r"\b(?:div|rcp)\.[a-z0-9.]*f32\b", ptx))),
+                       "fma": len(re.findall(r"\bfma\.[a-z0-9.]*f32\b", ptx)),
+                       "ftz": sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*\b", ptx)))})
+
+
+def compile_all() -> None:
+    """Compile every variant, two at a time (the compiler is single-threaded), one JSON line each."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [("affine", v, 90) for v in affine_variants()] + [("blocks", v, 90) for v in block_variants()]
+    jobs += [("blocks", v, 80) for v in sm80_block_variants()]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        for line in pool.map(compile_one, jobs):
+            print(line, flush=True)
 
 
 def test_every_kernel_variant_compiles_for_sm90_and_sm80_with_ieee_arithmetic(tmp_path):
