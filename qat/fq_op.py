@@ -17,8 +17,8 @@ Fused ops. Every family has Triton kernels that compute the scales, the values a
 one pass and equal the eager code bit for bit: the affine integer quantizers (intx weights, int8
 per-token activations) and float8 e4m3 per row in qat/fq_triton.py, the block formats (int4,
 float8-then-int4, GGUF, MXFP4, NVFP4) in qat/fq_triton_blocks.py. A quantizer names its kernel in
-`fused_args` (a FusedCall). The ops: `qat::fused_fq` (values, and the mask when asked) and `qat::fused_ste`
-(a gradient times the mask, recomputed in the same pass). They run where the tensor is on CUDA
+`fused_args` (a FusedCall). The ops: `qat::fused_fq` (values, and the mask when asked) and
+`qat::fused_ste` (a gradient times the mask, recomputed in the same pass). They run where the tensor is on CUDA
 (eager and compiled alike, so compiled still equals eager), with fake impls for tracing and an
 autograd formula (the clipped straight-through estimator). `QAT_FQ_KERNELS` picks the route:
 `auto` (Triton on CUDA when triton is importable, else torch), `torch` (always the eager code),
@@ -49,7 +49,7 @@ class FusedCall(NamedTuple):
     kernel "blocks": qat/fq_triton_blocks.py's launch with args (format, block length)."""
     kernel: str
     args: tuple
-    kw: dict = {}
+    kw: Optional[dict] = None
 
 
 class OpaqueFakeQuant:
@@ -212,7 +212,7 @@ def _launch(key: str, x: torch.Tensor, scale: Optional[torch.Tensor], mode: int,
         return fq_triton_blocks.launch(x, *call.args, mode, **kw)
     seg_len, qmin, qmax, asym, seg_scale = call.args
     seg_scale = seg_scale.contiguous() if seg_scale is not None else None
-    return fq_triton.launch(x, seg_len, qmin, qmax, asym, seg_scale, mode, **call.kw, **kw)
+    return fq_triton.launch(x, seg_len, qmin, qmax, asym, seg_scale, mode, **(call.kw or {}), **kw)
 
 
 @torch.library.custom_op("qat::fused_fq", mutates_args=())
