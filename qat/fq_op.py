@@ -127,28 +127,27 @@ def _check_interpreter(device: torch.device) -> None:
 
 def describe_route(quantizers, device: torch.device) -> Optional[str]:
     """One line for a run's log: what computes these fake quantizers on `device` (None: no
-    quantizer of ours, e.g. torchao's own under qat.backend=torchao). Probed with a meta
-    [256, 4096] bf16 tensor: a format's shape checks (whole blocks) pass for every real layer.
-    Refuses, as the first step would, QAT_FQ_KERNELS=triton on the CPU outside the interpreter."""
+    quantizer of ours, e.g. torchao's own under qat.backend=torchao). The decision is
+    fused_route's on a [256, 4096] bf16 probe on `device` (every format's whole-block checks pass
+    for it), so it refuses, as the first step would, QAT_FQ_KERNELS=triton on the CPU outside the
+    interpreter; the rest only names the reason."""
     ours = [fq for fq in quantizers if isinstance(fq, OpaqueFakeQuant)]
     if not ours:
         return None
-    name = _route["name"]
-    probe = torch.empty(256, 4096, dtype=torch.bfloat16, device="meta")
-    fused = [fq for fq in ours if fq.fused_args(probe, None) is not None]
-    if name == "torch":
-        how = "torch ops (QAT_FQ_KERNELS=torch)"
-    elif not _HAS_TRITON:
-        how = "torch ops (triton is not installed)"
-    elif not fused:
-        how = "torch ops (this scheme has no Triton kernel)"
-    elif name == "auto" and device.type != "cuda":
-        how = "torch ops (the Triton kernels run on CUDA tensors)"
-    else:
-        _check_interpreter(device)
+    probe = torch.empty(256, 4096, dtype=torch.bfloat16, device=device)
+    fused = [fq for fq in ours if fused_route(fq, probe)]
+    if fused:
         how = "Triton kernels" + ("" if device.type == "cuda" else " in Triton's interpreter (QAT_FQ_KERNELS=triton)")
         if len(fused) < len(ours):
             how += f" for {len(fused)} of its {len(ours)} quantizers, torch ops for the rest"
+    elif _route["name"] == "torch":
+        how = "torch ops (QAT_FQ_KERNELS=torch)"
+    elif not _HAS_TRITON:
+        how = "torch ops (triton is not installed)"
+    elif all(fq.fused_args(probe, None) is None for fq in ours):
+        how = "torch ops (this scheme has no Triton kernel)"
+    else:
+        how = "torch ops (the Triton kernels run on CUDA tensors)"
     return f"fake quantization runs as {how}"
 
 
